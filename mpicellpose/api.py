@@ -1,0 +1,149 @@
+"""The reference's public calls, kept by name and meaning, on top of :mod:`mpicellpose.driver`."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from . import driver
+from . import geometry as geo
+from . import io as mio
+from . import stitch as st
+from .backends import DEFAULT_DIAMETER, make_backend, resolve_model
+from .config import RunConfig
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def distributed_eval(input_zarr, blocksize, write_path, mask=None, preprocessing_steps=(), model_kwargs=None,
+                     eval_kwargs=None, *, comm=None, overlap=None, backend="cellpose", backend_kwargs=None,
+                     stitch=None, **options):
+    """Segment a large volume block by block on every rank of ``comm`` and stitch it.
+
+    Parameters
+    ----------
+    input_zarr : zarr array, array-like or path
+        The volume: spatial axes (2D or 3D), optionally with a channel axis (give
+        ``channel_axis=`` or ``eval_kwargs['channel_axis']``).
+    blocksize : int or tuple of int
+        Block (= output chunk) size per spatial axis.
+    write_path : str
+        Path of the zarr array to create with the labels.
+    mask : array-like or path, optional
+        Foreground mask at the same or a lower resolution; blocks without foreground are
+        skipped (they stay 0).
+    preprocessing_steps : sequence of (function, kwargs)
+        Each called as ``function(image, crop=crop, **kwargs)`` on every block.
+    model_kwargs, eval_kwargs : dict, optional
+        For ``CellposeModel(**model_kwargs).eval(block, **eval_kwargs)``.  Not modified.
+    comm : mpi4py communicator, optional
+        COMM_WORLD when None.  It is duplicated, never finalized; only its ranks take part.
+    overlap : int or tuple, optional
+        Voxels added per side of each block (default 2 x diameter for Cellpose).
+    backend : {'cellpose', 'threshold'}
+    backend_kwargs : dict, optional
+        ``{'threshold': t, 'connectivity': 1}`` for the threshold backend.
+    stitch : {'iou', 'touch'}, optional
+        Default 'iou' for Cellpose, 'touch' for threshold.
+    **options
+        Any other :class:`~mpicellpose.config.RunConfig` field (``overwrite``,
+        ``work_dir``, ``keep_work``, ``restart``, ``iou_threshold``, ``device``, ...).
+        ``temporary_directory`` (the reference's name) is accepted as ``work_dir``;
+        ``cluster`` and ``cluster_kwargs`` are rejected with an explanation.
+
+    Returns
+    -------
+    labels : zarr array
+        Labels 1..N (uint32, or uint64 beyond 2**32 - 1 objects), same on every rank.
+    boxes : sequence
+        ``boxes[k]`` is the tuple of slices bounding label ``k + 1``.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> img = np.zeros((40, 40), np.uint8); img[5:15, 5:30] = 1; img[25:35, 18:22] = 1
+    >>> labels, boxes = distributed_eval(img, 16, os.path.join(d, "lab.zarr"), backend="threshold",
+    ...                                  backend_kwargs={"threshold": 0})
+    >>> int(labels[...].max()), boxes[0]
+    (2, (slice(5, 15, None), slice(5, 30, None)))
+    """
+    for bad in ("cluster", "cluster_kwargs"):
+        if options.pop(bad, None):
+            raise ConfigError(f"{bad!r} is a Dask option of the reference; mpicellpose runs under MPI: "
+                              "launch with mpirun/srun and pass comm= instead")
+    if "temporary_directory" in options:
+        options.setdefault("work_dir", options.pop("temporary_directory"))
+    cfg = RunConfig(input=input_zarr, output=str(write_path), blocksize=blocksize, overlap=overlap, mask=mask,
+                    preprocessing_steps=tuple(preprocessing_steps or ()), backend=backend,
+                    model_kwargs=dict(model_kwargs or {}), eval_kwargs=dict(eval_kwargs or {}),
+                    backend_kwargs=dict(backend_kwargs or {}), stitch=stitch, **options)
+    res = driver.run(cfg, comm)
+    return res.labels, res.boxes
+
+
+def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, blocksize, overlap, output_zarr=None,
+                  preprocessing_steps=(), worker_logs_directory=None, test_mode=False, *, backend="cellpose",
+                  backend_kwargs=None, channel_axis=None, segmenter=None):
+    """Segment one block exactly as the full run does; try parameters before a big job.
+
+    Parameters
+    ----------
+    block_index : tuple of int
+        Position of the block in the grid.
+    crop : tuple of slice or None
+        The block's read region; must match the grid's (None computes it).
+    input_zarr, model_kwargs, eval_kwargs, blocksize, overlap, preprocessing_steps
+        As for :func:`distributed_eval`.
+    output_zarr : zarr array, optional
+        Where the core's block-local labels are written (not in test mode).
+    test_mode : bool
+        Return ``(labels, boxes, box_ids)`` and write nothing: labels of the block's
+        core numbered 1..n (the same numbering the full run keeps before global
+        renumbering), boxes in global coordinates, and the IDs 1..n.
+    segmenter : Segmenter, optional
+        A backend built earlier (reuse the loaded model across calls).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img = np.zeros((20, 20), np.uint8); img[2:6, 2:6] = 1
+    >>> lab, boxes, ids = process_block((0, 0), None, img, {}, {}, 10, 0, test_mode=True,
+    ...                                 backend="threshold", backend_kwargs={"threshold": 0})
+    >>> lab.shape, boxes, ids.tolist()
+    ((10, 10), [(slice(2, 6, None), slice(2, 6, None))], [1])
+    """
+    src = mio.open_input(input_zarr)
+    ek = dict(eval_kwargs or {})
+    channel_axis = driver.validate_input(src, channel_axis if channel_axis is not None else ek.pop("channel_axis", None))
+    shape = driver.spatial_shape(src.shape, channel_axis)
+    if overlap is None:
+        overlap = 0 if backend == "threshold" else int(np.ceil(2 * (ek.get("diameter") or DEFAULT_DIAMETER)))
+    grid = geo.BlockGrid(shape, blocksize, overlap)
+    blk = grid.block(tuple(block_index))
+    if crop is not None:
+        want = tuple((s.start, s.stop) for s in crop)
+        if want != blk.read:
+            raise ConfigError(f"crop {crop} does not match block {blk.index}'s read region {blk.read_slices}")
+    if segmenter is None:
+        resolved = resolve_model(model_kwargs or {}) if backend == "cellpose" else None
+        if backend == "cellpose" and ek.get("diameter") is None:
+            ek["diameter"] = 16.0 if resolved.get("name") == "demo" else DEFAULT_DIAMETER
+        segmenter = make_backend(backend, model_kwargs=model_kwargs, eval_kwargs=ek, backend_kwargs=backend_kwargs,
+                                 resolved=resolved, ndim=len(shape))
+    img = driver.read_block_image(src, blk, channel_axis)
+    for fn, kw in preprocessing_steps or ():
+        img = fn(img, crop=blk.read_slices, **kw)
+    labels = segmenter.segment(img, len(shape))
+    read_local, n = st.renumber_core(labels, blk.core_in_read)
+    core = read_local[blk.core_in_read]
+    stats = st.block_stats(core, n, [a for a, _ in blk.core])
+    boxes = [tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)) for lo, hi in zip(stats["bbox_min"], stats["bbox_max"])]
+    ids = np.arange(1, n + 1, dtype=np.uint32)
+    if test_mode:
+        return core, boxes, ids
+    if output_zarr is None:
+        raise ConfigError("process_block needs output_zarr unless test_mode=True")
+    output_zarr[blk.core_slices] = core
+    return boxes, ids

@@ -1,0 +1,331 @@
+"""Segmentation backends behind one small interface.
+
+A backend is created once per rank and then called once per block with the block's
+image (spatial axes first, an optional channel axis last).  It returns integer labels
+over the spatial shape.  Heavy dependencies (torch, cellpose) are imported lazily.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import BackendError, ConfigError, ModelNotFoundError, needs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIAMETER = 30.0
+
+
+class Segmenter:
+    """Interface: ``segment(image) -> labels`` (0 background, > 0 objects)."""
+
+    name = "base"
+
+    def segment(self, image: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """JSON-able description for provenance and the resume fingerprint."""
+        return {"backend": self.name}
+
+
+class ThresholdSegmenter(Segmenter):
+    """Connected components of ``image > threshold``.
+
+    Parameters
+    ----------
+    threshold : float
+    connectivity : int
+        1 = faces (scipy.ndimage.label's default) up to ndim = all neighbours.
+    channel : int
+        Channel used when the image has a channel axis (last).
+
+    Examples
+    --------
+    >>> seg = ThresholdSegmenter(0.5, 1)
+    >>> seg.segment(np.array([[1., 0, 1], [1, 0, 0]]), ndim=2).tolist()
+    [[1, 0, 2], [1, 0, 0]]
+    """
+
+    name = "threshold"
+
+    def __init__(self, threshold: float = 0.0, connectivity: int = 1, channel: int = 0):
+        self.threshold = float(threshold)
+        self.connectivity = int(connectivity)
+        self.channel = int(channel)
+
+    def segment(self, image, ndim=None):
+        image = np.asarray(image)
+        ndim = image.ndim if ndim is None else ndim
+        if image.ndim > ndim:
+            image = image[..., self.channel]
+        fg = image > self.threshold
+        structure = ndimage.generate_binary_structure(ndim, min(self.connectivity, ndim))
+        labels, _ = ndimage.label(fg, structure=structure)
+        return labels
+
+    def describe(self):
+        return {"backend": self.name, "threshold": self.threshold, "connectivity": self.connectivity,
+                "channel": self.channel}
+
+
+# --------------------------------------------------------------------------- cellpose
+def cellpose_version():
+    """(major, full version string) of the installed cellpose, or (None, None)."""
+    try:
+        from importlib.metadata import version
+        v = version("cellpose")
+    except Exception:
+        return None, None
+    try:
+        return int(v.split(".")[0]), v
+    except ValueError:
+        return None, v
+
+
+def model_dir() -> Path:
+    env = os.environ.get("CELLPOSE_LOCAL_MODELS_PATH")
+    return Path(env) if env else Path.home() / ".cellpose" / "models"
+
+
+BUILTIN_V3 = {
+    "cyto3", "nuclei", "cyto2_cp3", "tissuenet_cp3", "livecell_cp3", "yeast_PhC_cp3", "yeast_BF_cp3",
+    "bact_phase_cp3", "bact_fluor_cp3", "deepbacs_cp3", "cyto2", "cyto", "transformer_cp3",
+    "neurips_cellpose_default", "neurips_cellpose_transformer", "neurips_grayscale_cyto2",
+}
+BUILTIN_V4 = {"cpsam"}
+
+
+def builtin_filename(name: str) -> str:
+    """File name Cellpose stores a built-in model under in its model directory."""
+    if name in ("cyto", "cyto2", "nuclei"):
+        return f"{name}torch_0"
+    return name
+
+
+def _network_ok(host="www.cellpose.org", port=443, timeout=3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def sha256_file(path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_model(model_kwargs: dict) -> dict:
+    """Decide which weights a Cellpose run uses, on one rank, before any block runs.
+
+    Returns a dict with ``kind`` ('path', 'builtin' or 'random'), ``name``, ``path``
+    (absolute, or None for random weights) and ``sha256``.  Raises
+    :class:`ModelNotFoundError` naming the file and where to put it when weights are
+    missing and cannot be downloaded.
+    """
+    mk = dict(model_kwargs or {})
+    pm = mk.get("pretrained_model", False)
+    mt = mk.get("model_type")
+    name = pm if isinstance(pm, (str, os.PathLike)) and pm else mt
+    if name is None or name is False:
+        if "pretrained_model" in mk and mk["pretrained_model"] is False and mt is None:
+            return {"kind": "random", "name": None, "path": None, "sha256": None}
+        name = "cyto3" if (cellpose_version()[0] or 3) < 4 else "cpsam"
+    name = os.fspath(name)
+    if name == "demo" or name.startswith("demo_nuclei"):
+        from .models import demo_model_path
+
+        path = demo_model_path()
+        if not path.exists():
+            raise ModelNotFoundError(f"the shipped demo model is missing from the installation: {path}")
+        return {"kind": "path", "name": "demo", "path": str(path), "sha256": sha256_file(path)}
+    p = Path(name).expanduser()
+    if p.exists():
+        if p.is_dir():
+            raise ModelNotFoundError(f"model path {str(p)!r} is a directory, not a weights file")
+        return {"kind": "path", "name": str(p), "path": str(p.resolve()), "sha256": sha256_file(p)}
+    if name in BUILTIN_V3 or name in BUILTIN_V4:
+        cached = model_dir() / builtin_filename(name)
+        if cached.exists():
+            return {"kind": "builtin", "name": name, "path": str(cached), "sha256": sha256_file(cached)}
+        if _network_ok():
+            return {"kind": "builtin", "name": name, "path": None, "sha256": None}
+        raise ModelNotFoundError(
+            f"Cellpose model {name!r}: weights not found at {cached} and the download server cannot be "
+            f"reached (offline compute node?). Download the file once on a machine with internet (it is "
+            f"saved to ~/.cellpose/models/{builtin_filename(name)}), copy it to {model_dir()} or to the "
+            f"directory named by CELLPOSE_LOCAL_MODELS_PATH, or pass the weights' path with --model PATH."
+        )
+    if os.sep in name or name.endswith((".pth", ".pt")) or "." in Path(name).name:
+        raise ModelNotFoundError(f"model file {name!r} does not exist")
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: not a file, not 'demo' and not a built-in Cellpose model "
+        f"(built-ins: {', '.join(sorted(BUILTIN_V3 | BUILTIN_V4))})"
+    )
+
+
+def cellpose_eval_parameters():
+    """Names accepted by the installed ``CellposeModel.eval`` (imports cellpose)."""
+    try:
+        from cellpose import models
+    except ImportError:
+        raise needs("cellpose", "cellpose") from None
+    return set(inspect.signature(models.CellposeModel.eval).parameters) - {"self", "x"}
+
+
+# arguments we set ourselves from the block geometry
+_MANAGED_EVAL = {"z_axis", "channel_axis"}
+# arguments that exist in one major version only: translated or dropped with a warning
+_V3_ONLY_EVAL = {"channels", "interp"}
+_V3_ONLY_MODEL = {"model_type", "nchan", "diam_mean", "backbone", "pretrained_model_ortho"}
+
+
+def translate_kwargs(model_kwargs: dict, eval_kwargs: dict, major: int):
+    """Adapt reference-style kwargs to the installed Cellpose major version.
+
+    Returns ``(model_kwargs, eval_kwargs, ignored)`` as new dicts (the caller's are not
+    touched); ``ignored`` lists arguments dropped for this version (warn about them once).
+    """
+    mk, ek, ignored = dict(model_kwargs or {}), dict(eval_kwargs or {}), []
+    if major >= 4:
+        for k in sorted(_V3_ONLY_EVAL & set(ek)):
+            ek.pop(k)
+            ignored.append(f"eval_kwargs[{k!r}]")
+        for k in sorted(_V3_ONLY_MODEL & set(mk)):
+            v = mk.pop(k)
+            if k == "model_type" and v and "pretrained_model" not in mk:
+                mk["pretrained_model"] = v
+            else:
+                ignored.append(f"model_kwargs[{k!r}]")
+        if "bsize" in ek and ek["bsize"] != 256:
+            ignored.append("eval_kwargs['bsize'] (Cellpose 4 uses 256)")
+            ek.pop("bsize")
+    else:
+        if "channels" not in ek:
+            ek["channels"] = [0, 0]
+    return mk, ek, ignored
+
+
+class CellposeSegmenter(Segmenter):
+    """Cellpose (3.1.1.x or 4.x) model, loaded once per rank.
+
+    Parameters
+    ----------
+    model_kwargs, eval_kwargs : dict
+        As for ``CellposeModel(**model_kwargs).eval(image, **eval_kwargs)``.
+    resolved : dict, optional
+        Output of :func:`resolve_model` computed on rank 0 (so every rank loads the same file).
+    device : str, optional
+        'cpu', 'cuda:K', ... (see :mod:`mpicellpose.gpu`).
+    threads : int, optional
+        torch CPU threads for this rank.
+    """
+
+    name = "cellpose"
+
+    def __init__(self, model_kwargs=None, eval_kwargs=None, *, resolved=None, device=None, threads=None,
+                 ndim=3):
+        major, full = cellpose_version()
+        if major is None:
+            raise needs("cellpose", "cellpose")
+        self.major, self.version = major, full
+        self.ndim = ndim
+        self.resolved = resolved or resolve_model(model_kwargs or {})
+        mk, ek, self.ignored = translate_kwargs(model_kwargs, eval_kwargs, major)
+        try:
+            import torch
+            from cellpose import models
+        except ImportError:
+            raise needs("cellpose", "cellpose") from None
+        if threads:
+            torch.set_num_threads(int(threads))
+        mk.pop("pretrained_model", None)
+        mk.pop("model_type", None)
+        gpu = bool(device and str(device).startswith(("cuda", "mps")))
+        mk.setdefault("gpu", gpu)
+        if device is not None:
+            mk["device"] = torch.device(device)
+        res = self.resolved
+        if res["kind"] == "random":
+            mk["pretrained_model"] = False
+        elif res["path"] is not None:
+            mk["pretrained_model"] = res["path"]
+        else:  # built-in that cellpose will download (network checked on rank 0)
+            if major >= 4:
+                mk["pretrained_model"] = res["name"]
+            else:
+                mk["model_type"] = res["name"]
+        try:
+            self.model = models.CellposeModel(**mk)
+        except Exception as exc:
+            raise BackendError(f"could not build CellposeModel({_short(mk)}): {exc}") from exc
+        if res["kind"] == "random" and getattr(self.model, "net_ortho", 1) is not None and major < 4:
+            self.model.net_ortho = None  # random weights have no orthogonal net (Cellpose 3 quirk)
+        self.diam_mean = float(getattr(self.model, "diam_mean", DEFAULT_DIAMETER) or DEFAULT_DIAMETER)
+        if "diameter" not in ek or ek["diameter"] is None:
+            ek["diameter"] = self.diam_mean if res["kind"] == "path" else DEFAULT_DIAMETER
+        ek["diameter"] = float(ek["diameter"])
+        if ndim == 3:
+            ek.setdefault("do_3D", True)
+        self.eval_kwargs = ek
+
+    def segment(self, image, ndim=None):
+        ndim = self.ndim if ndim is None else ndim
+        image = np.asarray(image)
+        ek = dict(self.eval_kwargs)
+        if image.ndim > ndim:
+            ek["channel_axis"] = image.ndim - 1
+        if ndim == 3:
+            ek["z_axis"] = 0
+        out = self.model.eval(image, **ek)
+        masks = out[0] if isinstance(out, (tuple, list)) else out
+        masks = np.asarray(masks)
+        spatial = image.shape[:ndim]
+        if masks.shape != spatial:
+            raise BackendError(f"Cellpose returned labels of shape {masks.shape} for a block of shape {spatial}")
+        return masks
+
+    def describe(self):
+        ek = {k: v for k, v in self.eval_kwargs.items() if k not in _MANAGED_EVAL}
+        return {"backend": self.name, "cellpose": self.version, "model": self.resolved, "eval_kwargs": ek}
+
+
+def _short(d):
+    return ", ".join(f"{k}={v!r}" for k, v in d.items())
+
+
+def check_eval_kwargs(eval_kwargs: dict) -> None:
+    """Raise ConfigError for keys the installed Cellpose's ``eval`` does not accept."""
+    valid = cellpose_eval_parameters() | _V3_ONLY_EVAL
+    bad = sorted(set(eval_kwargs or {}) - valid)
+    if bad:
+        raise ConfigError(
+            f"unknown eval_kwargs key(s) {bad} for the installed Cellpose {cellpose_version()[1]}; "
+            f"valid keys: {', '.join(sorted(valid))}"
+        )
+
+
+def make_backend(name: str, *, model_kwargs=None, eval_kwargs=None, backend_kwargs=None, resolved=None,
+                 device=None, threads=None, ndim=3) -> Segmenter:
+    """Build the backend called ``name`` ('cellpose' or 'threshold')."""
+    bk = dict(backend_kwargs or {})
+    if name == "threshold":
+        return ThresholdSegmenter(bk.get("threshold", 0.0), bk.get("connectivity", 1), bk.get("channel", 0))
+    if name == "cellpose":
+        return CellposeSegmenter(model_kwargs, eval_kwargs, resolved=resolved, device=device, threads=threads,
+                                 ndim=ndim)
+    raise ConfigError(f"unknown backend {name!r}; choose 'cellpose' or 'threshold'")

@@ -1,0 +1,129 @@
+"""Run configuration: one frozen dataclass, validated at the edge, ``from_dict``/``to_dict``."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+BACKENDS = ("cellpose", "threshold")
+STITCH_RULES = ("touch", "iou")
+NORMALIZE = ("global", "block", "none")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs.  Arrays (input, mask) may be given as objects or paths.
+
+    Defaults follow the reference where it has one: overlap = 2 x diameter per side for
+    Cellpose (z divided by anisotropy), 0 for the threshold backend; stitching ``iou`` for
+    Cellpose and ``touch`` for the threshold backend.
+    """
+
+    input: Any
+    output: str
+    blocksize: Any = 128
+    overlap: Any = None
+    dataset: str | None = None
+    channel_axis: int | None = None
+    mask: Any = None
+    preprocessing_steps: tuple = ()
+    backend: str = "cellpose"
+    model_kwargs: dict = field(default_factory=dict)
+    eval_kwargs: dict = field(default_factory=dict)
+    backend_kwargs: dict = field(default_factory=dict)
+    stitch: str | None = None
+    iou_threshold: float = 0.3
+    iou_depth: int = 8
+    normalize: str = "global"
+    work_dir: str | None = None
+    keep_work: bool = False
+    overwrite: bool = False
+    restart: bool = False
+    zarr_format: int | None = None
+    device: str | None = None
+    threads: int | None = None
+    log_dir: str | None = None
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.stitch is not None and self.stitch not in STITCH_RULES:
+            raise ConfigError(f"stitch must be one of {STITCH_RULES}, got {self.stitch!r}")
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+        if not 0.0 < float(self.iou_threshold) <= 1.0:
+            raise ConfigError(f"iou_threshold must be in (0, 1], got {self.iou_threshold}")
+        if int(self.iou_depth) < 1:
+            raise ConfigError(f"iou_depth must be >= 1, got {self.iou_depth}")
+        if self.zarr_format not in (None, 2, 3):
+            raise ConfigError(f"zarr_format must be 2 or 3, got {self.zarr_format}")
+        if self.threads is not None and int(self.threads) < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        for name in ("model_kwargs", "eval_kwargs", "backend_kwargs"):
+            v = getattr(self, name)
+            if v is None:
+                object.__setattr__(self, name, {})
+            elif not isinstance(v, dict):
+                raise ConfigError(f"{name} must be a dict, got {type(v).__name__}")
+            else:  # our own copy: the caller's dict is never touched
+                object.__setattr__(self, name, dict(v))
+        steps = tuple(self.preprocessing_steps or ())
+        for i, step in enumerate(steps):
+            if not (isinstance(step, (tuple, list)) and len(step) == 2 and callable(step[0])
+                    and isinstance(step[1], dict)):
+                raise ConfigError(
+                    f"preprocessing_steps[{i}] must be a (function, kwargs dict) pair, got {step!r}"
+                )
+        object.__setattr__(self, "preprocessing_steps", tuple((f, dict(k)) for f, k in steps))
+        conn = self.backend_kwargs.get("connectivity", 1)
+        if conn != "full" and (isinstance(conn, bool) or not isinstance(conn, int) or conn < 1):
+            raise ConfigError(f"connectivity must be 1..ndim or 'full', got {conn!r}")
+        if self.backend == "threshold" and "threshold" in self.backend_kwargs:
+            t = self.backend_kwargs["threshold"]
+            if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(float(t)):
+                raise ConfigError(f"threshold must be a finite number, got {t!r}")
+
+    @property
+    def stitch_rule(self) -> str:
+        if self.stitch:
+            return self.stitch
+        return "touch" if self.backend == "threshold" else "iou"
+
+    @property
+    def diameter(self) -> float | None:
+        d = self.eval_kwargs.get("diameter")
+        if d is None:
+            return None
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not d > 0 or not math.isfinite(d):
+            raise ConfigError(f"diameter must be a positive number, got {d!r}")
+        return float(d)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict (functions by qualified name, arrays by type)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "preprocessing_steps":
+                v = [[_qualname(fn), kw] for fn, kw in v]
+            elif f.name in ("input", "mask") and v is not None and not isinstance(v, str):
+                v = f"<{type(v).__name__} {getattr(v, 'shape', '')}>"
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown configuration key(s) {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _qualname(fn) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"

@@ -1,0 +1,836 @@
+"""Sequence the phases of a run: plan, segment, stitch, number, relabel, table.
+
+Every phase ends with a collective agreement (see :mod:`mpicellpose.comm`), so an error
+on any rank stops all of them with the same message.  Every phase leaves its result on
+disk in the work directory, so re-running the same command resumes where it stopped.
+
+Work directory layout (``<output stem>.mpicellpose-work`` unless given)::
+
+    run.json            fingerprint of the configuration (refuses a changed one)
+    scratch.zarr        block-local labels (uint32), one chunk per block
+    blocks/<i>.npz      per-block record = done marker: label count, per-label stats,
+                        the views of its faces that stitching needs
+    stitch.npz          offsets, merged-away IDs and their roots
+    relabel/<i>.done    output chunk i written with final IDs
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from . import comm as mpi
+from . import geometry as geo
+from . import io as mio
+from . import stitch as st
+from .backends import DEFAULT_DIAMETER, check_eval_kwargs, make_backend, resolve_model
+from .config import RunConfig
+from .errors import (BackendError, ConfigError, DistributedError, InputError, MpiCellposeError,
+                     OutputExistsError, ResumeMismatchError)
+
+log = logging.getLogger(__name__)
+
+_RANK = contextvars.ContextVar("mpicellpose_rank", default=0)
+_factory_installed = False
+
+
+def _install_record_factory():
+    """Give every log record a ``rank`` attribute (the rank of the run that logged it)."""
+    global _factory_installed
+    if _factory_installed:
+        return
+    old = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = old(*args, **kwargs)
+        if not hasattr(record, "rank"):
+            record.rank = _RANK.get()
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _factory_installed = True
+
+
+# --------------------------------------------------------------------------- results
+class Boxes:
+    """Bounding boxes of labels 1..N as a read-only sequence: ``boxes[k]`` is the tuple of
+    slices bounding label ``k + 1`` (the reference's meaning).  Backed by an (N, D, 2)
+    array, memory-mapped from disk when large."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __len__(self):
+        return int(self.array.shape[0])
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        row = self.array[k]
+        return tuple(slice(int(a), int(b)) for a, b in row)
+
+    def __iter__(self):
+        for k in range(len(self)):
+            yield self[k]
+
+    def __repr__(self):
+        return f"Boxes({len(self)} labels)"
+
+
+@dataclass
+class RunResult:
+    labels: object
+    boxes: Boxes
+    n_objects: int
+    n_merged: int
+    timings: dict = field(default_factory=dict)
+    table_path: str | None = None
+    reused_blocks: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- paths
+def output_stem(output) -> str:
+    s = str(output).rstrip("/")
+    return s[: -len(".zarr")] if s.endswith(".zarr") else s
+
+
+def default_work_dir(output) -> str:
+    return output_stem(output) + ".mpicellpose-work"
+
+
+def table_path(output) -> str:
+    return output_stem(output) + ".objects.csv"
+
+
+def boxes_path(output) -> str:
+    return output_stem(output) + ".boxes.npy"
+
+
+class _Paths:
+    def __init__(self, work):
+        self.work = Path(work)
+        self.run = self.work / "run.json"
+        self.scratch = self.work / "scratch.zarr"
+        self.blocks = self.work / "blocks"
+        self.stitch = self.work / "stitch.npz"
+        self.relabel = self.work / "relabel"
+
+    def record(self, linear):
+        return self.blocks / f"{int(linear)}.npz"
+
+    def relabel_done(self, linear):
+        return self.relabel / f"{int(linear)}.done"
+
+
+# --------------------------------------------------------------------------- plan
+@dataclass
+class Plan:
+    """What rank 0 decided; broadcast to every rank."""
+
+    shape: tuple
+    blocksize: tuple
+    overlap: tuple
+    channel_axis: int | None
+    kept: list
+    done: list
+    seg_assignment: list
+    rule: str
+    connectivity: int
+    work_dir: str
+    fingerprint: dict
+    run_id: str
+    zarr_format: int
+    resolved_model: dict | None
+    eval_kwargs: dict
+    normalization: dict | None = None
+
+    @property
+    def grid(self) -> geo.BlockGrid:
+        return geo.BlockGrid(self.shape, self.blocksize, self.overlap)
+
+
+def spatial_shape(shape, channel_axis):
+    shape = tuple(int(s) for s in shape)
+    if channel_axis is None:
+        return shape
+    return shape[:channel_axis] + shape[channel_axis + 1:]
+
+
+def validate_input(arr, channel_axis):
+    """Check the input's shape and dtype; return the normalized channel axis."""
+    shape = tuple(int(s) for s in arr.shape)
+    nd = len(shape)
+    if channel_axis is not None:
+        if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
+            raise ConfigError(f"channel_axis must be an integer, got {channel_axis!r}")
+        if not -nd <= channel_axis < nd:
+            raise ConfigError(f"channel_axis {channel_axis} is out of range for an input with {nd} axes {shape}")
+        channel_axis = int(channel_axis) % nd
+    nsp = nd - (channel_axis is not None)
+    if nsp not in (2, 3):
+        hint = " (pass channel_axis for a channel axis, e.g. C,Z,Y,X -> 0)" if nsp == 4 else ""
+        raise InputError(
+            f"input has {nd} axes {shape}; mpicellpose segments 2D or 3D volumes "
+            f"(plus an optional channel axis){hint}"
+        )
+    if any(s == 0 for s in shape):
+        raise InputError(f"input shape {shape} has a zero-sized axis")
+    dt = np.dtype(arr.dtype)
+    if dt.kind not in "biuf":
+        raise InputError(f"input dtype {dt} is not supported (use integer, float or bool data)")
+    return channel_axis
+
+
+def _mask_identity(mask):
+    if mask is None:
+        return None
+    if isinstance(mask, (str, os.PathLike)):
+        return {"path": os.path.abspath(mask)}
+    arr = np.asarray(mask[...])
+    return {"shape": list(arr.shape), "sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()}
+
+
+def _input_identity(cfg, arr):
+    ident = {"shape": list(arr.shape), "dtype": str(np.dtype(arr.dtype))}
+    if isinstance(cfg.input, (str, os.PathLike)):
+        ident["path"] = os.path.abspath(cfg.input)
+        ident["dataset"] = cfg.dataset
+    else:
+        ident["type"] = type(cfg.input).__name__
+        store = getattr(getattr(cfg.input, "store", None), "root", None) or getattr(cfg.input, "store", None)
+        if store is not None:
+            ident["store"] = str(store)
+        name = getattr(cfg.input, "path", None) or getattr(cfg.input, "name", None)
+        if name is not None:
+            ident["name"] = str(name)
+    return ident
+
+
+def _default_overlap(cfg, ndim, diameter):
+    if cfg.overlap is not None:
+        return geo.per_axis(cfg.overlap, ndim, "overlap", minimum=0)
+    if cfg.backend == "threshold":
+        return (0,) * ndim if cfg.stitch_rule == "touch" else (cfg.iou_depth,) * ndim
+    ov = 2 * float(diameter)
+    aniso = float(cfg.eval_kwargs.get("anisotropy") or 1.0)
+    if ndim == 3:
+        return (int(math.ceil(ov / aniso)),) + (int(math.ceil(ov)),) * 2
+    return (int(math.ceil(ov)),) * ndim
+
+
+def fingerprint_diff(old: dict, new: dict, prefix="") -> list:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<missing>"), new.get(k, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_diff(a, b, prefix + k + ".")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def make_plan(cfg: RunConfig, src, n_ranks: int) -> Plan:
+    """Rank 0: validate everything, prepare the work directory, decide the block grid."""
+    channel_axis = validate_input(src, cfg.channel_axis if cfg.channel_axis is not None
+                                  else cfg.eval_kwargs.get("channel_axis"))
+    shape = spatial_shape(src.shape, channel_axis)
+    ndim = len(shape)
+    blocksize = geo.per_axis(cfg.blocksize, ndim, "blocksize", minimum=1)
+    # backend specifics, checked before any heavy work
+    resolved, eval_kwargs = None, dict(cfg.eval_kwargs)
+    eval_kwargs.pop("channel_axis", None)
+    eval_kwargs.pop("z_axis", None)
+    diameter = cfg.diameter
+    if cfg.backend == "cellpose":
+        check_eval_kwargs(cfg.eval_kwargs)
+        resolved = resolve_model(cfg.model_kwargs)
+        if diameter is None:
+            diameter = 16.0 if resolved.get("name") == "demo" else DEFAULT_DIAMETER
+        eval_kwargs["diameter"] = diameter
+    overlap = _default_overlap(cfg, ndim, diameter or DEFAULT_DIAMETER)
+    rule = cfg.stitch_rule
+    conn = cfg.backend_kwargs.get("connectivity", 1)
+    conn = ndim if conn == "full" else min(int(conn), ndim)
+    if rule == "iou" and min(overlap) < 1:
+        raise ConfigError(f"stitch='iou' needs an overlap of at least 1 voxel on every axis, got {overlap}")
+    grid = geo.BlockGrid(shape, blocksize, overlap)
+    # mask
+    mask = cfg.mask
+    if isinstance(mask, (str, os.PathLike)):
+        mask = mio.open_input(mask)
+    if mask is not None:
+        geo.check_mask_shape(mask.shape, shape)
+    keep = geo.blocks_in_mask(grid, mask)
+    kept = [int(i) for i in np.flatnonzero(keep)]
+    # output location
+    out = os.path.abspath(str(cfg.output))
+    if isinstance(cfg.input, (str, os.PathLike)) and os.path.abspath(cfg.input) == out:
+        raise ConfigError(f"output {cfg.output!r} is the same path as the input")
+    parent = os.path.dirname(out) or "."
+    if not os.path.isdir(parent):
+        raise InputError(f"output directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output directory {parent!r} is not writable")
+    fmt = cfg.zarr_format or (mio.array_format(src) if hasattr(src, "metadata") else 2)
+    if fmt == 3 and mio.zarr_major() < 3:
+        fmt = 2
+    fingerprint = {
+        "version": __version__,
+        "input": _input_identity(cfg, src),
+        "channel_axis": channel_axis,
+        "blocksize": list(blocksize),
+        "overlap": list(overlap),
+        "mask": _mask_identity(cfg.mask),
+        "backend": cfg.backend,
+        "backend_kwargs": {k: v for k, v in sorted(cfg.backend_kwargs.items())},
+        "model": None if resolved is None else {"name": resolved["name"], "sha256": resolved["sha256"]},
+        "model_kwargs": {k: repr(v) for k, v in sorted(cfg.model_kwargs.items())},
+        "eval_kwargs": {k: repr(v) for k, v in sorted(eval_kwargs.items())},
+        "preprocessing": [[f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', '?')}", repr(sorted(k.items()))]
+                          for f, k in cfg.preprocessing_steps],
+        "stitch": {"rule": rule, "connectivity": conn, "iou_threshold": cfg.iou_threshold,
+                   "iou_depth": cfg.iou_depth},
+        "normalize": cfg.normalize if cfg.backend == "cellpose" else None,
+        "zarr_format": fmt,
+    }
+    run_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    work = Path(cfg.work_dir or default_work_dir(out))
+    paths = _Paths(work)
+    if os.path.exists(out):
+        marker = _output_marker(out)
+        if marker is None or marker.get("run_id") != run_id:
+            if not cfg.overwrite:
+                what = "was not made by mpicellpose" if marker is None else "was made by a run with another configuration"
+                raise OutputExistsError(f"output {cfg.output!r} exists and {what}; pass --overwrite (overwrite=True) to replace it")
+    if paths.run.exists():
+        old = mio.read_json(paths.run)
+        if old.get("run_id") != run_id:
+            if not cfg.restart:
+                diff = fingerprint_diff(old.get("fingerprint", {}), fingerprint)
+                raise ResumeMismatchError(
+                    f"work directory {str(work)!r} holds a run with another configuration ("
+                    + "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+                    + "); re-run with the original settings to resume, or pass --restart to start over"
+                )
+            mio.remove_path(work)
+    elif work.exists() and any(work.iterdir()):
+        if not cfg.restart and not cfg.overwrite:
+            raise InputError(f"work directory {str(work)!r} exists but holds no mpicellpose run; remove it or choose --work-dir")
+        mio.remove_path(work)
+    elif cfg.restart and work.exists():
+        mio.remove_path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    paths.blocks.mkdir(exist_ok=True)
+    paths.relabel.mkdir(exist_ok=True)
+    if not paths.run.exists():
+        mio.write_json(paths.run, {"run_id": run_id, "fingerprint": fingerprint,
+                                   "created": datetime.datetime.now().isoformat(timespec="seconds")})
+    if not paths.scratch.exists():
+        mio.create_array(paths.scratch, shape, blocksize, np.uint32, zarr_format=2)
+    done = [b for b in kept if paths.record(b).exists()]
+    todo = [b for b in kept if b not in set(done)]
+    weights = [geo.box_size(grid.block(b).read) for b in todo]
+    seg = geo.assign_contiguous(todo, weights, n_ranks)
+    return Plan(shape, blocksize, overlap, channel_axis, kept, done, seg, rule, conn, str(work), fingerprint,
+                run_id, fmt, resolved, eval_kwargs)
+
+
+def _output_marker(path):
+    try:
+        arr = mio.open_array(path, mode="r")
+        return dict(arr.attrs.get("mpicellpose", {}) or {}) or None
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------------- blocks
+def view_boxes(grid: geo.BlockGrid, linear: int, rule: str, connectivity: int, depth: int):
+    """[(offset, box)] of the views block ``linear`` keeps for stitching (pure)."""
+    out = []
+    if rule == "touch":
+        for o in grid.neighbour_offsets(connectivity):
+            if grid.neighbour(linear, o) is not None:
+                out.append((o, grid.contact_box(linear, o)))
+    else:
+        for o in grid.neighbour_offsets(1):
+            if grid.neighbour(linear, o) is not None:
+                axis = next(k for k, v in enumerate(o) if v)
+                out.append((o, grid.band_box(linear, axis, o[axis], depth)))
+    return out
+
+
+def face_pairs(grid: geo.BlockGrid, kept, rule: str, connectivity: int):
+    """[(a, b, offset)] for neighbouring kept blocks with b = a + offset and a < b (pure)."""
+    keep = set(kept)
+    offs = grid.neighbour_offsets(connectivity if rule == "touch" else 1)
+    positive = [o for o in offs if next(v for v in o if v) > 0]
+    out = []
+    for a in kept:
+        for o in positive:
+            b = grid.neighbour(a, o)
+            if b is not None and b in keep:
+                out.append((a, b, o))
+    return out
+
+
+def okey(offset) -> str:
+    return "v_" + "_".join(str(int(v)) for v in offset)
+
+
+def read_block_image(src, blk: geo.Block, channel_axis):
+    """Read a block's read region; the channel axis (if any) goes last."""
+    sl = list(blk.read_slices)
+    if channel_axis is not None:
+        sl.insert(channel_axis, slice(None))
+    img = np.asarray(src[tuple(sl)])
+    if channel_axis is not None:
+        img = np.moveaxis(img, channel_axis, -1)
+    return img
+
+
+def segment_block(ctx, blk: geo.Block):
+    """Segment one block and persist what later phases need (scratch chunk, record)."""
+    img = read_block_image(ctx.src, blk, ctx.plan.channel_axis)
+    if img.dtype.kind == "f" and not np.all(np.isfinite(img)):
+        bad = int(np.count_nonzero(~np.isfinite(img)))
+        raise InputError(f"block {blk.index} contains {bad} NaN/inf voxels; clean the input or mask them out")
+    spatial = img.shape[: len(ctx.plan.shape)]
+    for fn, kw in ctx.cfg.preprocessing_steps:
+        img = fn(img, crop=blk.read_slices, **kw)
+        if tuple(np.shape(img)[: len(spatial)]) != spatial:
+            raise ConfigError(
+                f"preprocessing step {getattr(fn, '__name__', fn)!r} changed the block shape from {spatial} "
+                f"to {tuple(np.shape(img))}; steps must keep the shape"
+            )
+    try:
+        labels = ctx.backend.segment(img, len(ctx.plan.shape))
+    except MpiCellposeError:
+        raise
+    except Exception as exc:
+        raise BackendError(f"{ctx.backend.name} backend failed on block {blk.index}: {type(exc).__name__}: {exc}") from exc
+    return finish_block(ctx, blk, labels)
+
+
+def finish_block(ctx, blk, labels):
+    labels = np.asarray(labels)
+    if labels.shape != tuple(b - a for a, b in blk.read):
+        raise BackendError(f"backend returned labels of shape {labels.shape} for block {blk.index} "
+                           f"with read region shape {tuple(b - a for a, b in blk.read)}")
+    read_local, n = st.renumber_core(labels, blk.core_in_read)
+    core = read_local[blk.core_in_read]
+    ctx.scratch[blk.core_slices] = core
+    stats = st.block_stats(core, n, [a for a, _ in blk.core])
+    origin = [a for a, _ in blk.read]
+    views = {okey(o): np.ascontiguousarray(read_local[geo.box_slices(box, origin)])
+             for o, box in view_boxes(ctx.grid, blk.linear, ctx.plan.rule, ctx.plan.connectivity, ctx.cfg.iou_depth)}
+    mio.save_npz(ctx.paths.record(blk.linear), n=np.int64(n), **stats, **views)
+    return n
+
+
+# --------------------------------------------------------------------------- signals
+class _StopFlag:
+    def __init__(self):
+        self.signum = None
+
+    def __bool__(self):
+        return self.signum is not None
+
+
+@contextlib.contextmanager
+def _signals(flag: _StopFlag):
+    """SIGTERM / SIGUSR1 ask for a clean stop after the block in progress."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {}
+
+    def handler(signum, frame):
+        if flag.signum is None:
+            log.warning("rank %d: received signal %d; finishing the current block, then stopping", _RANK.get(), signum)
+        flag.signum = signum
+
+    for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if s is not None:
+            old[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# --------------------------------------------------------------------------- the run
+class _Ctx:
+    pass
+
+
+def _fmt_eta(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _reraise_from_root(payload):
+    """Raise on this rank the error rank 0 reported during planning."""
+    cls_name, message = payload
+    import mpicellpose.errors as errs
+
+    cls = getattr(errs, cls_name, None)
+    if isinstance(cls, type) and issubclass(cls, MpiCellposeError) and cls is not DistributedError:
+        raise cls(message)
+    raise DistributedError(f"rank 0 failed during planning: {message}", [(0, message)])
+
+
+def run(cfg: RunConfig, comm=None) -> RunResult:
+    """Run the whole pipeline on ``comm`` (COMM_WORLD when None; never finalized).
+
+    Every rank of ``comm`` must call it with the same configuration.
+    """
+    _install_record_factory()
+    comm = mpi.dup(comm)
+    token = _RANK.set(comm.Get_rank())
+    try:
+        return _run(cfg, comm)
+    finally:
+        _RANK.reset(token)
+        mpi.free(comm)
+
+
+def _run(cfg: RunConfig, comm) -> RunResult:
+    rank, size = comm.Get_rank(), comm.Get_size()
+    box = mpi.Mailbox(comm)
+    timings = {}
+    t0 = time.perf_counter()
+    ctx = _Ctx()
+    ctx.cfg = cfg
+
+    # ---- plan (rank 0) -----------------------------------------------------------
+    plan, err = None, None
+    try:
+        ctx.src = mio.open_input(cfg.input, cfg.dataset)
+    except Exception as exc:
+        err = exc
+    if rank == 0 and err is None:
+        try:
+            plan = make_plan(cfg, ctx.src, size)
+        except Exception as exc:
+            err = exc
+    root_err = comm.bcast(None if err is None or rank != 0 else (type(err).__name__, str(err)), root=0)
+    if root_err is not None:
+        if rank == 0:
+            raise err
+        _reraise_from_root(root_err)
+    box.agree(err, where="opening the input")  # another rank could not open the input
+    plan = comm.bcast(plan, root=0)
+    my_blocks = comm.scatter(plan.seg_assignment if rank == 0 else None, root=0)
+    ctx.plan, ctx.grid, ctx.paths = plan, plan.grid, _Paths(plan.work_dir)
+    timings["plan"] = time.perf_counter() - t0
+    if rank == 0:
+        log.info("plan: volume %s, grid %s (%d blocks, %d kept by mask, %d already done), blocksize %s, "
+                 "overlap %s, %s stitching, %d rank(s)", plan.shape, ctx.grid.grid_shape, len(ctx.grid),
+                 len(plan.kept), len(plan.done), plan.blocksize, plan.overlap, plan.rule, size)
+
+    # ---- backend (once per rank) -------------------------------------------------
+    t = time.perf_counter()
+    err = None
+    ctx.backend = None
+    try:
+        ctx.scratch = mio.open_array(ctx.paths.scratch, mode="r+")
+        if my_blocks:
+            ctx.backend = _build_backend(cfg, plan, comm)
+    except Exception as exc:
+        err = exc
+    box.agree(err, where="backend start-up")
+    timings["model_load"] = time.perf_counter() - t
+
+    # ---- segment -----------------------------------------------------------------
+    t = time.perf_counter()
+    stop = _StopFlag()
+    err = None
+    total_todo = sum(len(a) for a in plan.seg_assignment)
+    done_here = 0
+    last_report = [0.0]
+
+    def report():
+        if rank != 0:
+            return
+        box.poll()
+        now = time.perf_counter()
+        if now - last_report[0] < 5.0 and done_here != len(my_blocks):
+            return
+        last_report[0] = now
+        done = sum(d for d, _ in box.progress.values())
+        el = now - t
+        rate = done / el if el > 0 else 0.0
+        eta = (total_todo - done) / rate if rate > 0 else float("nan")
+        log.info("segment: %d/%d blocks (%.0f%%), %.2f blocks/s, ETA %s", done, total_todo,
+                 100.0 * done / max(total_todo, 1), rate, _fmt_eta(eta) if rate > 0 else "?")
+
+    with _signals(stop):
+        for linear in my_blocks:
+            if box.poll() or stop:
+                break
+            blk = ctx.grid.block(linear)
+            try:
+                segment_block(ctx, blk)
+            except Exception as exc:
+                err = exc
+                if "block" not in str(exc):
+                    err = BackendError(f"block {blk.index} (#{linear}): {mpi._describe(exc)}")
+                    err.__cause__ = exc
+                log.error("rank %d: %s", rank, err)
+                box.notify_abort(str(err))
+                break
+            done_here += 1
+            box.send_progress(done_here, len(my_blocks))
+            report()
+        if stop and err is None:
+            box.notify_abort("stop requested by signal")
+        box.agree(err, interrupted=bool(stop), where="segmentation")
+    timings["segment"] = time.perf_counter() - t
+    ctx.backend = None
+
+    # ---- stitch --------------------------------------------------------------------
+    t = time.perf_counter()
+    kept = plan.kept
+    grid = ctx.grid
+    weights = [geo.box_size(grid.block(b).core) for b in kept]
+    assignment = geo.assign_contiguous(kept, weights, size)
+    owner = geo.owner_map(assignment)
+    mine = assignment[rank]
+    records, err = {}, None
+    try:
+        for b in mine:
+            records[b] = mio.load_npz(ctx.paths.record(b))
+    except Exception as exc:
+        err = InputError(f"cannot read the record of block {b}: {exc}")
+    box.agree(err, where="loading block records")
+    counts = np.zeros(len(grid), np.int64)
+    for part in comm.allgather({b: int(records[b]["n"]) for b in mine}):
+        for b, n in part.items():
+            counts[b] = n
+    offsets = st.offsets_from_counts(counts)
+    total = int(counts.sum())
+    pairs = face_pairs(grid, kept, plan.rule, plan.connectivity)
+    outgoing, sources = {}, set()
+    for a, b, o in pairs:
+        ra, rb = owner[a], owner[b]
+        if ra == rb:
+            continue
+        if ra == rank:
+            outgoing.setdefault(rb, {})[(a, o)] = records[a][okey(o)]
+        if rb == rank:
+            sources.add(ra)
+    sent_bytes = sum(sum(v.nbytes for v in d.values()) for d in outgoing.values())
+    received = mpi.exchange(comm, outgoing, sources)
+    remote = {}
+    for d in received.values():
+        remote.update(d)
+    err, edges = None, []
+    try:
+        for a, b, o in pairs:
+            if owner[b] != rank:
+                continue
+            va = records[a][okey(o)] if owner[a] == rank else remote[(a, o)]
+            vb = records[b][okey(tuple(-v for v in o))]
+            if plan.rule == "touch":
+                e = st.touch_edges(va, vb, o, plan.connectivity)
+            else:
+                e = st.iou_edges(va, vb, cfg.iou_threshold)
+            if len(e):
+                edges.append(np.stack([e[:, 0] + offsets[a], e[:, 1] + offsets[b]], axis=1))
+    except Exception as exc:
+        err = exc
+    box.agree(err, where="face matching")
+    edges = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
+    all_edges = comm.gather(edges, root=0)
+    merged = None
+    err = None
+    if rank == 0:
+        try:
+            e = np.concatenate(all_edges) if all_edges else np.zeros((0, 2), np.int64)
+            away, roots = st.merge_edges(e)
+            merged = (away, roots, int(len(e)))
+            mio.save_npz(ctx.paths.stitch, offsets=offsets, counts=counts, merged_away=away, roots=roots)
+        except Exception as exc:
+            err = exc
+    box.agree(err, where="merging")
+    away, roots, n_edges = comm.bcast(merged, root=0)
+    n_objects = total - int(away.size)
+    timings["stitch"] = time.perf_counter() - t
+
+    # ---- relabel -------------------------------------------------------------------
+    t = time.perf_counter()
+    dtype = st.label_dtype(n_objects)
+    err = None
+    if rank == 0:
+        try:
+            _prepare_output(cfg, plan, dtype)
+        except Exception as exc:
+            err = exc
+    box.agree(err, where="creating the output")
+    err = None
+    reused = 0
+    pieces = []
+    try:
+        out = mio.open_array(cfg.output, mode="r+")
+        for b in mine:
+            blk = grid.block(b)
+            lut = st.block_lut(int(offsets[b]), int(counts[b]), away, roots, dtype)
+            done_marker = ctx.paths.relabel_done(b)
+            if not done_marker.exists():
+                if counts[b]:
+                    out[blk.core_slices] = lut[ctx.scratch[blk.core_slices]]
+                done_marker.touch()
+            else:
+                reused += 1
+            rec = records[b]
+            if counts[b]:
+                pieces.append((lut[1:].astype(np.int64), rec["count"], rec["bbox_min"], rec["bbox_max"],
+                               rec["coord_sum"]))
+            if box.poll():
+                break
+    except Exception as exc:
+        err = exc
+    box.agree(err, where="relabelling")
+    timings["relabel"] = time.perf_counter() - t
+
+    # ---- table ---------------------------------------------------------------------
+    t = time.perf_counter()
+    nd = len(plan.shape)
+    if pieces:
+        ids = np.concatenate([p[0] for p in pieces])
+        cols = [np.concatenate([p[i] for p in pieces]) for i in range(1, 5)]
+    else:
+        ids = np.zeros(0, np.int64)
+        cols = [np.zeros(0, np.int64), np.zeros((0, nd), np.int64), np.zeros((0, nd), np.int64),
+                np.zeros((0, nd), np.float64)]
+    # route every piece to the rank owning its ID range, reduce there, gather at rank 0
+    dest = np.minimum((ids - 1) * size // max(n_objects, 1), size - 1) if ids.size else ids
+    per_dest = []
+    for r in range(size):
+        m = dest == r
+        per_dest.append((ids[m], *(c[m] for c in cols)))
+    got = mpi.alltoall_objects(comm, per_dest)
+    part = st.reduce_pieces(np.concatenate([g[0] for g in got]), *(np.concatenate([g[i] for g in got]) for i in range(1, 5)))
+    parts = comm.gather(part, root=0)
+    err = None
+    summary = None
+    if rank == 0:
+        try:
+            table = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            if table["id"].size != n_objects or (n_objects and not np.array_equal(table["id"], np.arange(1, n_objects + 1))):
+                raise RuntimeError(f"object table has {table['id'].size} rows for {n_objects} objects")
+            _write_table(cfg, plan, table)
+            timings["table"] = time.perf_counter() - t
+            timings["total"] = time.perf_counter() - t0
+            stitched = int(np.count_nonzero(table["n_blocks"] > 1))
+            summary = {"n_objects": n_objects, "n_provisional": total, "n_merged_away": int(away.size),
+                       "n_edges": n_edges, "n_stitched_objects": stitched, "dtype": str(dtype),
+                       "timings": {k: round(v, 3) for k, v in timings.items()}}
+            _finish_output(cfg, plan, summary)
+            if not cfg.keep_work:
+                mio.remove_path(plan.work_dir)
+        except Exception as exc:
+            err = exc
+    box.agree(err, where="writing the object table")
+    summary = comm.bcast(summary, root=0)
+    reused_total = comm.allreduce(reused) if size > 1 else reused
+    if rank == 0:
+        log.info("done: %d objects (%d provisional, %d merged away, %d stitched across faces), dtype %s; "
+                 "%d blocks segmented now, %d reused from an earlier run; time %s",
+                 n_objects, total, away.size, summary["n_stitched_objects"], dtype, total_todo, len(plan.done),
+                 ", ".join(f"{k} {v:.2f}s" for k, v in summary["timings"].items()))
+    summary["comm_bytes_sent"] = sent_bytes
+    labels = mio.open_array(cfg.output, mode="r")
+    boxes = Boxes(np.load(boxes_path(cfg.output), mmap_mode="r"))
+    return RunResult(labels, boxes, n_objects, int(away.size), summary["timings"], table_path(cfg.output),
+                     len(plan.done) + reused_total, summary)
+
+
+def _build_backend(cfg, plan, comm):
+    from .gpu import bind_device  # noqa: WPS433 - lazy, torch is optional
+
+    ndim = len(plan.shape)
+    if cfg.backend != "cellpose":
+        return make_backend(cfg.backend, backend_kwargs=cfg.backend_kwargs, ndim=ndim)
+    binding = bind_device(comm, cfg.device)
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(binding.local_size, 1))
+    eval_kwargs = dict(plan.eval_kwargs)
+    if plan.normalization is not None:
+        eval_kwargs["normalize"] = plan.normalization
+    return make_backend("cellpose", model_kwargs=cfg.model_kwargs, eval_kwargs=eval_kwargs,
+                        resolved=plan.resolved_model, device=binding.device, threads=threads, ndim=ndim)
+
+
+def _prepare_output(cfg, plan, dtype):
+    """Rank 0: create the output (or keep ours when resuming)."""
+    out = cfg.output
+    if os.path.exists(out):
+        marker = _output_marker(out)
+        if marker and marker.get("run_id") == plan.run_id:
+            arr = mio.open_array(out, mode="r")
+            if np.dtype(arr.dtype) == dtype and tuple(arr.shape) == tuple(plan.shape):
+                return
+        if not (marker and marker.get("run_id") == plan.run_id) and not cfg.overwrite:
+            raise OutputExistsError(f"output {out!r} exists and was not made by this run; pass --overwrite")
+        mio.remove_path(out)
+        for p in Path(plan.work_dir, "relabel").glob("*.done"):
+            p.unlink()
+    attrs = {"mpicellpose": {"run_id": plan.run_id, "complete": False, "version": __version__}}
+    mio.create_array(out, plan.shape, plan.blocksize, dtype, zarr_format=plan.zarr_format, attrs=attrs)
+
+
+def _write_table(cfg, plan, table):
+    nd = len(plan.shape)
+    axes = "zyx"[-nd:] if nd <= 3 else [f"a{i}" for i in range(nd)]
+    n = table["id"].size
+    boxes = np.stack([table["bbox_min"], table["bbox_max"]], axis=-1) if n else np.zeros((0, nd, 2), np.int64)
+    np.save(boxes_path(cfg.output), boxes)
+    cent = table["coord_sum"] / np.maximum(table["count"], 1)[:, None] if n else np.zeros((0, nd))
+    header = (["id", "voxels"] + [f"{a}_min" for a in axes] + [f"{a}_max" for a in axes]
+              + [f"centroid_{a}" for a in axes] + ["n_blocks", "stitched"])
+    path = table_path(cfg.output)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(",".join(header) + "\n")
+        if n:
+            ints = np.column_stack([table["id"], table["count"], table["bbox_min"], table["bbox_max"]])
+            step = 1 << 18
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                lines = []
+                istr = ints[s:e].astype(str)
+                cstr = np.char.mod("%.3f", cent[s:e])
+                nb = table["n_blocks"][s:e]
+                for i in range(e - s):
+                    lines.append(",".join(istr[i]) + "," + ",".join(cstr[i]) + f",{nb[i]},{int(nb[i] > 1)}")
+                f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def _finish_output(cfg, plan, summary):
+    arr = mio.open_array(cfg.output, mode="r+")
+    meta = dict(arr.attrs.get("mpicellpose", {}))
+    meta.update({
+        "run_id": plan.run_id, "complete": True, "version": __version__,
+        "n_objects": summary["n_objects"], "blocksize": list(plan.blocksize), "overlap": list(plan.overlap),
+        "stitch": plan.rule, "fingerprint": plan.fingerprint, "timings": summary["timings"],
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "object_table": os.path.basename(table_path(cfg.output)),
+        "normalization": plan.normalization,
+    })
+    arr.attrs["mpicellpose"] = json.loads(json.dumps(meta, default=mio._json_default))

@@ -1,0 +1,480 @@
+"""Seeded synthetic fluorescence nuclei with exact ground-truth labels.
+
+The generator places ellipsoidal (3D) or elliptical (2D) objects of varied
+size and orientation into a volume, renders a fluorescence-like image of
+them (per-object brightness, dimmer rims, optional illumination gradient,
+optical blur, Poisson and Gaussian noise) and returns the image together
+with the label volume it was drawn from.
+
+Every object is rasterised inside its own small bounding box, so the cost
+grows with the number of objects and not with ``n_objects * volume``: a
+256**3 volume with a few thousand nuclei takes a few seconds.
+
+Where two objects overlap (only when they were placed as touching
+neighbours), each voxel goes to the object whose normalised ellipsoid
+distance is smallest, which gives a shared flat-ish face: the two objects
+touch but remain distinct labels, as in dense tissue.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+from scipy import ndimage
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["make_nuclei", "adjacent_label_pairs", "split_disconnected"]
+
+
+def _random_rotations(rng: np.random.Generator, ndim: int, n: int) -> np.ndarray:
+    """``n`` uniformly distributed random rotation matrices, ``(n, ndim, ndim)``."""
+    if ndim == 2:
+        theta = rng.uniform(0.0, 2.0 * math.pi, n)
+        c, s = np.cos(theta), np.sin(theta)
+        return np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
+    # QR of Gaussian matrices, with the sign fix that makes Q Haar-uniform,
+    # then a reflection where needed to land in SO(3).
+    q, r = np.linalg.qr(rng.standard_normal((n, ndim, ndim)))
+    q = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+    flip = np.linalg.det(q) < 0
+    q[flip, :, 0] *= -1.0
+    return q
+
+
+def _radius_along(inv_axes: np.ndarray, direction: np.ndarray) -> float:
+    """Distance from an ellipsoid's centre to its surface along ``direction``.
+
+    ``inv_axes`` is the matrix ``diag(1/a) @ R.T`` that maps a physical offset
+    to normalised ellipsoid coordinates; ``direction`` is a unit vector.
+    """
+    return 1.0 / float(np.linalg.norm(inv_axes @ direction))
+
+
+class _CellGrid:
+    """Dense grid of cells, each holding the indices of the centres inside it.
+
+    Neighbour queries are a slice of a small integer array, so checking a
+    candidate position costs a few vectorised numpy operations.
+    """
+
+    def __init__(self, extent: np.ndarray, cell: float):
+        self.cell = float(cell)
+        self.dims = tuple(int(math.ceil(e / self.cell)) + 1 for e in extent)
+        self.slots = np.full(self.dims + (4,), -1, dtype=np.int64)
+        self.count = np.zeros(self.dims, dtype=np.int64)
+
+    def add(self, index: int, p: np.ndarray) -> None:
+        key = tuple(np.minimum((p / self.cell).astype(int), np.array(self.dims) - 1))
+        n = self.count[key]
+        if n == self.slots.shape[-1]:
+            grown = np.full(self.dims + (2 * n,), -1, dtype=np.int64)
+            grown[..., :n] = self.slots
+            self.slots = grown
+        self.slots[key + (n,)] = index
+        self.count[key] = n + 1
+
+    def near(self, p: np.ndarray, reach: float) -> np.ndarray:
+        """Indices of centres that may lie within ``reach`` of ``p``."""
+        lo = np.maximum(((p - reach) / self.cell).astype(int), 0)
+        hi = np.minimum(((p + reach) / self.cell).astype(int) + 1, self.dims)
+        sub = self.slots[tuple(slice(a, b) for a, b in zip(lo, hi))].ravel()
+        return sub[sub >= 0]
+
+
+def _gradient_profile(shape: Sequence[int], gradient) -> Optional[np.ndarray]:
+    """Broadcastable linear brightness factor for ``gradient=(axis, lo, hi)``."""
+    if gradient is None:
+        return None
+    try:
+        axis, low, high = gradient
+        axis = int(axis)
+        low, high = float(low), float(high)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"gradient must be (axis, low_factor, high_factor), got {gradient!r}") from exc
+    ndim = len(shape)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"gradient axis {axis} out of range for a {ndim}-D shape")
+    if low < 0 or high < 0:
+        raise ValueError(f"gradient factors must be >= 0, got {low}, {high}")
+    axis %= ndim
+    n = shape[axis]
+    prof = np.linspace(low, high, n, dtype=np.float32) if n > 1 else np.array(
+        [0.5 * (low + high)], dtype=np.float32)
+    view = [1] * ndim
+    view[axis] = n
+    return prof.reshape(view)
+
+
+def split_disconnected(labels: np.ndarray, min_size: int = 1) -> np.ndarray:
+    """Give every connected piece of every label its own label.
+
+    Pieces smaller than ``min_size`` voxels are set to background. The result
+    is renumbered 1..N in order of first appearance of the original label
+    (and, within a label, of the piece).
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        Integer label image (2D or 3D), 0 is background.
+    min_size : int, optional
+        Smallest piece kept, in voxels.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint32 labels with each label a single connected component
+        (face connectivity).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> lab = np.array([[1, 0, 1], [0, 0, 0], [2, 2, 0]])
+    >>> split_disconnected(lab)
+    array([[1, 0, 2],
+           [0, 0, 0],
+           [3, 3, 0]], dtype=uint32)
+    """
+    labels = np.asarray(labels)
+    out = np.zeros(labels.shape, dtype=np.uint32)
+    next_id = 1
+    for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        mask = labels[sl] == lab
+        pieces, n = ndimage.label(mask)
+        if n == 1:
+            if mask.sum() >= min_size:
+                out[sl][mask] = next_id
+                next_id += 1
+            continue
+        sizes = np.bincount(pieces.ravel(), minlength=n + 1)
+        for p in range(1, n + 1):
+            if sizes[p] >= min_size:
+                out[sl][pieces == p] = next_id
+                next_id += 1
+    return out
+
+
+def adjacent_label_pairs(labels: np.ndarray) -> np.ndarray:
+    """Pairs of distinct non-zero labels that share a face (6/4-connectivity).
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        Integer label image.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(M, 2)`` array of unique pairs ``(a, b)`` with ``a < b``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> adjacent_label_pairs(np.array([[1, 1, 2], [0, 0, 0], [3, 0, 4]]))
+    array([[1, 2]])
+    """
+    labels = np.asarray(labels)
+    pairs = []
+    for axis in range(labels.ndim):
+        n = labels.shape[axis]
+        if n < 2:
+            continue
+        a = np.take(labels, np.arange(n - 1), axis=axis).ravel()
+        b = np.take(labels, np.arange(1, n), axis=axis).ravel()
+        sel = (a != b) & (a > 0) & (b > 0)
+        if sel.any():
+            a, b = a[sel], b[sel]
+            pairs.append(np.stack([np.minimum(a, b), np.maximum(a, b)], 1))
+    if not pairs:
+        return np.zeros((0, 2), dtype=labels.dtype)
+    return np.unique(np.concatenate(pairs), axis=0)
+
+
+def make_nuclei(
+    shape: Sequence[int],
+    *,
+    seed: int = 0,
+    mean_diameter: float = 16.0,
+    diameter_jitter: float = 0.25,
+    density: float = 0.25,
+    touching_fraction: float = 0.3,
+    anisotropy: float = 1.0,
+    noise: float = 0.04,
+    photons: Optional[float] = 150.0,
+    blur_sigma: Union[float, Sequence[float]] = 1.0,
+    intensity_jitter: float = 0.25,
+    gradient: Optional[Tuple[int, float, float]] = None,
+    elongation: float = 0.15,
+    rim_falloff: float = 0.4,
+    background: float = 0.08,
+    min_gap: float = 2.0,
+    min_size: Optional[int] = None,
+    dtype=np.uint16,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Synthetic fluorescence image of nuclei and its ground-truth labels.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Image shape, 2D ``(Y, X)`` or 3D ``(Z, Y, X)``.
+    seed : int, optional
+        Seed of the random generator; equal arguments give identical output.
+    mean_diameter : float, optional
+        Mean object diameter in (in-plane) voxels.
+    diameter_jitter : float, optional
+        Relative spread (log-normal sigma) of object diameters.
+    density : float, optional
+        Target fraction of the image covered by objects (about 0.05 to 0.45;
+        the placement stops early if no more free room is found).
+    touching_fraction : float, optional
+        Fraction of objects placed in contact with an already placed object.
+        Contacting objects share a face but keep distinct labels. With 0, every
+        pair of objects is separated by at least ``min_gap`` voxels.
+    anisotropy : float, optional
+        Ratio of the axis-0 voxel size to the in-plane voxel size (3D only):
+        with 2.0 objects look half as tall along axis 0 in voxels.
+    noise : float, optional
+        Standard deviation of additive Gaussian noise, relative to the mean
+        object brightness (1.0).
+    photons : float or None, optional
+        Expected photon count at the mean object brightness; sets the Poisson
+        (shot) noise level. ``None`` disables shot noise.
+    blur_sigma : float or sequence of float, optional
+        Gaussian blur (point spread) in voxels, scalar or one per axis. For a
+        scalar in 3D, the axis-0 sigma is divided by ``anisotropy``.
+    intensity_jitter : float, optional
+        Relative standard deviation of per-object brightness.
+    gradient : tuple (axis, low_factor, high_factor) or None, optional
+        Multiply the whole clean image by a factor rising linearly from
+        ``low_factor`` at index 0 to ``high_factor`` at the last index of
+        ``axis`` (uneven illumination / depth attenuation).
+    elongation : float, optional
+        Log-normal spread of the semi-axis ratios (0 gives spheres/disks).
+    rim_falloff : float, optional
+        Fractional brightness drop from object centre to rim, which makes the
+        border between touching objects visible.
+    background : float, optional
+        Background level relative to the mean object brightness.
+    min_gap : float, optional
+        Minimum gap (voxels) between objects that are not placed as touching.
+    min_size : int or None, optional
+        Objects (or object pieces left after conflicts / clipping at the image
+        border) smaller than this many voxels are removed from image and
+        labels. Default: 5 % of the mean object size, at least 4.
+    dtype : numpy dtype, optional
+        Output image dtype. Integer types get ``round(100 + 1000 * value)``
+        clipped to the type's range; float types get the relative values.
+
+    Returns
+    -------
+    image : numpy.ndarray
+        The synthetic image of ``shape`` and ``dtype``.
+    labels : numpy.ndarray
+        uint32 ground truth, 0 background and objects numbered 1..N, each a
+        single face-connected component.
+
+    Examples
+    --------
+    >>> img, lab = make_nuclei((64, 64, 64), seed=1)
+    >>> img.dtype, lab.dtype, img.shape
+    (dtype('uint16'), dtype('uint32'), (64, 64, 64))
+    >>> int(lab.max()) == len(np.unique(lab)) - 1
+    True
+    """
+    shape = tuple(int(s) for s in shape)
+    ndim = len(shape)
+    if ndim not in (2, 3):
+        raise ValueError(f"shape must be 2D or 3D, got {shape}")
+    if min(shape) < 1:
+        raise ValueError(f"shape must be positive, got {shape}")
+    if mean_diameter <= 1:
+        raise ValueError(f"mean_diameter must be > 1, got {mean_diameter}")
+    if not 0 <= density < 1:
+        raise ValueError(f"density must be in [0, 1), got {density}")
+    if not 0 <= touching_fraction <= 1:
+        raise ValueError(f"touching_fraction must be in [0, 1], got {touching_fraction}")
+    if anisotropy <= 0:
+        raise ValueError(f"anisotropy must be > 0, got {anisotropy}")
+
+    rng = np.random.default_rng(seed)
+    spacing = np.ones(ndim)
+    if ndim == 3:
+        spacing[0] = float(anisotropy)
+    extent = np.asarray(shape, dtype=float) * spacing  # physical size
+
+    mean_r = 0.5 * float(mean_diameter)
+    unit_ball = math.pi if ndim == 2 else 4.0 / 3.0 * math.pi
+    mean_volume = unit_ball * mean_r ** ndim  # physical units
+    n_target = int(round(density * float(np.prod(extent)) / mean_volume))
+    if min_size is None:
+        min_size = max(4, int(0.05 * mean_volume / float(np.prod(spacing))))
+
+    # ---- placement -----------------------------------------------------
+    # Each object is an ellipsoid x: |M (x - c)| <= 1 with M = diag(1/a) R^T.
+    # Its extent along a unit vector u (support function) is |S u| with
+    # S = diag(a) R^T. Two objects whose projections on the line joining
+    # their centres are separated by min_gap are at least min_gap apart
+    # (separating plane), which is the test used for non-touching objects.
+    gap = max(float(min_gap), float(spacing.max()) + 1e-3)
+    cap = max(n_target, 1) + 16
+    centers = np.zeros((cap, ndim))
+    inv_axes = np.zeros((cap, ndim, ndim))   # M per object
+    supp = np.zeros((cap, ndim, ndim))       # S per object
+    rmax = np.zeros(cap)                     # largest semi-axis per object
+    n_placed = 0
+    rmax_seen = 0.0
+    grid = _CellGrid(extent, cell=max(mean_r, 1.0))
+
+    batch = 512
+    pool: list = []
+
+    def draw_shape():
+        # shapes are drawn in vectorised batches (deterministic for a seed)
+        if not pool:
+            d = mean_diameter * np.exp(
+                diameter_jitter * np.clip(rng.standard_normal(batch), -2.0, 2.0)
+                - 0.5 * diameter_jitter ** 2)
+            ratios = np.exp(elongation * np.clip(rng.standard_normal((batch, ndim)), -2.0, 2.0))
+            ratios /= np.prod(ratios, axis=1, keepdims=True) ** (1.0 / ndim)  # keep volume
+            axes = 0.5 * d[:, None] * ratios
+            rot_t = np.swapaxes(_random_rotations(rng, ndim, batch), 1, 2)
+            m_all = rot_t / axes[:, :, None]        # diag(1/a) @ R^T
+            s_all = rot_t * axes[:, :, None]        # diag(a) @ R^T
+            pool.extend(zip(axes.max(axis=1)[::-1], m_all[::-1], s_all[::-1]))
+        return pool.pop()
+
+    def free(c, rm, s_new, skip=-1):
+        cand = grid.near(c, rm + rmax_seen + gap)
+        if skip >= 0:
+            cand = cand[cand != skip]
+        if cand.size == 0:
+            return True
+        diff = centers[cand] - c
+        dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        close = dist < rm + rmax[cand] + gap
+        if not close.any():
+            return True
+        cand, diff, dist = cand[close], diff[close], dist[close]
+        if np.any(dist == 0):
+            return False
+        u = diff / dist[:, None]
+        h_new = np.linalg.norm(u @ s_new.T, axis=1)
+        h_old = np.linalg.norm(np.einsum("kij,kj->ki", supp[cand], u), axis=1)
+        return bool(np.all(dist >= h_new + h_old + gap))
+
+    n_touching = 0
+    attempts = 0
+    retries = 0
+    max_attempts = 25 * max(n_target, 1) + 200
+    while n_placed < n_target and attempts < max_attempts:
+        attempts += 1
+        if retries == 0:
+            rm, m, s_new = draw_shape()
+        # keep the running share of touching placements at touching_fraction
+        want_touch = n_placed > 0 and n_touching < touching_fraction * (n_placed + 1)
+        if want_touch:
+            j = int(rng.integers(n_placed))
+            u = rng.standard_normal(ndim)
+            u /= np.linalg.norm(u)
+            # slight interpenetration; the shared face is cut where the
+            # normalised distances of the two objects are equal
+            dist = (_radius_along(inv_axes[j], u) + _radius_along(m, -u)) * rng.uniform(0.85, 0.95)
+            c = centers[j] + u * dist
+            if np.any(c < 0) or np.any(c > extent):
+                continue
+            if not free(c, rm, s_new, skip=j):
+                continue
+            n_touching += 1
+        else:
+            c = rng.uniform(0.0, 1.0, ndim) * extent
+            if not free(c, rm, s_new):
+                retries = (retries + 1) % 4  # retry the same shape elsewhere
+                continue
+        retries = 0
+        centers[n_placed] = c
+        inv_axes[n_placed] = m
+        supp[n_placed] = s_new
+        rmax[n_placed] = float(rm)
+        grid.add(n_placed, c)
+        n_placed += 1
+        rmax_seen = max(rmax_seen, rm)
+    if n_placed < n_target:
+        logger.debug("placed %d of %d objects (no more free room)", n_placed, n_target)
+
+    # ---- rasterisation in local boxes ------------------------------------
+    labels = np.zeros(shape, dtype=np.uint32)
+    best = np.full(shape, np.inf, dtype=np.float32)  # squared normalised distance
+    for k in range(1, n_placed + 1):
+        c, m, rm = centers[k - 1], inv_axes[k - 1], rmax[k - 1]
+        cv = c / spacing  # centre in voxel units
+        half = rm / spacing + 1.0
+        lo = np.maximum(np.floor(cv - half).astype(int), 0)
+        hi = np.minimum(np.ceil(cv + half).astype(int) + 1, shape)
+        if np.any(hi <= lo):
+            continue
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        # physical offsets of voxel centres from the object centre, per axis
+        offs = [((np.arange(a, b) + 0.5) * s - cc)
+                for a, b, s, cc in zip(lo, hi, spacing, c)]
+        d2 = None
+        for i in range(ndim):
+            yi = None
+            for j in range(ndim):
+                view = [1] * ndim
+                view[j] = -1
+                term = (m[i, j] * offs[j]).reshape(view).astype(np.float32)
+                yi = term if yi is None else yi + term
+            d2 = yi * yi if d2 is None else d2 + yi * yi
+        bbox = best[sl]
+        claim = (d2 < 1.0) & (d2 < bbox)
+        bbox[claim] = d2[claim]
+        labels[sl][claim] = k
+
+    # ---- clean-up: one connected component per label, min size, 1..N ------
+    labels = split_disconnected(labels, min_size=min_size)
+    n_obj = int(labels.max())
+    best[labels == 0] = 1.0
+
+    # ---- image formation --------------------------------------------------
+    brightness = np.clip(
+        1.0 + intensity_jitter * rng.standard_normal(n_obj + 1), 0.3, None).astype(np.float32)
+    brightness[0] = 0.0
+    obj = brightness[labels]
+    obj *= 1.0 - float(rim_falloff) * np.minimum(best, 1.0)
+    del best
+    img = obj
+    img += np.float32(background)
+    prof = _gradient_profile(shape, gradient)
+    if prof is not None:
+        img *= prof
+    if np.isscalar(blur_sigma):
+        sig = [float(blur_sigma)] * ndim
+        if ndim == 3:
+            sig[0] /= float(anisotropy)
+    else:
+        sig = [float(s) for s in blur_sigma]
+        if len(sig) != ndim:
+            raise ValueError(f"blur_sigma needs {ndim} values, got {blur_sigma!r}")
+    if any(s > 0 for s in sig):
+        img = ndimage.gaussian_filter(img, sig, mode="nearest")
+    if photons is not None and photons > 0:
+        lam = np.clip(img, 0.0, None) * np.float32(photons)
+        img = rng.poisson(lam).astype(np.float32)
+        img /= np.float32(photons)
+    if noise and noise > 0:
+        img += rng.standard_normal(shape, dtype=np.float32) * np.float32(noise)
+
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        img = np.clip(np.rint(100.0 + 1000.0 * img), info.min, info.max).astype(dtype)
+    else:
+        img = img.astype(dtype, copy=False)
+    logger.debug("make_nuclei %s seed=%d: %d objects (%d touching placements)",
+                 shape, seed, n_obj, n_touching)
+    return img, labels
