@@ -42,8 +42,8 @@ class ThresholdSegmenter(Segmenter):
     Parameters
     ----------
     threshold : float
-    connectivity : int
-        1 = faces (scipy.ndimage.label's default) up to ndim = all neighbours.
+    connectivity : int or 'full'
+        1 = faces (scipy.ndimage.label's default) up to ndim (or 'full') = all neighbours.
     channel : int
         Channel used when the image has a channel axis (last).
 
@@ -58,7 +58,7 @@ class ThresholdSegmenter(Segmenter):
 
     def __init__(self, threshold: float = 0.0, connectivity: int = 1, channel: int = 0):
         self.threshold = float(threshold)
-        self.connectivity = int(connectivity)
+        self.connectivity = 99 if connectivity == "full" else int(connectivity)
         self.channel = int(channel)
 
     def segment(self, image, ndim=None):

@@ -48,8 +48,12 @@ class RunConfig:
     log_dir: str | None = None
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if isinstance(self.backend, str):
+            if self.backend not in BACKENDS:
+                raise ConfigError(f"backend must be one of {BACKENDS} or a Segmenter object, got {self.backend!r}")
+        elif not callable(getattr(self.backend, "segment", None)):
+            raise ConfigError(f"backend must be one of {BACKENDS} or an object with a segment(image, ndim) method, "
+                              f"got {type(self.backend).__name__}")
         if self.stitch is not None and self.stitch not in STITCH_RULES:
             raise ConfigError(f"stitch must be one of {STITCH_RULES}, got {self.stitch!r}")
         if self.normalize not in NORMALIZE:
@@ -90,7 +94,7 @@ class RunConfig:
     def stitch_rule(self) -> str:
         if self.stitch:
             return self.stitch
-        return "touch" if self.backend == "threshold" else "iou"
+        return "iou" if self.backend == "cellpose" else "touch"
 
     @property
     def diameter(self) -> float | None:
@@ -108,6 +112,8 @@ class RunConfig:
             v = getattr(self, f.name)
             if f.name == "preprocessing_steps":
                 v = [[_qualname(fn), kw] for fn, kw in v]
+            elif f.name == "backend" and not isinstance(v, str):
+                v = _qualname(type(v))
             elif f.name in ("input", "mask") and v is not None and not isinstance(v, str):
                 v = f"<{type(v).__name__} {getattr(v, 'shape', '')}>"
             out[f.name] = v

@@ -223,7 +223,7 @@ def _input_identity(cfg, arr):
 def _default_overlap(cfg, ndim, diameter):
     if cfg.overlap is not None:
         return geo.per_axis(cfg.overlap, ndim, "overlap", minimum=0)
-    if cfg.backend == "threshold":
+    if cfg.backend != "cellpose":
         return (0,) * ndim if cfg.stitch_rule == "touch" else (cfg.iou_depth,) * ndim
     ov = 2 * float(diameter)
     aniso = float(cfg.eval_kwargs.get("anisotropy") or 1.0)
@@ -295,7 +295,9 @@ def make_plan(cfg: RunConfig, src, n_ranks: int) -> Plan:
         "blocksize": list(blocksize),
         "overlap": list(overlap),
         "mask": _mask_identity(cfg.mask),
-        "backend": cfg.backend,
+        "backend": cfg.backend if isinstance(cfg.backend, str) else
+        {"class": f"{type(cfg.backend).__module__}.{type(cfg.backend).__qualname__}",
+         "describe": (cfg.backend.describe() if hasattr(cfg.backend, "describe") else None)},
         "backend_kwargs": {k: v for k, v in sorted(cfg.backend_kwargs.items())},
         "model": None if resolved is None else {"name": resolved["name"], "sha256": resolved["sha256"]},
         "model_kwargs": {k: repr(v) for k, v in sorted(cfg.model_kwargs.items())},
@@ -421,7 +423,7 @@ def segment_block(ctx, blk: geo.Block):
     except MpiCellposeError:
         raise
     except Exception as exc:
-        raise BackendError(f"{ctx.backend.name} backend failed on block {blk.index}: {type(exc).__name__}: {exc}") from exc
+        raise BackendError(f"{getattr(ctx.backend, 'name', type(ctx.backend).__name__)} backend failed on block {blk.index}: {type(exc).__name__}: {exc}") from exc
     return finish_block(ctx, blk, labels)
 
 
@@ -765,6 +767,8 @@ def _build_backend(cfg, plan, comm):
     from .gpu import bind_device  # noqa: WPS433 - lazy, torch is optional
 
     ndim = len(plan.shape)
+    if not isinstance(cfg.backend, str):
+        return cfg.backend
     if cfg.backend != "cellpose":
         return make_backend(cfg.backend, backend_kwargs=cfg.backend_kwargs, ndim=ndim)
     binding = bind_device(comm, cfg.device)

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+
+from mpicellpose import stitch as st
+
+
+def test_renumber_core_first_appearance_and_drops_context_labels():
+    lab = np.array([[9, 9, 0, 4], [3, 0, 4, 4], [7, 7, 7, 0]])
+    loc, n = st.renumber_core(lab, (slice(0, 2), slice(0, 3)))
+    assert n == 3
+    assert loc.tolist() == [[1, 1, 0, 3], [2, 0, 3, 3], [0, 0, 0, 0]]
+    # huge sparse label values go through the search path with the same result
+    big = lab.astype(np.int64) * 10**12
+    loc2, n2 = st.renumber_core(big, (slice(0, 2), slice(0, 3)))
+    assert n2 == 3 and (loc2 == loc).all()
+
+
+def test_block_stats():
+    core = np.array([[1, 1, 0], [0, 2, 2], [0, 0, 2]], np.uint32)
+    s = st.block_stats(core, 2, (10, 20))
+    assert s["count"].tolist() == [2, 3]
+    assert s["bbox_min"].tolist() == [[10, 20], [11, 21]]
+    assert s["bbox_max"].tolist() == [[11, 22], [13, 23]]
+    assert np.allclose(s["coord_sum"][1] / 3, [11 + 1 / 3, 21 + 2 / 3])
+
+
+def test_touch_edges_shifts_follow_connectivity():
+    a = np.array([[1, 0, 2, 0]]).reshape(1, 4)
+    b = np.array([[0, 5, 0, 6]]).reshape(1, 4)
+    assert st.touch_edges(a, b, (1, 0), 1).tolist() == []
+    assert st.touch_edges(a, b, (1, 0), 2).tolist() == [[1, 5], [2, 5], [2, 6]]
+    # a diagonal contact needs connectivity >= 2
+    assert st.touch_edges(np.array([[3]]), np.array([[4]]), (1, 1), 1).tolist() == []
+    assert st.touch_edges(np.array([[3]]), np.array([[4]]), (1, 1), 2).tolist() == [[3, 4]]
+
+
+def test_iou_edges_match_cut_objects_not_touching_cells():
+    # band of 4 rows: rows 0-1 are a's core, rows 2-3 b's core
+    # object 1 of a continues as object 7 in b; cells 2 (a) and 8 (b) touch at the face only
+    band_a = np.array([[1, 1, 2, 2], [1, 1, 2, 2], [1, 1, 0, 0], [1, 1, 0, 0]])
+    band_b = np.array([[7, 7, 0, 0], [7, 7, 0, 0], [7, 7, 8, 8], [7, 7, 8, 8]])
+    assert st.iou_edges(band_a, band_b, 0.3).tolist() == [[1, 7]]
+
+
+def test_iou_edges_one_to_one():
+    a = np.array([1, 1, 1, 1, 1, 1, 0, 0])
+    b = np.array([5, 5, 5, 6, 6, 6, 6, 0])
+    e = st.iou_edges(a, b, 0.1)
+    assert len(e) == 1 and e[0, 0] == 1
+
+
+def test_merge_and_final_ids():
+    edges = np.array([[10, 3], [3, 7], [20, 21]])
+    away, roots = st.merge_edges(edges)
+    assert away.tolist() == [7, 10, 21] and roots.tolist() == [3, 3, 20]
+    p = np.arange(1, 23)
+    f = st.final_ids(p, away, roots)
+    assert f[2] == f[6] == f[9] == 3
+    assert f[19] == f[20]
+    assert sorted(set(f.tolist())) == list(range(1, 22 - 3 + 1))
+    # order of survivors is kept
+    surv = [x for x in p if x not in (7, 10, 21)]
+    assert (np.diff(st.final_ids(np.array(surv), away, roots)) == 1).all()
+    lut = st.block_lut(5, 4, away, roots)
+    assert lut.tolist() == [0] + st.final_ids(np.arange(6, 10), away, roots).tolist()
+
+
+def test_merge_empty():
+    away, roots = st.merge_edges(np.zeros((0, 2), np.int64))
+    assert away.size == 0 and st.final_ids(np.array([4]), away, roots).tolist() == [4]
+
+
+def test_offsets_and_dtype():
+    assert st.offsets_from_counts([3, 0, 5, 1]).tolist() == [0, 3, 3, 8]
+    assert st.label_dtype(2**32 - 1) == np.uint32
+    assert st.label_dtype(2**32) == np.uint64
+
+
+def test_reduce_pieces():
+    ids = np.array([2, 1, 2, 3])
+    out = st.reduce_pieces(ids, [5, 1, 7, 2], [[0, 5], [1, 1], [3, 0], [9, 9]], [[2, 8], [2, 2], [6, 4], [10, 10]],
+                           [[1., 2.], [1., 1.], [3., 4.], [9., 9.]])
+    assert out["id"].tolist() == [1, 2, 3]
+    assert out["count"].tolist() == [1, 12, 2]
+    assert out["bbox_min"][1].tolist() == [0, 0] and out["bbox_max"][1].tolist() == [6, 8]
+    assert out["n_blocks"].tolist() == [1, 2, 1]
