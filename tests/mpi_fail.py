@@ -1,0 +1,32 @@
+"""One rank's backend raises: every rank must get the error, nobody hangs."""
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+from segmenters import FailOnMarker
+
+from mpicellpose import distributed_eval
+
+comm = MPI.COMM_WORLD
+img = np.zeros((48, 48), np.uint8)
+img[17:19, 1:3] = 77  # in block (2, 0) of the 8x6-voxel grid: the first of rank 1 at 3 ranks
+seg = FailOnMarker(77, sleep=0.25)
+seen = []
+orig = seg.segment
+
+
+def counting(image, ndim):
+    seen.append(1)
+    return orig(image, ndim)
+
+
+seg.segment = counting
+try:
+    distributed_eval(img, (8, 6), sys.argv[1] + "/f.zarr", backend=seg, comm=comm)
+    print(f"rank {comm.Get_rank()} finished without error", flush=True)
+    sys.exit(1)
+except Exception as exc:
+    msg = str(exc).replace("\n", " ")
+    print(f"caught on rank {comm.Get_rank()}: {type(exc).__name__}: {msg}", flush=True)
+print(f"rank {comm.Get_rank()} blocks done {len(seen)}", flush=True)
