@@ -124,15 +124,12 @@ def config_from_args(args, **extra):
 
 def setup_logging(rank: int, level: str = "INFO", log_dir: str | None = None) -> None:
     """Rank 0 logs to stderr at ``level``; other ranks only warnings; optional file per rank."""
-    from .driver import _install_record_factory
-
-    _install_record_factory()
     root = logging.getLogger("mpicellpose")
     root.setLevel(logging.DEBUG)
     root.propagate = False
     for h in list(root.handlers):
         root.removeHandler(h)
-    fmt = logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    fmt = _RankFormatter(rank)
     h = logging.StreamHandler(sys.stderr)
     h.setLevel(getattr(logging, level) if rank == 0 else logging.WARNING)
     h.setFormatter(fmt)
@@ -143,6 +140,19 @@ def setup_logging(rank: int, level: str = "INFO", log_dir: str | None = None) ->
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(fmt)
         root.addHandler(fh)
+
+
+class _RankFormatter(logging.Formatter):
+    """Shows the record's rank (the process's world rank when the record has none)."""
+
+    def __init__(self, rank):
+        super().__init__("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        self.rank = rank
+
+    def format(self, record):
+        if not hasattr(record, "rank"):
+            record.rank = self.rank
+        return super().format(record)
 
 
 def run_and_report(make_config, args, runner=None) -> int:

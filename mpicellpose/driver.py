@@ -41,27 +41,20 @@ from .config import RunConfig
 from .errors import (BackendError, ConfigError, DistributedError, InputError, MpiCellposeError,
                      OutputExistsError, ResumeMismatchError)
 
-log = logging.getLogger(__name__)
-
 _RANK = contextvars.ContextVar("mpicellpose_rank", default=0)
-_factory_installed = False
 
 
-def _install_record_factory():
-    """Give every log record a ``rank`` attribute (the rank of the run that logged it)."""
-    global _factory_installed
-    if _factory_installed:
-        return
-    old = logging.getLogRecordFactory()
+class _RankAdapter(logging.LoggerAdapter):
+    """Adds ``rank`` (this run's rank on its communicator) to every record."""
 
-    def factory(*args, **kwargs):
-        record = old(*args, **kwargs)
-        if not hasattr(record, "rank"):
-            record.rank = _RANK.get()
-        return record
+    def process(self, msg, kwargs):
+        extra = dict(kwargs.get("extra") or {})
+        extra.setdefault("rank", _RANK.get())
+        kwargs["extra"] = extra
+        return msg, kwargs
 
-    logging.setLogRecordFactory(factory)
-    _factory_installed = True
+
+log = _RankAdapter(logging.getLogger(__name__), {})
 
 
 # --------------------------------------------------------------------------- results
@@ -281,10 +274,14 @@ def make_plan(cfg: RunConfig, src, n_ranks: int) -> Plan:
     if isinstance(cfg.input, (str, os.PathLike)) and os.path.abspath(cfg.input) == out:
         raise ConfigError(f"output {cfg.output!r} is the same path as the input")
     parent = os.path.dirname(out) or "."
-    if not os.path.isdir(parent):
-        raise InputError(f"output directory {parent!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"output directory {parent!r} is not writable")
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"output location {parent!r} is not a directory ({existing!r} is a file)")
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"output directory {existing!r} is not writable")
+    os.makedirs(parent, exist_ok=True)
     fmt = cfg.zarr_format or (mio.array_format(src) if hasattr(src, "metadata") else 2)
     if fmt == 3 and mio.zarr_major() < 3:
         fmt = 2
@@ -501,7 +498,6 @@ def run(cfg: RunConfig, comm=None) -> RunResult:
 
     Every rank of ``comm`` must call it with the same configuration.
     """
-    _install_record_factory()
     comm = mpi.dup(comm)
     token = _RANK.set(comm.Get_rank())
     try:
