@@ -14,6 +14,8 @@ import sys
 # module name (inside the package) for each subcommand group, in --help order
 _SUBCOMMAND_MODULES = (
     "mpicellpose.cli_segment",
+    "mpicellpose.batch",
+    "mpicellpose.info",
 )
 
 

@@ -173,14 +173,31 @@ def run_and_report(make_config, args, runner=None) -> int:
     except Interrupted as exc:
         if rank == 0:
             sys.stderr.write(f"mpicellpose: interrupted: {exc}\n")
-        return EXIT_INTERRUPTED
+        return _settle(comm, EXIT_INTERRUPTED)
     except (MpiCellposeError, ValueError, FileNotFoundError, PermissionError) as exc:
         if rank == 0:
             sys.stderr.write(f"mpicellpose: error: {_one_line(exc)}\n")
-        return EXIT_ERROR
+        return _settle(comm, EXIT_ERROR)
     if rank == 0 and result is not None and hasattr(result, "n_objects"):
         sys.stdout.write(f"{result.n_objects} objects written to {cfg.output} (table: {result.table_path})\n")
     return 0
+
+
+def _settle(comm, code: int) -> int:
+    """Let rank 0's message out before any rank exits non-zero.
+
+    Under ``python -m mpi4py`` the first rank to exit with a non-zero code aborts the
+    others, so every rank waits here until rank 0 has written and flushed its message.
+    Every rank reaches this point, because errors are agreed collectively first.
+    """
+    from . import comm as mpi
+
+    sys.stderr.flush()
+    try:
+        mpi.quiet_barrier(comm)
+    except Exception:  # pragma: no cover - MPI already broken
+        pass
+    return code
 
 
 def _one_line(exc) -> str:

@@ -431,6 +431,7 @@ def finish_block(ctx, blk, labels):
                            f"with read region shape {tuple(b - a for a, b in blk.read)}")
     read_local, n = st.renumber_core(labels, blk.core_in_read)
     core = read_local[blk.core_in_read]
+    _maybe_fault("segment", ctx.rank, ctx.done_here)
     ctx.scratch[blk.core_slices] = core
     stats = st.block_stats(core, n, [a for a, _ in blk.core])
     origin = [a for a, _ in blk.read]
@@ -472,6 +473,39 @@ def _signals(flag: _StopFlag):
             signal.signal(s, h)
 
 
+FAULT_ENV = "MPICELLPOSE_FAULT"
+
+
+def _maybe_fault(phase: str, rank: int, count: int = 0) -> None:
+    """Fault injection for the restart and fault tests (never set it in production).
+
+    ``MPICELLPOSE_FAULT="PHASE:RANK:ACTION[:N]"`` (comma separated for several) fires when
+    rank RANK reaches PHASE (segment, stitch, relabel) with N blocks done there.
+    ACTION is kill (SIGKILL itself), raise, enospc (a disk-full OSError) or sigusr1.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        if len(parts) < 3 or parts[0] != phase or int(parts[1]) != rank:
+            continue
+        if count != int(parts[3] if len(parts) > 3 else 0):
+            continue
+        action = parts[2]
+        log.warning("rank %d: injecting fault %r", rank, item)
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "raise":
+            raise RuntimeError(f"injected fault in {phase}")
+        elif action == "enospc":
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        elif action == "sigusr1":
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
 # --------------------------------------------------------------------------- the run
 class _Ctx:
     pass
@@ -500,20 +534,24 @@ def run(cfg: RunConfig, comm=None) -> RunResult:
     """
     comm = mpi.dup(comm)
     token = _RANK.set(comm.Get_rank())
+    stop = _StopFlag()
     try:
-        return _run(cfg, comm)
+        with _signals(stop):
+            return _run(cfg, comm, stop)
     finally:
         _RANK.reset(token)
         mpi.free(comm)
 
 
-def _run(cfg: RunConfig, comm) -> RunResult:
+def _run(cfg: RunConfig, comm, stop) -> RunResult:
     rank, size = comm.Get_rank(), comm.Get_size()
     box = mpi.Mailbox(comm)
     timings = {}
     t0 = time.perf_counter()
     ctx = _Ctx()
     ctx.cfg = cfg
+    ctx.rank = rank
+    ctx.done_here = 0
 
     # ---- plan (rank 0) -----------------------------------------------------------
     plan, err = None, None
@@ -556,7 +594,6 @@ def _run(cfg: RunConfig, comm) -> RunResult:
 
     # ---- segment -----------------------------------------------------------------
     t = time.perf_counter()
-    stop = _StopFlag()
     err = None
     total_todo = sum(len(a) for a in plan.seg_assignment)
     done_here = 0
@@ -577,27 +614,27 @@ def _run(cfg: RunConfig, comm) -> RunResult:
         log.info("segment: %d/%d blocks (%.0f%%), %.2f blocks/s, ETA %s", done, total_todo,
                  100.0 * done / max(total_todo, 1), rate, _fmt_eta(eta) if rate > 0 else "?")
 
-    with _signals(stop):
-        for linear in my_blocks:
-            if box.poll() or stop:
-                break
-            blk = ctx.grid.block(linear)
-            try:
-                segment_block(ctx, blk)
-            except Exception as exc:
-                err = exc
-                if "block" not in str(exc):
-                    err = BackendError(f"block {blk.index} (#{linear}): {mpi._describe(exc)}")
-                    err.__cause__ = exc
-                log.error("rank %d: %s", rank, err)
-                box.notify_abort(str(err))
-                break
-            done_here += 1
-            box.send_progress(done_here, len(my_blocks))
-            report()
-        if stop and err is None:
-            box.notify_abort("stop requested by signal")
-        box.agree(err, interrupted=bool(stop), where="segmentation")
+    for linear in my_blocks:
+        if box.poll() or stop:
+            break
+        blk = ctx.grid.block(linear)
+        try:
+            segment_block(ctx, blk)
+        except Exception as exc:
+            err = exc
+            if "block" not in str(exc):
+                err = BackendError(f"block {blk.index} (#{linear}): {mpi._describe(exc)}")
+                err.__cause__ = exc
+            log.error("rank %d: %s", rank, err)
+            box.notify_abort(str(err))
+            break
+        done_here += 1
+        ctx.done_here = done_here
+        box.send_progress(done_here, len(my_blocks))
+        report()
+    if stop and err is None:
+        box.notify_abort("stop requested by signal")
+    box.agree(err, interrupted=bool(stop), where="segmentation")
     timings["segment"] = time.perf_counter() - t
     ctx.backend = None
 
@@ -611,10 +648,15 @@ def _run(cfg: RunConfig, comm) -> RunResult:
     mine = assignment[rank]
     records, err = {}, None
     try:
+        _maybe_fault("stitch", rank, 0)
         for b in mine:
-            records[b] = mio.load_npz(ctx.paths.record(b))
+            try:
+                records[b] = mio.load_npz(ctx.paths.record(b))
+            except Exception as exc:
+                raise InputError(f"cannot read the record of block {grid.index_of(b)} "
+                                 f"({ctx.paths.record(b)}): {exc}") from exc
     except Exception as exc:
-        err = InputError(f"cannot read the record of block {b}: {exc}")
+        err = exc
     box.agree(err, where="loading block records")
     counts = np.zeros(len(grid), np.int64)
     for part in comm.allgather({b: int(records[b]["n"]) for b in mine}):
@@ -682,6 +724,7 @@ def _run(cfg: RunConfig, comm) -> RunResult:
     box.agree(err, where="creating the output")
     err = None
     reused = 0
+    n_relabelled = 0
     pieces = []
     try:
         out = mio.open_array(cfg.output, mode="r+")
@@ -690,6 +733,8 @@ def _run(cfg: RunConfig, comm) -> RunResult:
             lut = st.block_lut(int(offsets[b]), int(counts[b]), away, roots, dtype)
             done_marker = ctx.paths.relabel_done(b)
             if not done_marker.exists():
+                _maybe_fault("relabel", rank, n_relabelled)
+                n_relabelled += 1
                 if counts[b]:
                     out[blk.core_slices] = lut[ctx.scratch[blk.core_slices]]
                 done_marker.touch()
@@ -699,11 +744,11 @@ def _run(cfg: RunConfig, comm) -> RunResult:
             if counts[b]:
                 pieces.append((lut[1:].astype(np.int64), rec["count"], rec["bbox_min"], rec["bbox_max"],
                                rec["coord_sum"]))
-            if box.poll():
+            if box.poll() or stop:
                 break
     except Exception as exc:
         err = exc
-    box.agree(err, where="relabelling")
+    box.agree(err, interrupted=bool(stop), where="relabelling")
     timings["relabel"] = time.perf_counter() - t
 
     # ---- table ---------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["package_version", "collect_versions", "mpi_summary", "cuda_aware_mpi",
+__all__ = ["standalone_main", "package_version", "collect_versions", "mpi_summary", "cuda_aware_mpi",
            "rank_record", "collect_info", "format_report", "register", "main"]
 
 NOT_INSTALLED = "not installed"
@@ -171,7 +171,7 @@ def mpi_summary(comm=None) -> Dict[str, object]:
         from mpi4py import MPI  # noqa: PLC0415
     except Exception as exc:
         return {"mpi4py": NOT_INSTALLED, "library": NOT_INSTALLED, "error": str(exc)}
-    lines = MPI.Get_library_version().strip().splitlines()
+    lines = [" ".join(line.split()) for line in MPI.Get_library_version().strip().splitlines()]
     major, minor = MPI.Get_version()
     aware, how = cuda_aware_mpi()
     return {
@@ -323,3 +323,20 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(format_report(info) + "\n")
     sys.stdout.flush()
     return 0
+
+
+def standalone_main(argv=None) -> int:
+    """``python -m mpicellpose.info [--json] [--device D]``.
+
+    The same report without the rest of the CLI, so that it works even when
+    another part of the installation is broken.
+    """
+    parser = argparse.ArgumentParser(prog="python -m mpicellpose.info")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    args = parser.parse_args(["info", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through subprocess tests
+    sys.exit(standalone_main())
