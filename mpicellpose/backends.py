@@ -111,11 +111,22 @@ def builtin_filename(name: str) -> str:
 
 
 def _network_ok(host="www.cellpose.org", port=443, timeout=3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """Can the model server be reached?  Bounded in time even where DNS hangs."""
+    import threading
+
+    result = []
+
+    def probe():
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 2.0)
+    return bool(result and result[0])
 
 
 def sha256_file(path, limit: int | None = None) -> str:

@@ -264,7 +264,7 @@ def make_plan(cfg: RunConfig, src, n_ranks: int) -> Plan:
     # mask
     mask = cfg.mask
     if isinstance(mask, (str, os.PathLike)):
-        mask = mio.open_input(mask)
+        mask = mio.open_input(mask, what="mask")
     if mask is not None:
         geo.check_mask_shape(mask.shape, shape)
     keep = geo.blocks_in_mask(grid, mask)
@@ -279,8 +279,7 @@ def make_plan(cfg: RunConfig, src, n_ranks: int) -> Plan:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise InputError(f"output location {parent!r} is not a directory ({existing!r} is a file)")
-    if not os.access(existing, os.W_OK):
-        raise InputError(f"output directory {existing!r} is not writable")
+    mio.check_writable(existing)
     os.makedirs(parent, exist_ok=True)
     fmt = cfg.zarr_format or (mio.array_format(src) if hasattr(src, "metadata") else 2)
     if fmt == 3 and mio.zarr_major() < 3:

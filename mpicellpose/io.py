@@ -30,7 +30,7 @@ def is_zarr_path(path) -> bool:
     return p.is_dir() and any((p / n).exists() for n in (".zarray", ".zgroup", "zarr.json"))
 
 
-def open_input(source, dataset: str | None = None):
+def open_input(source, dataset: str | None = None, what: str = "input"):
     """Open the input volume.
 
     ``source`` may be an array-like (zarr array, h5py dataset, numpy array or memmap:
@@ -41,29 +41,40 @@ def open_input(source, dataset: str | None = None):
         for attr in ("shape", "dtype", "__getitem__"):
             if not hasattr(source, attr):
                 raise InputError(
-                    f"input must be a path or an array-like with shape, dtype and slicing; "
+                    f"{what} must be a path or an array-like with shape, dtype and slicing; "
                     f"got {type(source).__name__} without {attr!r}"
                 )
         return source
     path = str(source)
     if not os.path.exists(path):
-        raise InputNotFoundError(f"input {path!r} does not exist")
+        raise InputNotFoundError(f"{what} {path!r} does not exist")
     zarr = _zarr()
     try:
         node = zarr.open(path, mode="r")
     except Exception as exc:
-        raise InputError(f"input {path!r} is not a readable zarr array or group: {exc}") from None
+        raise InputError(f"{what} {path!r} is not a readable zarr array or group: {exc}") from None
     if dataset is not None:
         try:
             node = node[dataset]
         except Exception:
-            raise InputError(f"input group {path!r} has no dataset {dataset!r}") from None
+            raise InputError(f"{what} group {path!r} has no dataset {dataset!r}") from None
     if not hasattr(node, "dtype"):
         keys = list(getattr(node, "array_keys", lambda: [])())
         raise InputError(
-            f"input {path!r} is a zarr group, not an array; choose one with --dataset (arrays: {keys})"
+            f"{what} {path!r} is a zarr group, not an array; choose one with --dataset (arrays: {keys})"
         )
     return node
+
+
+def check_writable(directory) -> None:
+    """Raise InputError unless a file can really be created in ``directory``
+    (``os.access`` says yes to root even where writes fail)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=str(directory), prefix=".mpicellpose-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise InputError(f"output directory {str(directory)!r} is not writable ({exc.strerror})") from None
 
 
 def open_array(path, mode: str = "r"):

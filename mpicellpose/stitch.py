@@ -269,9 +269,12 @@ def block_lut(offset: int, n: int, merged_away: np.ndarray, roots: np.ndarray, d
     return lut
 
 
+MAX_UINT32_LABEL = int(np.iinfo(np.uint32).max)
+
+
 def label_dtype(n_objects: int):
-    """uint32 unless the count does not fit, then uint64."""
-    return np.dtype(np.uint32) if n_objects <= np.iinfo(np.uint32).max else np.dtype(np.uint64)
+    """uint32 unless the count does not fit (> MAX_UINT32_LABEL), then uint64."""
+    return np.dtype(np.uint32) if n_objects <= MAX_UINT32_LABEL else np.dtype(np.uint64)
 
 
 # --------------------------------------------------------------------------- object table
