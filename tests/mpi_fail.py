@@ -22,11 +22,15 @@ def counting(image, ndim):
 
 
 seg.segment = counting
+# one report file per rank (stdout of several ranks interleaves)
+report = open(f"{sys.argv[1]}/rank-{comm.Get_rank()}.txt", "w")
 try:
     distributed_eval(img, (8, 6), sys.argv[1] + "/f.zarr", backend=seg, comm=comm)
-    print(f"rank {comm.Get_rank()} finished without error", flush=True)
+    report.write(f"rank {comm.Get_rank()} finished without error\n")
+    report.close()
     sys.exit(1)
 except Exception as exc:
     msg = str(exc).replace("\n", " ")
-    print(f"caught on rank {comm.Get_rank()}: {type(exc).__name__}: {msg}", flush=True)
-print(f"rank {comm.Get_rank()} blocks done {len(seen)}", flush=True)
+    report.write(f"caught on rank {comm.Get_rank()}: {type(exc).__name__}: {msg}\n")
+report.write(f"rank {comm.Get_rank()} blocks done {len(seen)}\n")
+report.close()
