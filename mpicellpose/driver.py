@@ -440,6 +440,95 @@ def finish_block(ctx, blk, labels):
     return n
 
 
+# --------------------------------------------------------------------------- normalisation
+NORM_SAMPLE_BLOCKS = 64
+NORM_SAMPLE_VOXELS = 1 << 18
+
+
+def sample_blocks(kept, n=NORM_SAMPLE_BLOCKS):
+    """Up to ``n`` kept blocks spread evenly over the grid order (deterministic)."""
+    kept = list(kept)
+    if len(kept) <= n:
+        return kept
+    idx = np.unique(np.linspace(0, len(kept) - 1, n).round().astype(int))
+    return [kept[i] for i in idx]
+
+
+def sample_block_voxels(src, blk, shape, channel_axis, mask=None):
+    """A strided sample of a block core's voxels (foreground of the mask only, if given)."""
+    size = geo.box_size(blk.core)
+    step = max(1, int(math.ceil((size / NORM_SAMPLE_VOXELS) ** (1.0 / len(blk.core)))))
+    sl = [slice(a, b, step) for a, b in blk.core]
+    full = list(sl)
+    if channel_axis is not None:
+        full.insert(channel_axis, 0)
+    vals = np.asarray(src[tuple(full)], dtype=np.float64)
+    if mask is not None:  # a boolean numpy array at any (lower) resolution
+        coords = np.meshgrid(*[np.arange(s.start, s.stop, s.step) for s in sl], indexing="ij")
+        idx = tuple(np.minimum((c * m // n), m - 1) for c, m, n in zip(coords, mask.shape, shape))
+        vals = vals[mask[idx]]
+    return vals.ravel()
+
+
+def global_normalization(cfg, plan, src, comm):
+    """Percentiles of the whole volume (sampled in parallel), or None when not wanted.
+
+    Every rank calls it; returns the dict to pass as Cellpose's ``normalize`` on every rank.
+    """
+    if cfg.backend != "cellpose" or cfg.normalize != "global":
+        return None
+    user = plan.eval_kwargs.get("normalize", True)
+    if user is False or (isinstance(user, dict) and user.get("lowhigh") is not None):
+        return None
+    nchan = 1 if plan.channel_axis is None else int(src.shape[plan.channel_axis])
+    if nchan > 1:
+        if comm.Get_rank() == 0:
+            log.warning("global normalisation is computed for single-channel input only; "
+                        "%d channels: using per-block normalisation", nchan)
+        return None
+    pct = list((user or {}).get("percentile") or [1.0, 99.0]) if isinstance(user, dict) else [1.0, 99.0]
+    mask = cfg.mask
+    if isinstance(mask, (str, os.PathLike)):
+        mask = mio.open_input(mask, what="mask")
+    if mask is not None and int(np.prod(mask.shape)) > (1 << 27):
+        mask = None  # a huge mask: block-level skipping already honours it
+    elif mask is not None:
+        mask = np.asarray(mask[...]).astype(bool)
+    rank, size = comm.Get_rank(), comm.Get_size()
+    grid = plan.grid
+    err, mine = None, []
+    try:
+        for b in sample_blocks(plan.kept)[rank::size]:
+            mine.append(sample_block_voxels(src, grid.block(b), plan.shape, plan.channel_axis, mask))
+    except Exception as exc:
+        err = exc
+    mine = np.concatenate(mine) if mine else np.zeros(0)
+    parts = comm.gather((mine, None if err is None else mpi._describe(err)), root=0)
+    result = None
+    if rank == 0:
+        errors = [e for _, e in parts if e]
+        vals = np.concatenate([v for v, _ in parts])
+        if errors:
+            result = ("error", f"reading samples for normalisation failed: {errors[0]}")
+        elif vals.size and not np.all(np.isfinite(vals)):
+            result = ("error", f"input contains NaN/inf values ({int(np.count_nonzero(~np.isfinite(vals)))} "
+                               f"in a sample of {vals.size} voxels); clean the input or mask them out")
+        elif vals.size == 0:
+            result = ("ok", None)
+        else:
+            lo, hi = (float(v) for v in np.percentile(vals, pct))
+            if not hi > lo:
+                hi = lo + 1.0
+            norm = dict(user) if isinstance(user, dict) else {}
+            norm.update({"normalize": True, "lowhigh": [lo, hi], "percentile": None})
+            result = ("ok", {"normalize": norm, "percentile": pct, "sampled_voxels": int(vals.size),
+                             "sampled_blocks": len(sample_blocks(plan.kept))})
+    status, value = comm.bcast(result, root=0)
+    if status == "error":
+        raise InputError(value)
+    return value
+
+
 # --------------------------------------------------------------------------- signals
 class _StopFlag:
     def __init__(self):
@@ -577,6 +666,16 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
         log.info("plan: volume %s, grid %s (%d blocks, %d kept by mask, %d already done), blocksize %s, "
                  "overlap %s, %s stitching, %d rank(s)", plan.shape, ctx.grid.grid_shape, len(ctx.grid),
                  len(plan.kept), len(plan.done), plan.blocksize, plan.overlap, plan.rule, size)
+
+    # ---- global normalisation (sampled in parallel) ----------------------------------
+    t = time.perf_counter()
+    norm = global_normalization(cfg, plan, ctx.src, comm)
+    plan.normalization = norm
+    if norm and rank == 0:
+        lo, hi = norm["normalize"]["lowhigh"]
+        log.info("normalisation: percentiles %s of %d voxels from %d blocks -> [%.6g, %.6g]",
+                 norm["percentile"], norm["sampled_voxels"], norm["sampled_blocks"], lo, hi)
+    timings["normalize"] = time.perf_counter() - t
 
     # ---- backend (once per rank) -------------------------------------------------
     t = time.perf_counter()
@@ -815,7 +914,9 @@ def _build_backend(cfg, plan, comm):
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(binding.local_size, 1))
     eval_kwargs = dict(plan.eval_kwargs)
     if plan.normalization is not None:
-        eval_kwargs["normalize"] = plan.normalization
+        eval_kwargs["normalize"] = plan.normalization["normalize"]
+    elif cfg.normalize == "none":
+        eval_kwargs["normalize"] = False
     return make_backend("cellpose", model_kwargs=cfg.model_kwargs, eval_kwargs=eval_kwargs,
                         resolved=plan.resolved_model, device=binding.device, threads=threads, ndim=ndim)
 

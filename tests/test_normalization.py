@@ -1,0 +1,55 @@
+"""Global intensity normalisation: percentiles sampled over the whole volume, same on any rank count."""
+import numpy as np
+import pytest
+
+from mpicellpose import comm as mpi
+from mpicellpose import driver
+from mpicellpose.config import RunConfig
+from mpicellpose.errors import InputError
+
+
+def plan_for(img, cfg, blocksize=16, kept=None):
+    g = driver.geo.BlockGrid(img.shape, blocksize, 4)
+    kept = list(range(len(g))) if kept is None else kept
+    return driver.Plan(img.shape, g.blocksize, g.overlap, None, kept, [], [kept], "iou", 1, "/tmp", {}, "x", 2,
+                       None, dict(cfg.eval_kwargs))
+
+
+def gradient_volume():
+    z = np.linspace(1.0, 5.0, 48)[:, None, None]
+    rng = np.random.default_rng(0)
+    return (rng.random((48, 40, 40)) * 100 * z).astype(np.float32)
+
+
+def test_global_percentiles_match_whole_volume():
+    img = gradient_volume()
+    cfg = RunConfig(input=img, output="/tmp/x.zarr")
+    norm = driver.global_normalization(cfg, plan_for(img, cfg), img, mpi.SelfComm())
+    lo, hi = norm["normalize"]["lowhigh"]
+    want_lo, want_hi = np.percentile(img, [1, 99])
+    assert abs(lo - want_lo) / want_hi < 0.02 and abs(hi - want_hi) / want_hi < 0.02
+    assert norm["percentile"] == [1.0, 99.0] and norm["sampled_voxels"] > 1000
+
+
+def test_mask_and_options_honoured():
+    img = gradient_volume()
+    mask = np.zeros((6, 5, 5), bool)
+    mask[:3] = True  # only the dim half of the volume
+    cfg = RunConfig(input=img, output="/tmp/x.zarr", mask=mask)
+    norm = driver.global_normalization(cfg, plan_for(img, cfg), img, mpi.SelfComm())
+    assert norm["normalize"]["lowhigh"][1] < np.percentile(img[24:], 99) * 0.8
+    for kw in ({"normalize": "block"}, {"normalize": "none"}, {"eval_kwargs": {"normalize": {"lowhigh": [0, 1]}}},
+               {"backend": "threshold"}):
+        cfg = RunConfig(input=img, output="/tmp/x.zarr", **kw)
+        assert driver.global_normalization(cfg, plan_for(img, cfg), img, mpi.SelfComm()) is None
+    cfg = RunConfig(input=img, output="/tmp/x.zarr", eval_kwargs={"normalize": {"percentile": [5, 95], "norm3D": True}})
+    norm = driver.global_normalization(cfg, plan_for(img, cfg), img, mpi.SelfComm())
+    assert norm["percentile"] == [5, 95] and norm["normalize"]["norm3D"] is True
+
+
+def test_nan_found_before_any_block():
+    img = gradient_volume()
+    img[::7, ::7, ::7] = np.nan
+    cfg = RunConfig(input=img, output="/tmp/x.zarr")
+    with pytest.raises(InputError, match="NaN/inf values"):
+        driver.global_normalization(cfg, plan_for(img, cfg), img, mpi.SelfComm())
