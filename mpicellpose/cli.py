@@ -14,8 +14,10 @@ import sys
 # module name (inside the package) for each subcommand group, in --help order
 _SUBCOMMAND_MODULES = (
     "mpicellpose.cli_segment",
-    "mpicellpose.batch",
+    "mpicellpose.demo",
+    "mpicellpose.preview",
     "mpicellpose.info",
+    "mpicellpose.batch",
 )
 
 

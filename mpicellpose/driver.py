@@ -881,7 +881,8 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
             stitched = int(np.count_nonzero(table["n_blocks"] > 1))
             summary = {"n_objects": n_objects, "n_provisional": total, "n_merged_away": int(away.size),
                        "n_edges": n_edges, "n_stitched_objects": stitched, "dtype": str(dtype),
-                       "timings": {k: round(v, 3) for k, v in timings.items()}}
+                       "timings": {k: round(v, 3) for k, v in timings.items()},
+                       "normalization": plan.normalization}
             _finish_output(cfg, plan, summary)
             if not cfg.keep_work:
                 mio.remove_path(plan.work_dir)
