@@ -302,7 +302,7 @@ class CellposeSegmenter(Segmenter):
             ek["channel_axis"] = image.ndim - 1
         if ndim == 3:
             ek["z_axis"] = 0
-        out = self.model.eval(image, **ek)
+        out = self._eval_with_retry(image, ek)
         masks = out[0] if isinstance(out, (tuple, list)) else out
         masks = np.asarray(masks)
         spatial = image.shape[:ndim]
@@ -310,9 +310,41 @@ class CellposeSegmenter(Segmenter):
             raise BackendError(f"Cellpose returned labels of shape {masks.shape} for a block of shape {spatial}")
         return masks
 
+    def _eval_with_retry(self, image, ek):
+        """Run eval; on a GPU out-of-memory error retry with half the batch size (down to 1).
+
+        The batch size only changes how many tiles go through the network at once, not the
+        result, so a retry gives the labels the first attempt would have given.
+        """
+        batch = int(ek.get("batch_size", 8))
+        while True:
+            try:
+                return self.model.eval(image, **dict(ek, batch_size=batch))
+            except Exception as exc:
+                if not is_out_of_memory(exc) or batch <= 1:
+                    raise
+                batch = max(1, batch // 2)
+                log.warning("out of memory on a block of shape %s; retrying with batch_size=%d", image.shape, batch)
+                _empty_cache()
+
     def describe(self):
         ek = {k: v for k, v in self.eval_kwargs.items() if k not in _MANAGED_EVAL}
         return {"backend": self.name, "cellpose": self.version, "model": self.resolved, "eval_kwargs": ek}
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for torch's CUDA/MPS out-of-memory errors (by type name or message)."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def _empty_cache():
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - best effort
+        pass
 
 
 def _short(d):

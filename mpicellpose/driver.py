@@ -918,8 +918,11 @@ def _build_backend(cfg, plan, comm):
         eval_kwargs["normalize"] = plan.normalization["normalize"]
     elif cfg.normalize == "none":
         eval_kwargs["normalize"] = False
-    return make_backend("cellpose", model_kwargs=cfg.model_kwargs, eval_kwargs=eval_kwargs,
-                        resolved=plan.resolved_model, device=binding.device, threads=threads, ndim=ndim)
+    backend = make_backend("cellpose", model_kwargs=cfg.model_kwargs, eval_kwargs=eval_kwargs,
+                           resolved=plan.resolved_model, device=binding.device, threads=threads, ndim=ndim)
+    if backend.ignored and comm.Get_rank() == 0:
+        log.warning("Cellpose %s ignores these arguments: %s", backend.version, ", ".join(backend.ignored))
+    return backend
 
 
 def _prepare_output(cfg, plan, dtype):
