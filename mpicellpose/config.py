@@ -46,6 +46,7 @@ class RunConfig:
     device: str | None = None
     threads: int | None = None
     log_dir: str | None = None
+    voxel_size: tuple | None = None
 
     def __post_init__(self):
         if isinstance(self.backend, str):
@@ -64,6 +65,14 @@ class RunConfig:
             raise ConfigError(f"iou_depth must be >= 1, got {self.iou_depth}")
         if self.zarr_format not in (None, 2, 3):
             raise ConfigError(f"zarr_format must be 2 or 3, got {self.zarr_format}")
+        if self.voxel_size is not None:
+            try:
+                vs = tuple(float(v) for v in self.voxel_size)
+            except (TypeError, ValueError):
+                raise ConfigError(f"voxel_size must be numbers, got {self.voxel_size!r}") from None
+            if not all(v > 0 and math.isfinite(v) for v in vs):
+                raise ConfigError(f"voxel_size must be positive, got {vs}")
+            object.__setattr__(self, "voxel_size", vs)
         if self.threads is not None and int(self.threads) < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         for name in ("model_kwargs", "eval_kwargs", "backend_kwargs"):

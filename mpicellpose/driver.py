@@ -254,6 +254,9 @@ def make_plan(cfg: RunConfig, src, n_ranks: int) -> Plan:
         if diameter is None:
             diameter = 16.0 if resolved.get("name") == "demo" else DEFAULT_DIAMETER
         eval_kwargs["diameter"] = diameter
+    if cfg.voxel_size is not None and len(cfg.voxel_size) != ndim:
+        raise ConfigError(f"voxel_size has {len(cfg.voxel_size)} values {cfg.voxel_size} but the volume has "
+                          f"{ndim} spatial axes")
     overlap = _default_overlap(cfg, ndim, diameter or DEFAULT_DIAMETER)
     rule = cfg.stitch_rule
     conn = cfg.backend_kwargs.get("connectivity", 1)
@@ -841,7 +844,7 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
             rec = records[b]
             if counts[b]:
                 pieces.append((lut[1:].astype(np.int64), rec["count"], rec["bbox_min"], rec["bbox_max"],
-                               rec["coord_sum"]))
+                               rec["coord_sum"], np.full(int(counts[b]), b, np.int64)))
             if box.poll() or stop:
                 break
     except Exception as exc:
@@ -849,46 +852,24 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
     box.agree(err, interrupted=bool(stop), where="relabelling")
     timings["relabel"] = time.perf_counter() - t
 
-    # ---- table ---------------------------------------------------------------------
+    # ---- table (every rank writes the rows of its ID range) --------------------------
     t = time.perf_counter()
-    nd = len(plan.shape)
-    if pieces:
-        ids = np.concatenate([p[0] for p in pieces])
-        cols = [np.concatenate([p[i] for p in pieces]) for i in range(1, 5)]
-    else:
-        ids = np.zeros(0, np.int64)
-        cols = [np.zeros(0, np.int64), np.zeros((0, nd), np.int64), np.zeros((0, nd), np.int64),
-                np.zeros((0, nd), np.float64)]
-    # route every piece to the rank owning its ID range, reduce there, gather at rank 0
-    dest = np.minimum((ids - 1) * size // max(n_objects, 1), size - 1) if ids.size else ids
-    per_dest = []
-    for r in range(size):
-        m = dest == r
-        per_dest.append((ids[m], *(c[m] for c in cols)))
-    got = mpi.alltoall_objects(comm, per_dest)
-    part = st.reduce_pieces(np.concatenate([g[0] for g in got]), *(np.concatenate([g[i] for g in got]) for i in range(1, 5)))
-    parts = comm.gather(part, root=0)
+    summary = _table_phase(cfg, plan, comm, box, pieces, n_objects, ctx.paths)
+    timings["table"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
     err = None
-    summary = None
     if rank == 0:
         try:
-            table = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            if table["id"].size != n_objects or (n_objects and not np.array_equal(table["id"], np.arange(1, n_objects + 1))):
-                raise RuntimeError(f"object table has {table['id'].size} rows for {n_objects} objects")
-            _write_table(cfg, plan, table)
-            timings["table"] = time.perf_counter() - t
-            timings["total"] = time.perf_counter() - t0
-            stitched = int(np.count_nonzero(table["n_blocks"] > 1))
-            summary = {"n_objects": n_objects, "n_provisional": total, "n_merged_away": int(away.size),
-                       "n_edges": n_edges, "n_stitched_objects": stitched, "dtype": str(dtype),
-                       "timings": {k: round(v, 3) for k, v in timings.items()},
-                       "normalization": plan.normalization}
+            summary.update({"n_objects": n_objects, "n_provisional": total, "n_merged_away": int(away.size),
+                            "n_edges": n_edges, "dtype": str(dtype), "ranks": size,
+                            "timings": {k: round(v, 3) for k, v in timings.items()},
+                            "normalization": plan.normalization})
             _finish_output(cfg, plan, summary)
             if not cfg.keep_work:
                 mio.remove_path(plan.work_dir)
         except Exception as exc:
             err = exc
-    box.agree(err, where="writing the object table")
+    box.agree(err, where="finishing the output")
     summary = comm.bcast(summary, root=0)
     reused_total = comm.allreduce(reused) if size > 1 else reused
     if rank == 0:
@@ -901,6 +882,63 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
     boxes = Boxes(np.load(boxes_path(cfg.output), mmap_mode="r"))
     return RunResult(labels, boxes, n_objects, int(away.size), summary["timings"], table_path(cfg.output),
                      len(plan.done) + reused_total, summary)
+
+
+def _table_phase(cfg, plan, comm, box, pieces, n_objects, paths) -> dict:
+    """Route object pieces to the rank owning their ID range, reduce, write rows in parallel."""
+    from . import table as tbl
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    nd = len(plan.shape)
+    if pieces:
+        cols = [np.concatenate([p[i] for p in pieces]) for i in range(6)]
+    else:
+        cols = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, nd), np.int64),
+                np.zeros((0, nd), np.int64), np.zeros((0, nd), np.float64), np.zeros(0, np.int64)]
+    dest = tbl.owner_of(cols[0], size, n_objects)
+    got = mpi.alltoall_objects(comm, [tuple(c[dest == r] for c in cols) for r in range(size)])
+    part = st.reduce_pieces(*(np.concatenate([g[i] for g in got]) for i in range(6)))
+    lo, hi = tbl.id_range(rank, size, n_objects)
+    csv_final, bpath = table_path(cfg.output), boxes_path(cfg.output)
+    pq_dir = tbl.parquet_dir(csv_final) if tbl.have_parquet() else None
+    parts_dir = Path(plan.work_dir) / "table"
+    err = None
+    if rank == 0:
+        try:
+            if parts_dir.exists():
+                mio.remove_path(parts_dir)
+            parts_dir.mkdir(parents=True)
+            if pq_dir is not None:
+                if pq_dir.exists():
+                    mio.remove_path(pq_dir)
+                pq_dir.mkdir(parents=True)
+            tbl.create_boxes_file(bpath, n_objects, nd)
+        except Exception as exc:
+            err = exc
+    box.agree(err, where="preparing the object table")
+    err = None
+    try:
+        if not np.array_equal(part["id"], np.arange(lo, hi)):
+            raise RuntimeError(f"object table rows {part['id'][:5]}... do not cover IDs {lo}..{hi - 1}")
+        c = tbl.columns(part, cfg.voxel_size)
+        tbl.write_csv_part(parts_dir / f"part-{rank:05d}.csv", c)
+        if pq_dir is not None and part["id"].size:
+            tbl.write_parquet_part(pq_dir / f"part-{rank:05d}.parquet", c)
+        tbl.write_boxes_rows(bpath, lo, part)
+    except Exception as exc:
+        err = exc
+    box.agree(err, where="writing the object table")
+    stitched = comm.allreduce(int(np.count_nonzero(part["n_blocks"] > 1))) if size > 1 else \
+        int(np.count_nonzero(part["n_blocks"] > 1))
+    err = None
+    if rank == 0:
+        try:
+            tbl.concat_csv(csv_final, [parts_dir / f"part-{r:05d}.csv" for r in range(size)], nd)
+        except Exception as exc:
+            err = exc
+    box.agree(err, where="writing the object table")
+    return {"n_stitched_objects": stitched, "table": csv_final,
+            "table_parquet": str(pq_dir) if pq_dir is not None else None}
 
 
 def _build_backend(cfg, plan, comm):
@@ -943,32 +981,25 @@ def _prepare_output(cfg, plan, dtype):
     mio.create_array(out, plan.shape, plan.blocksize, dtype, zarr_format=plan.zarr_format, attrs=attrs)
 
 
-def _write_table(cfg, plan, table):
-    nd = len(plan.shape)
-    axes = "zyx"[-nd:] if nd <= 3 else [f"a{i}" for i in range(nd)]
-    n = table["id"].size
-    boxes = np.stack([table["bbox_min"], table["bbox_max"]], axis=-1) if n else np.zeros((0, nd, 2), np.int64)
-    np.save(boxes_path(cfg.output), boxes)
-    cent = table["coord_sum"] / np.maximum(table["count"], 1)[:, None] if n else np.zeros((0, nd))
-    header = (["id", "voxels"] + [f"{a}_min" for a in axes] + [f"{a}_max" for a in axes]
-              + [f"centroid_{a}" for a in axes] + ["n_blocks", "stitched"])
-    path = table_path(cfg.output)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(",".join(header) + "\n")
-        if n:
-            ints = np.column_stack([table["id"], table["count"], table["bbox_min"], table["bbox_max"]])
-            step = 1 << 18
-            for s in range(0, n, step):
-                e = min(n, s + step)
-                lines = []
-                istr = ints[s:e].astype(str)
-                cstr = np.char.mod("%.3f", cent[s:e])
-                nb = table["n_blocks"][s:e]
-                for i in range(e - s):
-                    lines.append(",".join(istr[i]) + "," + ",".join(cstr[i]) + f",{nb[i]},{int(nb[i] > 1)}")
-                f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+def provenance(cfg, plan, summary) -> dict:
+    """Everything needed to know how an output was made (stored in its attributes)."""
+    import platform
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "mpicellpose": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+        "numpy": v("numpy"), "zarr": v("zarr"), "cellpose": v("cellpose") if cfg.backend == "cellpose" else None,
+        "torch": v("torch") if cfg.backend == "cellpose" else None, "mpi4py": v("mpi4py"),
+        "model": plan.resolved_model, "config": json.loads(json.dumps(cfg.to_dict(), default=mio._json_default)),
+        "eval_kwargs_used": plan.eval_kwargs, "ranks": summary.get("ranks"),
+    }
 
 
 def _finish_output(cfg, plan, summary):
@@ -976,6 +1007,11 @@ def _finish_output(cfg, plan, summary):
     meta = dict(arr.attrs.get("mpicellpose", {}))
     meta.update({
         "run_id": plan.run_id, "complete": True, "version": __version__,
+        "provenance": provenance(cfg, plan, summary),
+        "voxel_size": list(cfg.voxel_size) if cfg.voxel_size else None,
+        "voxel_unit": "micrometer" if cfg.voxel_size else "voxel",
+        "table_parquet": os.path.basename(summary["table_parquet"]) if summary.get("table_parquet") else None,
+        "n_stitched_objects": summary.get("n_stitched_objects"),
         "n_objects": summary["n_objects"], "blocksize": list(plan.blocksize), "overlap": list(plan.overlap),
         "stitch": plan.rule, "fingerprint": plan.fingerprint, "timings": summary["timings"],
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),

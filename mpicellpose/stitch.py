@@ -281,24 +281,29 @@ def label_dtype(n_objects: int):
 TABLE_FIELDS = ("id", "count", "bbox_min", "bbox_max", "coord_sum", "n_blocks")
 
 
-def reduce_pieces(ids: np.ndarray, count, bbox_min, bbox_max, coord_sum) -> dict:
+def reduce_pieces(ids: np.ndarray, count, bbox_min, bbox_max, coord_sum, block=None) -> dict:
     """Combine per-block pieces of objects by final ID (sort based, O(K log K)).
 
     Returns a dict with ``id`` (sorted unique), ``count``, ``bbox_min``, ``bbox_max``,
-    ``coord_sum`` and ``n_blocks`` (pieces per object; > 1 means stitched).
+    ``coord_sum`` and ``n_blocks`` (pieces per object; > 1 means stitched).  With
+    ``block`` (the block of each piece) also ``block_sorted`` and ``block_start``: the
+    blocks of object i are ``block_sorted[block_start[i]:block_start[i + 1]]``.
     """
     ids = np.asarray(ids, dtype=np.int64)
     d = np.asarray(bbox_min).shape[1] if np.asarray(bbox_min).ndim == 2 else 0
     if ids.size == 0:
-        return {
+        out = {
             "id": np.zeros(0, np.int64), "count": np.zeros(0, np.int64),
             "bbox_min": np.zeros((0, d), np.int64), "bbox_max": np.zeros((0, d), np.int64),
             "coord_sum": np.zeros((0, d), np.float64), "n_blocks": np.zeros(0, np.int64),
         }
+        if block is not None:
+            out["block_sorted"], out["block_start"] = np.zeros(0, np.int64), np.zeros(1, np.int64)
+        return out
     order = np.argsort(ids, kind="stable")
     s = ids[order]
     start = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    return {
+    out = {
         "id": s[start],
         "count": np.add.reduceat(np.asarray(count, np.int64)[order], start),
         "bbox_min": np.minimum.reduceat(np.asarray(bbox_min, np.int64)[order], start, axis=0),
@@ -306,3 +311,7 @@ def reduce_pieces(ids: np.ndarray, count, bbox_min, bbox_max, coord_sum) -> dict
         "coord_sum": np.add.reduceat(np.asarray(coord_sum, np.float64)[order], start, axis=0),
         "n_blocks": np.diff(np.r_[start, s.size]),
     }
+    if block is not None:
+        out["block_sorted"] = np.asarray(block, np.int64)[order]
+        out["block_start"] = np.r_[start, s.size].astype(np.int64)
+    return out

@@ -1,0 +1,154 @@
+"""The object table: one row per object, written in parallel.
+
+Every rank owns a contiguous range of final IDs (:func:`id_range`), reduces the pieces of
+its objects (sort based, see :func:`mpicellpose.stitch.reduce_pieces`) and writes its rows:
+a CSV part (concatenated by rank 0), a Parquet part (a multi-file dataset, when pyarrow
+is installed) and its rows of the (N, D, 2) boxes array.  Nothing is quadratic and no rank
+holds the whole table.
+
+Columns: ``id, voxels, <axis>_min..., <axis>_max... (exclusive), centroid_<axis>...
+(voxels), centroid_<axis>_phys... (physical units), n_blocks, stitched, blocks``
+(``blocks``: linear indices of the blocks the object spans, ``;``-separated).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+
+def id_range(rank: int, size: int, n: int):
+    """Final IDs ``[lo, hi)`` owned by ``rank`` (pieces go to ``(id - 1) * size // n``).
+
+    Examples
+    --------
+    >>> [id_range(r, 3, 10) for r in range(3)]
+    [(1, 5), (5, 8), (8, 11)]
+    """
+    lo = -(-rank * n // size) + 1
+    hi = -(-(rank + 1) * n // size) + 1
+    return lo, hi
+
+
+def owner_of(ids: np.ndarray, size: int, n: int) -> np.ndarray:
+    """Rank owning each final ID (consistent with :func:`id_range`)."""
+    return np.minimum((np.asarray(ids, np.int64) - 1) * size // max(n, 1), size - 1)
+
+
+def axis_names(ndim: int):
+    return list("zyx"[-ndim:]) if ndim <= 3 else [f"a{i}" for i in range(ndim)]
+
+
+def header(ndim: int) -> list:
+    ax = axis_names(ndim)
+    return (["id", "voxels"] + [f"{a}_min" for a in ax] + [f"{a}_max" for a in ax]
+            + [f"centroid_{a}" for a in ax] + [f"centroid_{a}_phys" for a in ax] + ["n_blocks", "stitched", "blocks"])
+
+
+def columns(part: dict, voxel_size) -> dict:
+    """Named columns of a reduced partition (numpy arrays; ``blocks`` as strings)."""
+    n, nd = part["bbox_min"].shape if part["bbox_min"].ndim == 2 else (0, 0)
+    ax = axis_names(nd)
+    vs = np.ones(nd) if voxel_size is None else np.asarray(voxel_size, np.float64)
+    cent = part["coord_sum"] / np.maximum(part["count"], 1)[:, None] if n else np.zeros((0, nd))
+    cols = {"id": part["id"], "voxels": part["count"]}
+    for k, a in enumerate(ax):
+        cols[f"{a}_min"] = part["bbox_min"][:, k]
+    for k, a in enumerate(ax):
+        cols[f"{a}_max"] = part["bbox_max"][:, k]
+    for k, a in enumerate(ax):
+        cols[f"centroid_{a}"] = cent[:, k]
+    for k, a in enumerate(ax):
+        cols[f"centroid_{a}_phys"] = cent[:, k] * vs[k]
+    cols["n_blocks"] = part["n_blocks"]
+    cols["stitched"] = (part["n_blocks"] > 1).astype(np.int8)
+    cols["blocks"] = blocks_strings(part)
+    return cols
+
+
+def blocks_strings(part: dict) -> np.ndarray:
+    """``;``-joined block indices per object (vectorised for the common one-block case)."""
+    n = part["id"].size
+    blk, start = part.get("block_sorted"), part.get("block_start")
+    if blk is None or n == 0:
+        return np.array([""] * n, dtype=object)
+    out = blk[start[:-1]].astype(str).astype(object)
+    for i in np.flatnonzero(np.diff(start) > 1):
+        out[i] = ";".join(str(b) for b in np.unique(blk[start[i]:start[i + 1]]))
+    return out
+
+
+def format_csv(cols: dict) -> str:
+    """CSV lines (no header) of a partition."""
+    n = cols["id"].size
+    if n == 0:
+        return ""
+    parts = []
+    for name, v in cols.items():
+        if name == "blocks":
+            parts.append(np.asarray(v, dtype=str))
+        elif np.asarray(v).dtype.kind == "f":
+            parts.append(np.char.mod("%.3f", v))
+        else:
+            parts.append(np.asarray(v).astype(str))
+    lines = parts[0].astype(object)
+    for p in parts[1:]:
+        lines = lines + "," + p.astype(object)
+    return "\n".join(lines.tolist()) + "\n"
+
+
+def write_csv_part(path, cols: dict) -> None:
+    with open(path, "w") as f:
+        f.write(format_csv(cols))
+
+
+def concat_csv(final_path, parts, ndim: int) -> None:
+    """Rank 0: header + the parts in rank order, written atomically."""
+    tmp = str(final_path) + ".tmp"
+    with open(tmp, "w") as out:
+        out.write(",".join(header(ndim)) + "\n")
+        for p in parts:
+            with open(p) as f:
+                shutil.copyfileobj(f, out, 1 << 22)
+    os.replace(tmp, final_path)
+
+
+def have_parquet() -> bool:
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_parquet_part(path, cols: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({k: (pa.array(list(v), pa.string()) if k == "blocks" else pa.array(np.asarray(v)))
+                      for k, v in cols.items()})
+    pq.write_table(table, path)
+
+
+def create_boxes_file(path, n: int, ndim: int):
+    """Rank 0: an (n, ndim, 2) int64 .npy every rank then fills at its rows."""
+    arr = np.lib.format.open_memmap(str(path), mode="w+", dtype=np.int64, shape=(n, ndim, 2))
+    del arr
+
+
+def write_boxes_rows(path, lo: int, part: dict) -> None:
+    n = part["id"].size
+    if n == 0:
+        return
+    arr = np.load(str(path), mmap_mode="r+")
+    arr[lo - 1: lo - 1 + n, :, 0] = part["bbox_min"]
+    arr[lo - 1: lo - 1 + n, :, 1] = part["bbox_max"]
+    arr.flush()
+    del arr
+
+
+def parquet_dir(csv_path) -> Path:
+    return Path(str(csv_path)[: -len(".csv")] + ".parquet")
