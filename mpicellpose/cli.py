@@ -14,6 +14,7 @@ import sys
 # module name (inside the package) for each subcommand group, in --help order
 _SUBCOMMAND_MODULES = (
     "mpicellpose.cli_segment",
+    "mpicellpose.cli_plan",
     "mpicellpose.demo",
     "mpicellpose.preview",
     "mpicellpose.info",

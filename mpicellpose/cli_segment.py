@@ -35,52 +35,64 @@ def _connectivity(text):
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by every subcommand that runs the pipeline."""
+    """Options shared by every subcommand that runs the pipeline.
+
+    Defaults are not set here (``argparse.SUPPRESS``): only options given on the command
+    line reach the configuration, over a ``--config`` file, over RunConfig's defaults.
+    """
     g = p.add_argument_group("blocks")
-    g.add_argument("--blocksize", default="128", metavar="N|Z,Y,X",
+    g.add_argument("--blocksize", default=argparse.SUPPRESS, metavar="N|Z,Y,X",
                    help="block (= output chunk) size per spatial axis (default 128)")
-    g.add_argument("--overlap", default=None, metavar="N|Z,Y,X",
+    g.add_argument("--overlap", default=argparse.SUPPRESS, metavar="N|Z,Y,X",
                    help="voxels added on each side of a block for context (default: 2 x diameter for cellpose, "
                         "z divided by anisotropy; 0 for threshold)")
-    g.add_argument("--mask", default=None, metavar="PATH",
+    g.add_argument("--mask", default=argparse.SUPPRESS, metavar="PATH",
                    help="zarr foreground mask at the same or lower resolution; blocks without foreground are skipped")
     g = p.add_argument_group("segmentation")
-    g.add_argument("--backend", choices=("cellpose", "threshold"), default="cellpose",
+    g.add_argument("--backend", choices=("cellpose", "threshold"), default=argparse.SUPPRESS,
                    help="cellpose network (default) or connected components of image > threshold")
-    g.add_argument("--model", default=None, metavar="NAME|PATH",
+    g.add_argument("--model", default=argparse.SUPPRESS, metavar="NAME|PATH",
                    help="Cellpose model: 'demo' (shipped), a built-in name (cyto3, nuclei, cpsam, ...) or a weights file")
-    g.add_argument("--diameter", type=float, default=None,
+    g.add_argument("--diameter", type=float, default=argparse.SUPPRESS,
                    help="object diameter in voxels (default: the model's, 30 for built-ins)")
-    g.add_argument("--anisotropy", type=float, default=None, help="z voxel size / xy voxel size (3D)")
-    g.add_argument("--channel-axis", type=int, default=None, help="input axis holding channels (not spatial)")
-    g.add_argument("--eval-kwargs", type=_json_dict, default=None, metavar="JSON",
+    g.add_argument("--anisotropy", type=float, default=argparse.SUPPRESS, help="z voxel size / xy voxel size (3D)")
+    g.add_argument("--channel-axis", type=int, default=argparse.SUPPRESS, help="input axis holding channels (not spatial)")
+    g.add_argument("--eval-kwargs", type=_json_dict, default=argparse.SUPPRESS, metavar="JSON",
                    help="extra CellposeModel.eval arguments as JSON")
-    g.add_argument("--model-kwargs", type=_json_dict, default=None, metavar="JSON",
+    g.add_argument("--model-kwargs", type=_json_dict, default=argparse.SUPPRESS, metavar="JSON",
                    help="extra CellposeModel arguments as JSON")
-    g.add_argument("--normalize", choices=("global", "block", "none"), default="global",
+    g.add_argument("--normalize", choices=("global", "block", "none"), default=argparse.SUPPRESS,
                    help="intensity normalisation: percentiles over the whole volume (default), per block "
                         "(the reference's behaviour) or none")
-    g.add_argument("--threshold", type=float, default=None, help="threshold backend: foreground is image > T")
-    g.add_argument("--connectivity", type=_connectivity, default=1,
+    g.add_argument("--threshold", type=float, default=argparse.SUPPRESS, help="threshold backend: foreground is image > T")
+    g.add_argument("--connectivity", type=_connectivity, default=argparse.SUPPRESS,
                    help="threshold backend: 1 = faces (scipy.ndimage.label's default) ... 'full' = all neighbours")
     g = p.add_argument_group("stitching")
-    g.add_argument("--stitch", choices=("touch", "iou"), default=None,
+    g.add_argument("--stitch", choices=("touch", "iou"), default=argparse.SUPPRESS,
                    help="touch: labels touching across a face merge (exact for threshold); iou: labels matched "
                         "in the shared overlap (default for cellpose)")
-    g.add_argument("--iou-threshold", type=float, default=0.3, help="iou stitching: minimum IoU (default 0.3)")
-    g.add_argument("--iou-depth", type=int, default=8,
+    g.add_argument("--iou-threshold", type=float, default=argparse.SUPPRESS, help="iou stitching: minimum IoU (default 0.3)")
+    g.add_argument("--iou-depth", type=int, default=argparse.SUPPRESS,
                    help="iou stitching: voxels compared on each side of a face (default 8, at most the overlap)")
     g = p.add_argument_group("execution")
-    g.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:K")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads per rank (default cores / ranks per node)")
-    g.add_argument("--work-dir", default=None, help="scratch and resume state (default OUTPUT stem + .mpicellpose-work)")
-    g.add_argument("--keep-work", action="store_true", help="keep the work directory after success")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT not made by this run")
-    g.add_argument("--restart", action="store_true", help="discard the state of an earlier run and start over")
-    g.add_argument("--zarr-format", type=int, choices=(2, 3), default=None,
+    g.add_argument("--device", default=argparse.SUPPRESS, help="auto (default), cpu, cuda, cuda:K")
+    g.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="CPU threads per rank (default cores / ranks per node)")
+    g.add_argument("--work-dir", default=argparse.SUPPRESS, help="scratch and resume state (default OUTPUT stem + .mpicellpose-work)")
+    g.add_argument("--keep-work", action="store_true", default=argparse.SUPPRESS, help="keep the work directory after success")
+    g.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing OUTPUT not made by this run")
+    g.add_argument("--restart", action="store_true", default=argparse.SUPPRESS, help="discard the state of an earlier run and start over")
+    g.add_argument("--zarr-format", type=int, choices=(2, 3), default=argparse.SUPPRESS,
                    help="on-disk format of OUTPUT (default: the input's, else 2)")
-    g.add_argument("--log-dir", default=None, help="one log file per rank in this directory")
+    g.add_argument("--log-dir", default=argparse.SUPPRESS, help="one log file per rank in this directory")
     g.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    g.add_argument("--voxel-size", default=argparse.SUPPRESS, metavar="Z,Y,X",
+                   help="physical voxel size per axis (object table centroids in physical units)")
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="TOML (or YAML) file with any of these options (keys as the long option names with "
+                        "underscores, plus input/output, model_kwargs, eval_kwargs tables); flags override it")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as TOML and exit without running")
 
 
 def register(sub) -> None:
@@ -90,36 +102,39 @@ def register(sub) -> None:
                     "one label volume with IDs 1..N to OUTPUT, plus an object table (OUTPUT stem + .objects.csv). "
                     "Launch with mpirun/srun for several ranks; re-run the same command to resume.",
     )
-    p.add_argument("input", help="input zarr array (or group with --dataset)")
-    p.add_argument("output", help="zarr array to create with the labels")
-    p.add_argument("--dataset", default=None, help="array inside an input zarr group")
+    p.add_argument("input", nargs="?", default=argparse.SUPPRESS,
+                   help="input zarr array (or group with --dataset)")
+    p.add_argument("output", nargs="?", default=argparse.SUPPRESS, help="zarr array to create with the labels")
+    p.add_argument("--dataset", default=argparse.SUPPRESS, help="array inside an input zarr group")
     add_run_arguments(p)
     p.set_defaults(func=main)
 
 
-def config_from_args(args, **extra):
-    from .config import RunConfig
+_NOT_CONFIG = {"func", "command", "config", "print_config", "log_level"}
 
-    eval_kwargs = dict(args.eval_kwargs or {})
-    if args.diameter is not None:
-        eval_kwargs["diameter"] = args.diameter
-    if args.anisotropy is not None:
-        eval_kwargs["anisotropy"] = args.anisotropy
-    model_kwargs = dict(args.model_kwargs or {})
-    if args.model is not None:
-        model_kwargs["pretrained_model"] = args.model
-    backend_kwargs = {"connectivity": args.connectivity}
-    if args.threshold is not None:
-        backend_kwargs["threshold"] = args.threshold
-    elif args.backend == "threshold":
+
+def args_mapping(args) -> dict:
+    """The options the user gave on the command line, as configuration keys."""
+    d = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    if isinstance(d.get("voxel_size"), str):
+        try:
+            d["voxel_size"] = tuple(float(x) for x in d["voxel_size"].split(","))
+        except ValueError:
+            raise ConfigError(f"voxel_size must be numbers, got {d['voxel_size']!r}") from None
+    return d
+
+
+def config_from_args(args, **extra):
+    """RunConfig from ``--config FILE`` (if any) overridden by the flags given."""
+    from .config import from_mapping, load_file
+
+    mapping = load_file(args.config) if getattr(args, "config", None) else {}
+    mapping.update(args_mapping(args))
+    mapping.update(extra)
+    if mapping.get("backend", "cellpose") == "threshold" and "threshold" not in mapping and \
+            "threshold" not in (mapping.get("backend_kwargs") or {}):
         raise ConfigError("--backend threshold needs --threshold T")
-    return RunConfig(
-        input=args.input, output=args.output, dataset=getattr(args, "dataset", None), blocksize=args.blocksize,
-        overlap=args.overlap, channel_axis=args.channel_axis, mask=args.mask, backend=args.backend,
-        model_kwargs=model_kwargs, eval_kwargs=eval_kwargs, backend_kwargs=backend_kwargs, stitch=args.stitch,
-        iou_threshold=args.iou_threshold, iou_depth=args.iou_depth, normalize=args.normalize,
-        work_dir=args.work_dir, keep_work=args.keep_work, overwrite=args.overwrite, restart=args.restart,
-        zarr_format=args.zarr_format, device=args.device, threads=args.threads, log_dir=args.log_dir, **extra)
+    return from_mapping(mapping)
 
 
 def setup_logging(rank: int, level: str = "INFO", log_dir: str | None = None) -> None:
@@ -205,4 +220,13 @@ def _one_line(exc) -> str:
 
 
 def main(args) -> int:
+    if getattr(args, "print_config", False):
+        from .config import to_toml
+
+        try:
+            sys.stdout.write(to_toml(config_from_args(args)))
+        except (MpiCellposeError, ValueError) as exc:
+            sys.stderr.write(f"mpicellpose: error: {_one_line(exc)}\n")
+            return EXIT_ERROR
+        return 0
     return run_and_report(lambda: config_from_args(args), args)

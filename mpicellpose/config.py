@@ -142,3 +142,127 @@ class RunConfig:
 
 def _qualname(fn) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+# --------------------------------------------------------------------------- config files
+# convenience keys (as on the command line) that land inside the kwargs dicts
+_EVAL_KEYS = {"diameter": "diameter", "anisotropy": "anisotropy"}
+_BACKEND_KEYS = {"threshold": "threshold", "connectivity": "connectivity", "channel": "channel"}
+
+
+def field_names() -> list:
+    return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def from_mapping(d: dict) -> "RunConfig":
+    """Build a RunConfig from a flat mapping of RunConfig fields and command-line style
+    convenience keys (``model``, ``diameter``, ``anisotropy``, ``threshold``,
+    ``connectivity``, ``channel``).  The mapping is not modified.
+
+    Examples
+    --------
+    >>> cfg = from_mapping({"input": "in.zarr", "output": "out.zarr", "model": "demo", "diameter": 16})
+    >>> cfg.model_kwargs, cfg.eval_kwargs
+    ({'pretrained_model': 'demo'}, {'diameter': 16})
+    """
+    d = dict(d)
+    names = set(field_names())
+    unknown = sorted(set(d) - names - set(_EVAL_KEYS) - set(_BACKEND_KEYS) - {"model"})
+    if unknown:
+        raise ConfigError(
+            f"unknown configuration key(s) {unknown}; valid keys: "
+            f"{sorted(names | set(_EVAL_KEYS) | set(_BACKEND_KEYS) | {'model'})}"
+        )
+    mk = dict(d.pop("model_kwargs", None) or {})
+    ek = dict(d.pop("eval_kwargs", None) or {})
+    bk = dict(d.pop("backend_kwargs", None) or {})
+    if d.get("model") is not None:
+        mk["pretrained_model"] = d["model"]
+    d.pop("model", None)
+    for key, target in _EVAL_KEYS.items():
+        v = d.pop(key, None)
+        if v is not None:
+            ek[target] = v
+    for key, target in _BACKEND_KEYS.items():
+        v = d.pop(key, None)
+        if v is not None:
+            bk[target] = v
+    for name in ("blocksize", "overlap", "voxel_size"):
+        if isinstance(d.get(name), list):
+            d[name] = tuple(d[name])
+    if "input" not in d or "output" not in d:
+        missing = [k for k in ("input", "output") if k not in d]
+        raise ConfigError(f"configuration lacks {missing}: give them on the command line or in the file")
+    return RunConfig(model_kwargs=mk, eval_kwargs=ek, backend_kwargs=bk, **d)
+
+
+def load_file(path) -> dict:
+    """Read a run configuration from TOML (``.toml``) or YAML (``.yaml``/``.yml``)."""
+    import os
+
+    path = str(path)
+    if not os.path.exists(path):
+        raise ConfigError(f"configuration file {path!r} does not exist")
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError("YAML configuration files need PyYAML (pip install pyyaml); or use TOML") from None
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python < 3.11
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ConfigError("TOML configuration files need Python 3.11+ or 'pip install tomli'") from None
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {path!r} is not valid TOML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration file {path!r} must hold a table of options")
+    return data
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ConfigError(f"cannot write {v!r} to TOML")
+
+
+def to_toml(cfg: "RunConfig") -> str:
+    """The resolved configuration as TOML that :func:`load_file` reads back.
+
+    Values TOML cannot hold (None, in-memory arrays, functions) are left out or commented.
+    """
+    d = cfg.to_dict()
+    lines, tables = ["# mpicellpose run configuration"], []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            if v:
+                tables.append((k, v))
+            continue
+        if v is None or (k == "preprocessing_steps" and not v):
+            continue
+        if k == "preprocessing_steps" or (k in ("input", "mask") and str(v).startswith("<")):
+            lines.append(f"# {k} = {v!r}  (not expressible in a file)")
+            continue
+        lines.append(f"{k} = {_toml_value(v)}")
+    for name, table in tables:
+        lines.append("")
+        lines.append(f"[{name}]")
+        for k, v in table.items():
+            if v is None:
+                continue
+            lines.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"

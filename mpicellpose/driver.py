@@ -236,8 +236,11 @@ def fingerprint_diff(old: dict, new: dict, prefix="") -> list:
     return out
 
 
-def make_plan(cfg: RunConfig, src, n_ranks: int) -> Plan:
-    """Rank 0: validate everything, prepare the work directory, decide the block grid."""
+def make_plan(cfg: RunConfig, src, n_ranks: int, *, prepare: bool = True) -> Plan:
+    """Rank 0: validate everything, prepare the work directory, decide the block grid.
+
+    With ``prepare=False`` (the dry run of ``mpicellpose plan``) nothing is written.
+    """
     channel_axis = validate_input(src, cfg.channel_axis if cfg.channel_axis is not None
                                   else cfg.eval_kwargs.get("channel_axis"))
     shape = spatial_shape(src.shape, channel_axis)
@@ -282,8 +285,9 @@ def make_plan(cfg: RunConfig, src, n_ranks: int) -> Plan:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise InputError(f"output location {parent!r} is not a directory ({existing!r} is a file)")
-    mio.check_writable(existing)
-    os.makedirs(parent, exist_ok=True)
+    if prepare:
+        mio.check_writable(existing)
+        os.makedirs(parent, exist_ok=True)
     fmt = cfg.zarr_format or (mio.array_format(src) if hasattr(src, "metadata") else 2)
     if fmt == 3 and mio.zarr_major() < 3:
         fmt = 2
@@ -317,9 +321,11 @@ def make_plan(cfg: RunConfig, src, n_ranks: int) -> Plan:
             if not cfg.overwrite:
                 what = "was not made by mpicellpose" if marker is None else "was made by a run with another configuration"
                 raise OutputExistsError(f"output {cfg.output!r} exists and {what}; pass --overwrite (overwrite=True) to replace it")
+    ours = False
     if paths.run.exists():
         old = mio.read_json(paths.run)
-        if old.get("run_id") != run_id:
+        ours = old.get("run_id") == run_id
+        if not ours:
             if not cfg.restart:
                 diff = fingerprint_diff(old.get("fingerprint", {}), fingerprint)
                 raise ResumeMismatchError(
@@ -327,23 +333,25 @@ def make_plan(cfg: RunConfig, src, n_ranks: int) -> Plan:
                     + "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
                     + "); re-run with the original settings to resume, or pass --restart to start over"
                 )
+    elif work.exists() and (not work.is_dir() or any(work.iterdir())):
+        # never delete what we did not make, whatever the flags
+        raise InputError(f"work directory {str(work)!r} exists but holds no mpicellpose run; remove it or choose --work-dir")
+    if prepare:
+        if paths.run.exists() and (cfg.restart or not ours):
             mio.remove_path(work)
-    elif work.exists() and any(work.iterdir()):
-        if not cfg.restart and not cfg.overwrite:
-            raise InputError(f"work directory {str(work)!r} exists but holds no mpicellpose run; remove it or choose --work-dir")
-        mio.remove_path(work)
-    elif cfg.restart and work.exists():
-        mio.remove_path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    paths.blocks.mkdir(exist_ok=True)
-    paths.relabel.mkdir(exist_ok=True)
-    if not paths.run.exists():
-        mio.write_json(paths.run, {"run_id": run_id, "fingerprint": fingerprint,
-                                   "created": datetime.datetime.now().isoformat(timespec="seconds")})
-    if not paths.scratch.exists():
-        mio.create_array(paths.scratch, shape, blocksize, np.uint32, zarr_format=2)
-    done = [b for b in kept if paths.record(b).exists()]
-    todo = [b for b in kept if b not in set(done)]
+        work.mkdir(parents=True, exist_ok=True)
+        paths.blocks.mkdir(exist_ok=True)
+        paths.relabel.mkdir(exist_ok=True)
+        if not paths.run.exists():
+            mio.write_json(paths.run, {"run_id": run_id, "fingerprint": fingerprint,
+                                       "created": datetime.datetime.now().isoformat(timespec="seconds")})
+        if not paths.scratch.exists():
+            mio.create_array(paths.scratch, shape, blocksize, np.uint32, zarr_format=2)
+    elif cfg.restart:
+        ours = False
+    done = [b for b in kept if paths.record(b).exists()] if (prepare or ours) else []
+    done_set = set(done)
+    todo = [b for b in kept if b not in done_set]
     weights = [geo.box_size(grid.block(b).read) for b in todo]
     seg = geo.assign_contiguous(todo, weights, n_ranks)
     return Plan(shape, blocksize, overlap, channel_axis, kept, done, seg, rule, conn, str(work), fingerprint,
