@@ -119,7 +119,7 @@ def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, bloc
     channel_axis = driver.validate_input(src, channel_axis if channel_axis is not None else ek.pop("channel_axis", None))
     shape = driver.spatial_shape(src.shape, channel_axis)
     if overlap is None:
-        overlap = 0 if backend == "threshold" else int(np.ceil(2 * (ek.get("diameter") or DEFAULT_DIAMETER)))
+        overlap = int(np.ceil(2 * (ek.get("diameter") or DEFAULT_DIAMETER))) if backend == "cellpose" else 0
     grid = geo.BlockGrid(shape, blocksize, overlap)
     blk = grid.block(tuple(block_index))
     if crop is not None:

@@ -76,6 +76,26 @@ class ThresholdSegmenter(Segmenter):
                 "channel": self.channel}
 
 
+class LabelsSegmenter(Segmenter):
+    """The input already holds labels (e.g. per-block segmentations from another tool):
+    each block's labels are taken as they are, then stitched and renumbered like any other
+    backend's.  Also the no-inference path of the merge benchmarks.
+
+    Examples
+    --------
+    >>> LabelsSegmenter().segment(np.array([[0, 7], [7, 3]]), ndim=2).tolist()
+    [[0, 7], [7, 3]]
+    """
+
+    name = "labels"
+
+    def segment(self, image, ndim=None):
+        image = np.asarray(image)
+        if image.dtype.kind not in "iub":
+            raise BackendError(f"the labels backend needs an integer input, got {image.dtype}")
+        return image
+
+
 # --------------------------------------------------------------------------- cellpose
 def cellpose_version():
     """(major, full version string) of the installed cellpose, or (None, None)."""
@@ -364,11 +384,13 @@ def check_eval_kwargs(eval_kwargs: dict) -> None:
 
 def make_backend(name: str, *, model_kwargs=None, eval_kwargs=None, backend_kwargs=None, resolved=None,
                  device=None, threads=None, ndim=3) -> Segmenter:
-    """Build the backend called ``name`` ('cellpose' or 'threshold')."""
+    """Build the backend called ``name`` ('cellpose', 'threshold' or 'labels')."""
     bk = dict(backend_kwargs or {})
     if name == "threshold":
         return ThresholdSegmenter(bk.get("threshold", 0.0), bk.get("connectivity", 1), bk.get("channel", 0))
+    if name == "labels":
+        return LabelsSegmenter()
     if name == "cellpose":
         return CellposeSegmenter(model_kwargs, eval_kwargs, resolved=resolved, device=device, threads=threads,
                                  ndim=ndim)
-    raise ConfigError(f"unknown backend {name!r}; choose 'cellpose' or 'threshold'")
+    raise ConfigError(f"unknown backend {name!r}; choose 'cellpose', 'threshold' or 'labels'")

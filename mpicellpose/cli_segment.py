@@ -49,8 +49,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mask", default=argparse.SUPPRESS, metavar="PATH",
                    help="zarr foreground mask at the same or lower resolution; blocks without foreground are skipped")
     g = p.add_argument_group("segmentation")
-    g.add_argument("--backend", choices=("cellpose", "threshold"), default=argparse.SUPPRESS,
-                   help="cellpose network (default) or connected components of image > threshold")
+    g.add_argument("--backend", choices=("cellpose", "threshold", "labels"), default=argparse.SUPPRESS,
+                   help="cellpose network (default), connected components of image > threshold, or labels "
+                        "(the input already holds per-block labels: stitch and renumber them)")
     g.add_argument("--model", default=argparse.SUPPRESS, metavar="NAME|PATH",
                    help="Cellpose model: 'demo' (shipped), a built-in name (cyto3, nuclei, cpsam, ...) or a weights file")
     g.add_argument("--diameter", type=float, default=argparse.SUPPRESS,

@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-BACKENDS = ("cellpose", "threshold")
+BACKENDS = ("cellpose", "threshold", "labels")
 STITCH_RULES = ("touch", "iou")
 NORMALIZE = ("global", "block", "none")
 

@@ -1,9 +1,18 @@
 """Everything that touches files: opening inputs, creating zarr outputs (zarr-python 2.18
-and 3.x, on-disk formats v2 and v3), atomic small-file writes."""
+and 3.x, on-disk formats v2 and v3), atomic small-file writes.
+
+Inputs of every supported kind open through :func:`open_volume_spec`: zarr arrays and
+groups, OME-Zarr images (see :mod:`mpicellpose.ome`), HDF5 datasets
+(``file.h5:/path/to/dataset``), TIFF files and stacks, globs of TIFF tiles or slices
+and (with zarr-python 2) N5.  Nothing is read until the returned array is sliced.
+"""
 from __future__ import annotations
 
+import glob as _glob
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, InputNotFoundError, needs
+
+log = logging.getLogger(__name__)
 
 
 def _zarr():
@@ -82,19 +93,37 @@ def open_array(path, mode: str = "r"):
 
 
 def create_array(path, shape, chunks, dtype, *, zarr_format: int = 2, attrs: dict | None = None,
-                 overwrite: bool = False):
-    """Create a zarr array on disk (fill value 0) with zarr-python 2.18 or 3.x."""
+                 overwrite: bool = False, dimension_separator: str | None = None, dimension_names=None):
+    """Create a zarr array on disk (fill value 0) with zarr-python 2.18 or 3.x.
+
+    ``dimension_separator`` (v2 format) and ``dimension_names`` (v3 format) are what
+    OME-Zarr level arrays want (see :func:`mpicellpose.ome.array_options`); each is
+    ignored for the other format.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> a = create_array(os.path.join(tempfile.mkdtemp(), "a.zarr"), (5, 7), (4, 4), np.uint16)
+    >>> a.shape, a.chunks, int(a[4, 6])
+    ((5, 7), (4, 4), 0)
+    """
     zarr = _zarr()
     shape = tuple(int(s) for s in shape)
     chunks = tuple(int(min(c, s)) for c, s in zip(chunks, shape))
     mode = "w" if overwrite else "w-"
+    extra = {}
+    if zarr_format == 2 and dimension_separator is not None:
+        extra["dimension_separator"] = dimension_separator
     if zarr_major() >= 3:
+        if zarr_format == 3 and dimension_names is not None:
+            extra["dimension_names"] = tuple(str(n) for n in dimension_names)
         arr = zarr.open_array(str(path), mode=mode, shape=shape, chunks=chunks, dtype=dtype,
-                              fill_value=0, zarr_format=zarr_format)
+                              fill_value=0, zarr_format=zarr_format, **extra)
     else:
         if zarr_format != 2:
             raise InputError("zarr-python 2 can only write the v2 on-disk format; install zarr>=3 for v3")
-        arr = zarr.open_array(str(path), mode=mode, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+        arr = zarr.open_array(str(path), mode=mode, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+                              **extra)
     if attrs:
         arr.attrs.update(attrs)
     return arr
@@ -188,29 +217,416 @@ def numpy_array_to_zarr(write_path, array, chunks, *, zarr_format: int = 2, over
 
 
 def wrap_folder_of_tiffs(filename_pattern, block_index_pattern=r"_(Z)(\d+)(Y)(\d+)(X)(\d+)"):
-    """A virtual zarr array over a grid of TIFF tiles, without copying the data.
+    r"""A virtual zarr array over a grid of TIFF tiles, without copying the data.
 
     Uses tifffile's ``FileSequence`` zarr interface: files matching the glob
     ``filename_pattern`` are placed on a grid by the indices that ``block_index_pattern``
-    (a regular expression with axis-name / index group pairs) extracts from their names.
+    (a regular expression with axis-name / index group pairs) extracts from their names,
+    and the grid axes are tiled with the tiles' own axes (``axestiled``), as in the
+    reference.
 
     Returns
     -------
     zarr array (read-only) over all tiles, shape = grid shape * tile shape.
+
+    Examples
+    --------
+    >>> import tempfile, os, tifffile
+    >>> d = tempfile.mkdtemp()
+    >>> for y in range(2):
+    ...     for x in range(3):
+    ...         tifffile.imwrite(os.path.join(d, f"t_Y{y}X{x}.tif"), np.full((4, 5), 3 * y + x, np.uint8))
+    >>> a = wrap_folder_of_tiffs(os.path.join(d, "*.tif"), r"_(Y)(\d+)(X)(\d+)")
+    >>> a.shape, int(a[7, 14])
+    ((8, 15), 5)
     """
     try:
         import tifffile
     except ImportError:
         raise needs("tifffile") from None
-    import glob
 
-    files = sorted(glob.glob(str(filename_pattern)))
+    files = sorted(_glob.glob(str(filename_pattern)))
     if not files:
-        raise InputNotFoundError(f"no files match {filename_pattern!r}")
-    seq = tifffile.TiffSequence(files, pattern=block_index_pattern)
-    store = seq.aszarr()
+        raise InputNotFoundError(f"no files match {str(filename_pattern)!r}")
+    try:
+        seq = tifffile.TiffSequence(files, pattern=block_index_pattern)
+    except ValueError as exc:
+        raise InputError(f"TIFF tile names matching {str(filename_pattern)!r} do not follow the pattern "
+                         f"{block_index_pattern!r} ({exc}), e.g. {os.path.basename(files[0])!r}") from None
+    n_grid = len(seq.shape)
+    store = seq.aszarr(axestiled={i: i for i in range(n_grid)})
+    return _open_store(store)
+
+
+def _open_store(store):
     zarr = _zarr()
     try:
         return zarr.open(store, mode="r")
     except TypeError:
         return zarr.open_array(store, mode="r")
+
+
+# --------------------------------------------------------------------------- open_volume_spec
+HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".he5", ".nxs")
+TIFF_EXTENSIONS = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+_HDF5_SPEC = re.compile(r"^(?P<file>.+?\.(?:h5|hdf5|hdf|he5|nxs))(?::(?P<dataset>.*))?$", re.IGNORECASE)
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+DEFAULT_TILE_PATTERN = r"_(Z)(\d+)(Y)(\d+)(X)(\d+)"
+
+
+def _magic(path, n=8) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def parse_hdf5_spec(spec: str):
+    """Split ``file.h5:/path/to/dataset`` into ``(file, dataset or None)``; None if not HDF5.
+
+    Examples
+    --------
+    >>> parse_hdf5_spec("/d/vol.h5:/raw/ch0")
+    ('/d/vol.h5', '/raw/ch0')
+    >>> parse_hdf5_spec("vol.hdf5"), parse_hdf5_spec("vol.zarr")
+    (('vol.hdf5', None), None)
+    """
+    m = _HDF5_SPEC.match(str(spec))
+    if m is None:
+        return None
+    return m.group("file"), (m.group("dataset") or None)
+
+
+def input_kind(spec) -> str:
+    """What :func:`open_volume_spec` would treat ``spec`` as (no data is read).
+
+    One of ``"array"`` (an in-memory array-like), ``"ome-zarr"``, ``"zarr"``,
+    ``"hdf5"``, ``"tiff"``, ``"tiff-glob"``, ``"tiff-folder"``, ``"n5"``.
+
+    Examples
+    --------
+    >>> input_kind(np.zeros(3)), input_kind("scan.h5:/data"), input_kind("tiles/*.tif")
+    ('array', 'hdf5', 'tiff-glob')
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        return "array"
+    s = str(spec)
+    h5 = parse_hdf5_spec(s)
+    if h5 is not None and not os.path.isdir(h5[0]):
+        return "hdf5"
+    if not os.path.exists(s) and any(ch in s for ch in "*?["):
+        return "tiff-glob"
+    p = Path(s)
+    if p.is_dir():
+        if (p / "attributes.json").exists() and not is_zarr_path(p):
+            return "n5"
+        if s.rstrip("/").lower().endswith(".n5"):
+            return "n5"
+        if is_zarr_path(p) or s.rstrip("/").lower().endswith(".zarr"):
+            from . import ome
+
+            return "ome-zarr" if ome.is_ome_zarr(s) else "zarr"
+        if any(f.suffix.lower() in TIFF_EXTENSIONS for f in p.iterdir()):
+            return "tiff-folder"
+        return "unknown"
+    if s.lower().endswith(TIFF_EXTENSIONS):
+        return "tiff"
+    head = _magic(s)
+    if head.startswith(_HDF5_MAGIC):
+        return "hdf5"
+    if head[:4] in _TIFF_MAGICS:
+        return "tiff"
+    return "unknown"
+
+
+def open_volume_spec(spec, dataset: str | None = None, **ome_options):
+    """Open any supported input lazily; return a :class:`mpicellpose.ome.Volume`.
+
+    Parameters
+    ----------
+    spec : str, Path or array-like
+        * a zarr array, a zarr group (with ``dataset``), an OME-Zarr image group
+          (NGFF 0.4 / 0.5) or one of its levels;
+        * ``file.h5:/path/to/dataset`` (or ``file.h5`` with ``dataset``, or a file
+          holding a single dataset): an HDF5 dataset, kept open read-only;
+        * ``file.tif`` (also OME-TIFF / ImageJ hyperstacks, multi-page stacks as z);
+        * a glob such as ``"tiles/*.tif"``: tiles named ``..._Z0Y1X2.tif`` are placed on
+          their grid (see :func:`wrap_folder_of_tiffs`), other names are stacked in name
+          order as z slices; a folder of TIFF files is read like ``folder/*.tif``;
+        * an N5 container (only with zarr-python 2, which still reads N5);
+        * an array-like (numpy, zarr, h5py ...), wrapped as is.
+    dataset : str, optional
+        Array inside a zarr group or HDF5 file.
+    **ome_options
+        ``level``, ``channel``, ``timepoint`` (see :func:`mpicellpose.ome.open_volume`),
+        ``axes`` (names for an array without any) and ``tile_pattern`` (regular
+        expression for TIFF tile indices).
+
+    Returns
+    -------
+    Volume
+        ``array`` reads only what is sliced; ``axes``, ``channel_axis`` and
+        ``voxel_size`` (None when the file does not say) describe it.
+
+    Raises
+    ------
+    InputNotFoundError
+        The path does not exist / the glob matches nothing.
+    InputError
+        Unknown format, missing dataset (the message lists what exists), bad level /
+        channel / time point.
+
+    Examples
+    --------
+    >>> import tempfile, os, h5py
+    >>> f = os.path.join(tempfile.mkdtemp(), "vol.h5")
+    >>> with h5py.File(f, "w") as h:
+    ...     _ = h.create_dataset("raw/ch0", data=np.arange(24, dtype=np.uint8).reshape(2, 3, 4))
+    >>> with open_volume_spec(f + ":/raw/ch0") as vol:
+    ...     print(vol.kind, vol.shape, vol.axes, int(vol.array[1, 2, 3]))
+    hdf5 (2, 3, 4) ('z', 'y', 'x') 23
+    """
+    from . import ome
+
+    allowed = {"level", "channel", "timepoint", "axes", "tile_pattern"}
+    unknown = sorted(set(ome_options) - allowed)
+    if unknown:
+        raise InputError(f"unknown input option(s) {unknown}; valid: {sorted(allowed)}")
+    level = ome_options.get("level", 0)
+    channel = ome_options.get("channel")
+    timepoint = ome_options.get("timepoint")
+    axes = ome_options.get("axes")
+    sel = {"channel": channel, "timepoint": timepoint}
+    kind = input_kind(spec)
+    if kind == "array":
+        for attr in ("shape", "dtype", "__getitem__"):
+            if not hasattr(spec, attr):
+                raise InputError(f"input must be a path or an array-like with shape, dtype and slicing; "
+                                 f"got {type(spec).__name__} without {attr!r}")
+        return ome.make_volume(spec, axes, **sel, kind="array")
+    s = str(spec)
+    if kind == "hdf5":
+        return _open_hdf5(s, dataset, axes, sel)
+    if kind in ("tiff-glob", "tiff-folder"):
+        pattern = os.path.join(s, "*.tif*") if kind == "tiff-folder" else s
+        return _open_tiff_glob(pattern, ome_options.get("tile_pattern"), axes, sel)
+    if not os.path.exists(s):
+        raise InputNotFoundError(f"input {s!r} does not exist")
+    if kind == "tiff":
+        if dataset is not None:
+            raise InputError(f"dataset={dataset!r} does not apply to the TIFF file {s!r}")
+        return _open_tiff(s, axes, sel)
+    if kind == "n5":
+        return _open_n5(s, dataset, axes, sel)
+    if kind in ("zarr", "ome-zarr"):
+        vol = ome.open_volume(s, level, channel, timepoint, dataset=dataset)
+        if axes is not None and not vol.is_ome:
+            vol = ome.make_volume(vol.array, axes, **sel, zarr_format=vol.zarr_format, kind="zarr", source=s)
+        return vol
+    raise InputError(
+        f"cannot tell what kind of input {s!r} is: expected a zarr / OME-Zarr directory, an HDF5 file "
+        f"({', '.join(HDF5_EXTENSIONS)}; written file.h5:/dataset), a TIFF file ({', '.join(TIFF_EXTENSIONS)}), "
+        f"a glob of TIFF files ('tiles/*.tif') or an N5 container (.n5)"
+    )
+
+
+def _hdf5_datasets(h5file, limit=50) -> list:
+    found = []
+
+    def visit(name, obj):
+        if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+            found.append("/" + name + f" {tuple(obj.shape)} {obj.dtype}")
+        return None if len(found) < limit else True
+
+    h5file.visititems(visit)
+    return found
+
+
+def _open_hdf5(spec, dataset, axes, sel):
+    from . import ome
+
+    try:
+        import h5py
+    except ImportError:
+        raise needs("h5py", "all") from None
+    path, ds_name = parse_hdf5_spec(spec) or (spec, None)
+    if ds_name and dataset and ds_name.strip("/") != str(dataset).strip("/"):
+        raise InputError(f"input {spec!r} names dataset {ds_name!r} but dataset={dataset!r} was also given")
+    ds_name = ds_name or dataset
+    if not os.path.exists(path):
+        raise InputNotFoundError(f"input {path!r} does not exist")
+    try:  # read-only, without HDF5 file locks (they fail on some parallel file systems)
+        f = h5py.File(path, "r", locking=False)
+    except TypeError:  # h5py < 3.5
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"input {path!r} is not a readable HDF5 file: {exc}") from None
+    try:
+        if ds_name is None:
+            found = _hdf5_datasets(f)
+            if len(found) != 1:
+                raise InputError(f"HDF5 file {path!r} holds {len(found) or 'no'} datasets; name one as "
+                                 f"{path}:/path/to/dataset (or --dataset): {found}")
+            ds_name = found[0].split(" ")[0]
+        if ds_name not in f:
+            raise InputError(f"HDF5 file {path!r} has no dataset {ds_name!r}; datasets: {_hdf5_datasets(f)}")
+        ds = f[ds_name]
+        if not hasattr(ds, "dtype"):
+            raise InputError(f"{ds_name!r} in HDF5 file {path!r} is a group, not a dataset; datasets: "
+                             f"{_hdf5_datasets(ds)}")
+        if axes is None:
+            labels = [str(d.label) for d in ds.dims]
+            if all(labels) and len(set(labels)) == len(labels):
+                axes = tuple(_axis_name(a, i, labels) for i, a in enumerate(labels))
+        voxel = None
+        el = ds.attrs.get("element_size_um")
+        names = axes or ome.default_axes(ds.ndim)
+        spatial = [a for a in names if a not in ("c", "t")]
+        if el is not None and len(el) == len(spatial) and len(spatial) in (2, 3):
+            try:
+                voxel = ome.VoxelSize(tuple(spatial), tuple(float(v) for v in el), ("micrometer",) * len(spatial))
+            except InputError:
+                voxel = None
+        vol = ome.make_volume(ds, axes, **sel, voxel_size=voxel, kind="hdf5", source=f"{path}:{ds.name}",
+                              handle=f)
+    except BaseException:
+        f.close()
+        raise
+    return vol
+
+
+def _axis_name(label, i, labels) -> str:
+    m = {"z": "z", "y": "y", "x": "x", "c": "c", "t": "t", "channel": "c", "channels": "c", "time": "t"}
+    return m.get(str(label).strip().lower(), str(label))
+
+
+_TIFF_AXES = {"Z": "z", "Y": "y", "X": "x", "C": "c", "T": "t"}
+
+
+def _tiff_axes(letters: str, shape) -> tuple:
+    """Map tifffile's series axis letters to our names (unknown axes -> z or dim_i)."""
+    out = []
+    unknown = []
+    for i, ch in enumerate(letters):
+        if ch in _TIFF_AXES:
+            out.append(_TIFF_AXES[ch])
+        elif ch == "S" and i == len(letters) - 1 and shape[i] in (3, 4) and "C" not in letters:
+            out.append("c")  # RGB(A) samples
+        else:
+            out.append(None)
+            unknown.append(i)
+    if len(unknown) == 1 and "z" not in out:
+        out[unknown[0]] = "z"
+    else:
+        for i in unknown:
+            out[i] = f"dim_{i}"
+    return tuple(out)
+
+
+def _tiff_voxel(tf, axes):
+    """Voxel size from ImageJ metadata (spacing for z, resolution tags for y/x)."""
+    from . import ome
+
+    if not tf.is_imagej:
+        return None
+    meta = tf.imagej_metadata or {}
+    page = tf.pages[0]
+    try:
+        xr = page.tags["XResolution"].value
+        yr = page.tags["YResolution"].value
+        x = xr[1] / xr[0]
+        y = yr[1] / yr[0]
+    except (KeyError, ZeroDivisionError, TypeError, IndexError):
+        return None
+    unit = meta.get("unit")
+    spatial = [a for a in axes if a in ("z", "y", "x")]
+    sizes = {"x": x, "y": y, "z": float(meta.get("spacing", 1.0))}
+    try:
+        return ome.VoxelSize(tuple(spatial), tuple(sizes[a] for a in spatial),
+                             tuple([unit] * len(spatial)))
+    except InputError:
+        return None
+
+
+def _open_tiff(path, axes, sel):
+    from . import ome
+
+    try:
+        import tifffile
+    except ImportError:
+        raise needs("tifffile") from None
+    try:
+        with tifffile.TiffFile(path) as tf:
+            series = tf.series[0]
+            letters = series.axes
+            shape = tuple(series.shape)
+            voxel = None
+            if axes is None:
+                axes = _tiff_axes(letters, shape)
+                voxel = _tiff_voxel(tf, axes)
+        store = tifffile.imread(path, aszarr=True, series=0, level=0)
+    except (tifffile.TiffFileError, ValueError, IndexError) as exc:
+        raise InputError(f"input {path!r} is not a readable TIFF file: {exc}") from None
+    arr = _open_store(store)
+    if hasattr(arr, "array_keys"):  # a pyramidal TIFF gives a group of levels
+        arr = arr[sorted(arr.array_keys())[0]]
+    return ome.make_volume(arr, axes, **sel, voxel_size=voxel, kind="tiff", source=path)
+
+
+def _open_tiff_glob(pattern, tile_pattern, axes, sel):
+    from . import ome
+
+    try:
+        import tifffile
+    except ImportError:
+        raise needs("tifffile") from None
+    files = sorted(_glob.glob(pattern))
+    if not files:
+        raise InputNotFoundError(f"no files match {pattern!r}")
+    tp = tile_pattern or DEFAULT_TILE_PATTERN
+    if all(re.search(tp, os.path.basename(f)) for f in files):
+        arr = wrap_folder_of_tiffs(pattern, tp)
+        return ome.make_volume(arr, axes, **sel, kind="tiff-tiles", source=pattern)
+    if tile_pattern is not None:
+        bad = [os.path.basename(f) for f in files if not re.search(tp, os.path.basename(f))][:3]
+        raise InputError(f"TIFF files {bad} matching {pattern!r} do not follow the tile pattern {tp!r}")
+    # one file per z slice, in name order
+    seq = tifffile.TiffSequence(files, pattern=None)
+    try:
+        store = seq.aszarr()
+    except ValueError as exc:
+        raise InputError(f"TIFF files matching {pattern!r} cannot be stacked (all must have the same shape and "
+                         f"type): {exc}") from None
+    arr = _open_store(store)
+    nd = len(arr.shape)
+    if axes is None and nd == 3:
+        axes = ("z", "y", "x")
+    log.debug("stacked %d TIFF files as %s", len(files), tuple(arr.shape))
+    return ome.make_volume(arr, axes, **sel, kind="tiff-stack", source=pattern)
+
+
+def _open_n5(path, dataset, axes, sel):
+    from . import ome
+
+    if zarr_major() >= 3:
+        raise InputError(
+            f"input {path!r} is an N5 container; zarr-python {_zarr().__version__} cannot read N5 (support ended "
+            f"with zarr-python 3). Convert it once with zarr-python 2 installed (pip install 'zarr<3', then "
+            f"'mpicellpose convert {path} out.zarr --dataset NAME'), or use a zarr / HDF5 / TIFF copy"
+        )
+    zarr = _zarr()
+    try:  # pragma: no cover - zarr-python 2 only
+        store = zarr.N5FSStore(path)
+        node = zarr.open(store, mode="r")
+    except Exception as exc:  # pragma: no cover
+        raise InputError(f"input {path!r} is not a readable N5 container: {exc}") from None
+    if dataset is not None:  # pragma: no cover
+        try:
+            node = node[dataset]
+        except Exception:
+            raise InputError(f"N5 container {path!r} has no dataset {dataset!r}") from None
+    if not hasattr(node, "dtype"):  # pragma: no cover
+        raise InputError(f"N5 container {path!r} is a group; choose a dataset (arrays: {list(node.array_keys())})")
+    return ome.make_volume(node, axes, **sel, kind="n5", source=path)  # pragma: no cover

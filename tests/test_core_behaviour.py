@@ -149,3 +149,11 @@ def test_failure_on_one_rank_stops_all_ranks_quickly(tmp_path, mpirun):
     done = sum(int(l.split()[-1]) for l in text.splitlines() if "blocks done" in l)
     assert done < 12, text
     assert elapsed < 60
+
+
+def test_labels_backend_stitches_existing_segmentation(tmp_path):
+    gt = touching_cells_volume()
+    lab, _ = distributed_eval(gt, (20, 24, 16), tmp_path / "l.zarr", backend="labels", stitch="iou", overlap=4)
+    assert label_equivalent(lab[...], gt)
+    with pytest.raises(Exception, match="needs an integer input"):
+        distributed_eval(gt.astype(np.float32), 16, tmp_path / "f.zarr", backend="labels")
