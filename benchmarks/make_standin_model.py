@@ -12,8 +12,14 @@ keeps ``net_ortho`` unset and 3D evaluation then fails with AttributeError.
 ``diam_mean`` is stored inside the weights; giving ``--diameter`` equal to it at
 evaluation time means ``rescale == 1`` (no resampling of the volume).
 
-``--cellprob-bias`` adds a constant to the cell-probability output so that a random
-net still finds foreground (the reference raises on a volume without any object).
+A plain random CPnet outputs an almost constant, negative cell probability, so it finds
+no object at all (and the reference raises on a volume without any object).  The stand-in
+therefore multiplies the output layer by ``--output-scale`` (default 100: the random
+features correlate ~0.77 with the foreground of synthetic nuclei) and, unless
+``--no-calibrate``, shifts the cell-probability bias so that on a seeded synthetic
+calibration image the predicted foreground fraction equals the true one.  In 3D
+(``do_3D``) that yields a few masks per nucleus-sized region; in 2D the random flows fail
+Cellpose's flow-error check, so 2D runs need ``flow_threshold=0`` to get masks.
 
 Run with any Python that has cellpose 3.x and torch, e.g.::
 
@@ -28,7 +34,8 @@ import sys
 
 
 def make_standin(path: str, diam_mean: float = 16.0, seed: int = 0, nchan: int = 2,
-                 cellprob_bias: float = 0.0) -> str:
+                 cellprob_bias: float = 0.0, output_scale: float = 100.0,
+                 calibrate: bool = True) -> str:
     """Create and save a seeded random CPnet (the standard Cellpose 3 architecture).
 
     Parameters
@@ -42,7 +49,12 @@ def make_standin(path: str, diam_mean: float = 16.0, seed: int = 0, nchan: int =
     nchan : int
         Input channels of the net (Cellpose 3 default: 2).
     cellprob_bias : float
-        Constant added to the bias of the cell-probability output channel.
+        Constant added to the bias of the cell-probability output channel (after calibration).
+    output_scale : float
+        Factor applied to the weights and biases of the last (output) convolution.
+    calibrate : bool
+        Shift the cell-probability bias so that the predicted foreground fraction on a
+        seeded synthetic 2D image (``make_volume.simple_nuclei``) matches the true one.
 
     Returns
     -------
@@ -55,13 +67,29 @@ def make_standin(path: str, diam_mean: float = 16.0, seed: int = 0, nchan: int =
     torch.manual_seed(seed)
     net = CPnet([nchan, 32, 64, 128, 256], 3, sz=3, mkldnn=False, max_pool=True,
                 diam_mean=float(diam_mean))
-    if cellprob_bias:
-        with torch.no_grad():
-            # output is Sequential(BatchConv...) whose last conv produces (dY, dX, cellprob)
-            last = [m for m in net.output.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-            last.bias[2] += float(cellprob_bias)
+    # net.output is Sequential(BatchNorm, ReLU, Conv2d) producing (dY, dX, cellprob)
+    last = [m for m in net.output.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.weight *= float(output_scale)
+        last.bias *= float(output_scale)
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if calibrate:
+        import numpy as np
+        from cellpose import models
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from make_volume import simple_nuclei
+
+        img, lab = simple_nuclei((256, 256), seed=seed, diameter=diam_mean, density=0.3)
+        net.save_model(path)
+        model = models.CellposeModel(gpu=False, pretrained_model=path)
+        _, flows, _ = model.eval(img, diameter=diam_mean, channels=[0, 0])
+        thr = float(np.percentile(flows[2], 100.0 * (1.0 - (lab > 0).mean())))
+        with torch.no_grad():
+            last.bias[2] -= thr
+    if cellprob_bias:
+        with torch.no_grad():
+            last.bias[2] += float(cellprob_bias)
     net.save_model(path)
     return path
 
@@ -82,9 +110,12 @@ def main(argv=None) -> int:
     p.add_argument("--diam-mean", type=float, default=16.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cellprob-bias", type=float, default=0.0)
+    p.add_argument("--output-scale", type=float, default=100.0)
+    p.add_argument("--no-calibrate", action="store_true")
     p.add_argument("--no-check", action="store_true", help="skip the reload check")
     a = p.parse_args(argv)
-    path = make_standin(a.out, a.diam_mean, a.seed, cellprob_bias=a.cellprob_bias)
+    path = make_standin(a.out, a.diam_mean, a.seed, cellprob_bias=a.cellprob_bias,
+                        output_scale=a.output_scale, calibrate=not a.no_calibrate)
     if not a.no_check:
         dm = check_loads(path)
         print(f"wrote {path} (loads through CellposeModel, diam_mean={dm:g})")

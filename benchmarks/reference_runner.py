@@ -26,7 +26,8 @@ What it does
 * Samples the RSS of this process (client + scheduler + nannies: LocalCluster runs its
   scheduler in the client process) and of every child process (the workers) every
   ``--sample-interval`` seconds (psutil, plus the kernel's ``VmHWM`` high-water mark), and at
-  the end asks every worker for ``getrusage(RUSAGE_SELF).ru_maxrss``.
+  the end asks every worker for its ``VmHWM`` (``ru_maxrss`` is useless there: a spawned
+  worker inherits its parent's value across exec).
 * Times the reference's phases without changing its code, by wrapping two module-level
   functions it calls: ``segment_s`` (start until ``determine_merge_relabeling`` is entered:
   all blocks segmented and gathered), ``merge_s`` (``determine_merge_relabeling``: face
@@ -136,15 +137,15 @@ def _worker_set_threads(n):
 
 
 def _worker_info():
-    import resource as _r
-    out = {"pid": os.getpid(), "ru_maxrss_bytes": _r.getrusage(_r.RUSAGE_SELF).ru_maxrss * 1024,
+    # VmHWM, not ru_maxrss: a spawned process inherits its parent's ru_maxrss across exec
+    out = {"pid": os.getpid(), "vm_hwm_bytes": _vm_hwm(os.getpid()),
            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS")}
     if "torch" in sys.modules:
         out["torch_threads"] = sys.modules["torch"].get_num_threads()
     return out
 
 
-def _task_threads():
+def _task_threads(_=None):
     """Run as a task (in the worker's executor thread, where blocks run)."""
     import torch
     return torch.get_num_threads()
@@ -277,6 +278,9 @@ def main(argv=None) -> int:
         client = cluster.client
         client.wait_for_workers(a.workers, timeout=300)
         res["worker_torch_threads"] = sorted(set(client.run(_worker_set_threads, a.threads).values()))
+        # and once more from a task, i.e. in the executor thread where blocks run
+        for addr in client.scheduler_info()["workers"]:
+            client.submit(_worker_set_threads, a.threads, workers=[addr], pure=False).result()
         phases["cluster_start_s"] = time.perf_counter() - t0
 
         # ------------------------------------------------------------ phase timing hooks
@@ -356,18 +360,19 @@ def main(argv=None) -> int:
     for pid, rss in sorted(sampler.peak.items()):
         if pid == me:
             continue
-        entry = {"pid": pid, "peak_rss_sampled_bytes": rss, "vm_hwm_bytes": sampler.hwm.get(pid, 0),
-                 "cmd": sampler.names.get(pid, "")}
+        entry = {"pid": pid, "role": "other", "peak_rss_sampled_bytes": rss,
+                 "vm_hwm_bytes": sampler.hwm.get(pid, 0), "cmd": sampler.names.get(pid, "")}
         if pid in wpids:
+            entry["role"] = "worker"
             entry["address"] = wpids[pid]
-            entry["ru_maxrss_bytes"] = res["workers_info"][wpids[pid]].get("ru_maxrss_bytes")
+            entry["vm_hwm_at_end_bytes"] = res["workers_info"][wpids[pid]].get("vm_hwm_bytes")
         workers.append(entry)
     worker_like = [w for w in workers if "address" in w] or workers
     res["memory"] = {
         "client_peak_rss_bytes": client_peak,
         "client_peak_rss_sampled_bytes": sampler.peak.get(me, 0),
         "processes": workers,
-        "max_worker_peak_rss_bytes": max([max(w["vm_hwm_bytes"], w.get("ru_maxrss_bytes") or 0,
+        "max_worker_peak_rss_bytes": max([max(w["vm_hwm_bytes"], w.get("vm_hwm_at_end_bytes") or 0,
                                               w["peak_rss_sampled_bytes"]) for w in worker_like],
                                          default=0),
         "peak_total_rss_sampled_bytes": sampler.peak_total,

@@ -12,8 +12,10 @@
 #   torch==2.13.0 (local CPU wheel; installed FIRST so cellpose does not pull a CUDA build)
 #   cellpose==3.1.1.3
 #   zarr==2.18.7  numcodecs==0.15.1   (zarr-python 3 breaks the reference: TypeError at open)
-#   dask / distributed / dask-image / dask-jobqueue  (whatever resolves; versions are printed)
-#   tifffile, psutil
+#   dask==2026.8.0 distributed==2026.8.0 dask-image==2026.5.0 dask-jobqueue==0.9.0
+#   tifffile, psutil (any)
+# resolved alongside (2026-11): numpy 2.0.2, scipy 1.17.1, fastremap 1.21.0, tifffile 2026.3.3,
+# psutil 7.2.2.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,7 +26,7 @@ TORCH_PIN="torch==2.13.0"
 CELLPOSE_PIN="cellpose==3.1.1.3"
 ZARR_PIN="zarr==2.18.7"
 NUMCODECS_PIN="numcodecs==0.15.1"
-OTHER="dask distributed dask-image dask-jobqueue tifffile psutil"
+OTHER="dask==2026.8.0 distributed==2026.8.0 dask-image==2026.5.0 dask-jobqueue==0.9.0 tifffile psutil"
 
 check() {
     "$VENV/bin/python" - <<'PYEOF' 2>/dev/null
@@ -49,10 +51,13 @@ if [[ "${FORCE:-0}" == "1" ]]; then rm -rf "$VENV"; fi
 if [[ ! -x "$VENV/bin/python" ]]; then
     "$PY" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
-"${PIP[@]}" --upgrade pip
-"${PIP[@]}" "$TORCH_PIN"
-"${PIP[@]}" "$CELLPOSE_PIN" "$ZARR_PIN" "$NUMCODECS_PIN" $OTHER
+pipi() {  # quiet pip install; drop the noise about configured local indexes that are absent
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" \
+        2> >(grep -v "neither a file nor a directory" >&2)
+}
+pipi --upgrade pip
+pipi "$TORCH_PIN"      # first: the local CPU wheel, so nothing pulls a CUDA build
+pipi "$CELLPOSE_PIN" "$ZARR_PIN" "$NUMCODECS_PIN" $OTHER
 
 if ! check; then
     echo "reference venv at $VENV does not import the reference" >&2
