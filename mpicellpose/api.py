@@ -85,7 +85,7 @@ def distributed_eval(input_zarr, blocksize, write_path, mask=None, preprocessing
 
 def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, blocksize, overlap, output_zarr=None,
                   preprocessing_steps=(), worker_logs_directory=None, test_mode=False, *, backend="cellpose",
-                  backend_kwargs=None, channel_axis=None, segmenter=None):
+                  backend_kwargs=None, channel_axis=None, segmenter=None, device=None, threads=None):
     """Segment one block exactly as the full run does; try parameters before a big job.
 
     Parameters
@@ -104,6 +104,8 @@ def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, bloc
         renumbering), boxes in global coordinates, and the IDs 1..n.
     segmenter : Segmenter, optional
         A backend built earlier (reuse the loaded model across calls).
+    device, threads : optional
+        As for :func:`distributed_eval` (torch device, CPU threads).
 
     Examples
     --------
@@ -131,7 +133,7 @@ def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, bloc
         if backend == "cellpose" and ek.get("diameter") is None:
             ek["diameter"] = 16.0 if resolved.get("name") == "demo" else DEFAULT_DIAMETER
         segmenter = make_backend(backend, model_kwargs=model_kwargs, eval_kwargs=ek, backend_kwargs=backend_kwargs,
-                                 resolved=resolved, ndim=len(shape))
+                                 resolved=resolved, ndim=len(shape), device=device, threads=threads)
     img = driver.read_block_image(src, blk, channel_axis)
     for fn, kw in preprocessing_steps or ():
         img = fn(img, crop=blk.read_slices, **kw)

@@ -17,3 +17,24 @@ def test_insitu_communicators(tmp_path, mpirun, mode, names):
     for name in names:
         got = zarr.open(str(tmp_path / f"{mode}-{name}" / f"{name}.zarr"), mode="r")[...]
         assert label_equivalent(got, cases.oracle(name)[0]), name
+
+
+@pytest.mark.mpi
+def test_segment_under_python_m_mpi4py(tmp_path, mpirun):
+    """The launcher recommended for clusters: python -m mpi4py -m mpicellpose segment ..."""
+    from mpicellpose.io import numpy_array_to_zarr
+
+    img = cases.blobs((24, 30, 28), 61)
+    numpy_array_to_zarr(tmp_path / "in.zarr", img, 8)
+    proc = mpirun(2, ["-m", "mpi4py", "-m", "mpicellpose", "segment", tmp_path / "in.zarr", tmp_path / "o.zarr",
+                      "--backend", "threshold", "--threshold", "100", "--blocksize", "9"], timeout=120)
+    assert "objects written" in proc.stdout
+    from scipy import ndimage
+
+    got = zarr.open(str(tmp_path / "o.zarr"), mode="r")[...]
+    assert label_equivalent(got, ndimage.label(img > 100)[0])
+    # a bad input still ends every rank with one message and exit code 1 (no MPI_Abort noise needed)
+    proc = mpirun(2, ["-m", "mpi4py", "-m", "mpicellpose", "segment", tmp_path / "nope.zarr", tmp_path / "p.zarr",
+                      "--backend", "threshold", "--threshold", "1"], timeout=120, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.count("mpicellpose: error: input") == 1
