@@ -17,6 +17,7 @@ _SUBCOMMAND_MODULES = (
     "mpicellpose.cli_plan",
     "mpicellpose.demo",
     "mpicellpose.preview",
+    "mpicellpose.convert",
     "mpicellpose.info",
     "mpicellpose.batch",
 )

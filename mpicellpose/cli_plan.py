@@ -52,6 +52,7 @@ def plan_report(cfg, plan, src, n_ranks: int) -> dict:
         "overlap_inflation": round(inflation, 3), "stitch": plan.rule,
         "memory_per_rank_estimate_bytes": int(mem), "scratch_bytes_max": int(core_vox * 4),
         "output_bytes_max": int(out_bytes), "work_dir": plan.work_dir, "model": plan.resolved_model,
+        "output": plan.output.array, "voxel_size": plan.voxel_size,
         "warnings": [],
     }
     w = report["warnings"]
@@ -109,9 +110,8 @@ def register(sub) -> None:
 
 
 def main(args) -> int:
-    from . import io as mio
     from .cli_segment import _one_line, config_from_args
-    from .driver import make_plan
+    from .driver import make_plan, open_volume
     from .errors import MpiCellposeError
 
     ranks = args.ranks
@@ -120,9 +120,9 @@ def main(args) -> int:
             raise ValueError(f"--ranks must be >= 1, got {ranks}")
         ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("ranks", "json")})
         cfg = config_from_args(ns)
-        src = mio.open_input(cfg.input, cfg.dataset)
-        plan = make_plan(cfg, src, ranks, prepare=False)
-        report = plan_report(cfg, plan, src, ranks)
+        vol = open_volume(cfg)
+        plan = make_plan(cfg, vol, ranks, prepare=False)
+        report = plan_report(cfg, plan, vol.array, ranks)
     except (MpiCellposeError, ValueError, FileNotFoundError, OSError) as exc:
         sys.stderr.write(f"mpicellpose: error: {_one_line(exc)}\n")
         return 1

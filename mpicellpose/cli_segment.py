@@ -58,6 +58,22 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="object diameter in voxels (default: the model's, 30 for built-ins)")
     g.add_argument("--anisotropy", type=float, default=argparse.SUPPRESS, help="z voxel size / xy voxel size (3D)")
     g.add_argument("--channel-axis", type=int, default=argparse.SUPPRESS, help="input axis holding channels (not spatial)")
+    g = p.add_argument_group("input selection (OME-Zarr, TIFF, HDF5)")
+    g.add_argument("--level", default=argparse.SUPPRESS, help="OME-Zarr resolution level (index or path; default 0)")
+    g.add_argument("--channel", default=argparse.SUPPRESS,
+                   help="OME-Zarr channel (index or omero label) to segment; default: all channels")
+    g.add_argument("--timepoint", type=int, default=argparse.SUPPRESS, help="OME-Zarr time point")
+    g.add_argument("--tile-pattern", default=argparse.SUPPRESS,
+                   help="regular expression for the grid position of TIFF tiles (default _Z#Y#X#)")
+    g = p.add_argument_group("OME-Zarr output")
+    g.add_argument("--labels-name", default=argparse.SUPPRESS,
+                   help="write the labels inside the OME-Zarr input as labels/NAME (the default when OUTPUT is "
+                        "left out); an OUTPUT ending in .ome.zarr becomes a standalone NGFF label image")
+    g.add_argument("--pyramid", type=int, default=argparse.SUPPRESS,
+                   help="label pyramid levels to add (default: as many as the image for in-group labels, none "
+                        "otherwise)")
+    g.add_argument("--pyramid-method", choices=("mode", "nearest"), default=argparse.SUPPRESS,
+                   help="downsampling of labels: most frequent label (default) or nearest")
     g.add_argument("--eval-kwargs", type=_json_dict, default=argparse.SUPPRESS, metavar="JSON",
                    help="extra CellposeModel.eval arguments as JSON")
     g.add_argument("--model-kwargs", type=_json_dict, default=argparse.SUPPRESS, metavar="JSON",
@@ -105,7 +121,8 @@ def register(sub) -> None:
     )
     p.add_argument("input", nargs="?", default=argparse.SUPPRESS,
                    help="input zarr array (or group with --dataset)")
-    p.add_argument("output", nargs="?", default=argparse.SUPPRESS, help="zarr array to create with the labels")
+    p.add_argument("output", nargs="?", default=argparse.SUPPRESS,
+                   help="zarr array to create with the labels (may be left out for an OME-Zarr input)")
     p.add_argument("--dataset", default=argparse.SUPPRESS, help="array inside an input zarr group")
     add_run_arguments(p)
     p.set_defaults(func=main)
@@ -195,7 +212,7 @@ def run_and_report(make_config, args, runner=None) -> int:
             sys.stderr.write(f"mpicellpose: error: {_one_line(exc)}\n")
         return _settle(comm, EXIT_ERROR)
     if rank == 0 and result is not None and hasattr(result, "n_objects"):
-        sys.stdout.write(f"{result.n_objects} objects written to {cfg.output} (table: {result.table_path})\n")
+        sys.stdout.write(f"{result.n_objects} objects written to {result.output} (table: {result.table_path})\n")
     return 0
 
 

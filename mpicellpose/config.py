@@ -23,7 +23,7 @@ class RunConfig:
     """
 
     input: Any
-    output: str
+    output: str | None = None
     blocksize: Any = 128
     overlap: Any = None
     dataset: str | None = None
@@ -47,6 +47,13 @@ class RunConfig:
     threads: int | None = None
     log_dir: str | None = None
     voxel_size: tuple | None = None
+    level: Any = 0
+    channel: Any = None
+    timepoint: int | None = None
+    tile_pattern: str | None = None
+    labels_name: str | None = None
+    pyramid: int | None = None
+    pyramid_method: str = "mode"
 
     def __post_init__(self):
         if isinstance(self.backend, str):
@@ -63,6 +70,10 @@ class RunConfig:
             raise ConfigError(f"iou_threshold must be in (0, 1], got {self.iou_threshold}")
         if int(self.iou_depth) < 1:
             raise ConfigError(f"iou_depth must be >= 1, got {self.iou_depth}")
+        if self.pyramid is not None and (isinstance(self.pyramid, bool) or int(self.pyramid) < 0):
+            raise ConfigError(f"pyramid must be a number of levels >= 0, got {self.pyramid!r}")
+        if self.pyramid_method not in ("mode", "nearest"):
+            raise ConfigError(f"pyramid_method must be 'mode' or 'nearest', got {self.pyramid_method!r}")
         if self.zarr_format not in (None, 2, 3):
             raise ConfigError(f"zarr_format must be 2 or 3, got {self.zarr_format}")
         if self.voxel_size is not None:
@@ -190,9 +201,8 @@ def from_mapping(d: dict) -> "RunConfig":
     for name in ("blocksize", "overlap", "voxel_size"):
         if isinstance(d.get(name), list):
             d[name] = tuple(d[name])
-    if "input" not in d or "output" not in d:
-        missing = [k for k in ("input", "output") if k not in d]
-        raise ConfigError(f"configuration lacks {missing}: give them on the command line or in the file")
+    if "input" not in d:
+        raise ConfigError("configuration lacks ['input']: give it on the command line or in the file")
     return RunConfig(model_kwargs=mk, eval_kwargs=ek, backend_kwargs=bk, **d)
 
 

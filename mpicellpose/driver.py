@@ -93,24 +93,58 @@ class RunResult:
     table_path: str | None = None
     reused_blocks: int = 0
     stats: dict = field(default_factory=dict)
+    output: str | None = None
 
 
 # --------------------------------------------------------------------------- paths
 def output_stem(output) -> str:
     s = str(output).rstrip("/")
-    return s[: -len(".zarr")] if s.endswith(".zarr") else s
+    for suffix in (".ome.zarr", ".zarr"):
+        if s.endswith(suffix):
+            return s[: -len(suffix)]
+    return s
 
 
-def default_work_dir(output) -> str:
-    return output_stem(output) + ".mpicellpose-work"
+def default_work_dir(stem) -> str:
+    return stem + ".mpicellpose-work"
 
 
-def table_path(output) -> str:
-    return output_stem(output) + ".objects.csv"
+def table_path(stem) -> str:
+    return stem + ".objects.csv"
 
 
-def boxes_path(output) -> str:
-    return output_stem(output) + ".boxes.npy"
+def boxes_path(stem) -> str:
+    return stem + ".boxes.npy"
+
+
+@dataclass
+class OutputPlace:
+    """Where the labels go: a plain zarr array, or level 0 of an NGFF label image."""
+
+    array: str                   # the level-0 label array
+    stem: str                    # prefix of the object table, boxes and work directory
+    group: str | None = None     # NGFF label image group (None: plain array)
+    image_group: str | None = None  # the input image group when the labels go inside it
+    name: str | None = None      # label image name inside the image group
+
+
+def resolve_output(cfg, vol) -> OutputPlace:
+    """Decide where the labels are written (pure)."""
+    from . import ome
+
+    if vol is not None and vol.is_ome and (cfg.labels_name or cfg.output is None):
+        name = cfg.labels_name or "mpicellpose"
+        group, arr0 = ome.label_paths(vol.group_path, name)
+        return OutputPlace(os.path.abspath(arr0), output_stem(os.path.abspath(vol.group_path)) + "." + name,
+                           os.path.abspath(group), os.path.abspath(vol.group_path), name)
+    if cfg.output is None:
+        raise ConfigError("no OUTPUT given: it can be left out only for an OME-Zarr input (the labels then go "
+                          "inside the image group, under labels/)")
+    out = os.path.abspath(str(cfg.output))
+    if out.rstrip("/").endswith(".ome.zarr"):
+        group, arr0 = ome.standalone_label_paths(out)
+        return OutputPlace(arr0, output_stem(out), group)
+    return OutputPlace(out, output_stem(out))
 
 
 class _Paths:
@@ -150,6 +184,10 @@ class Plan:
     resolved_model: dict | None
     eval_kwargs: dict
     normalization: dict | None = None
+    output: OutputPlace | None = None
+    voxel_size: tuple | None = None
+    voxel_unit: str | None = None
+    axes: tuple | None = None
 
     @property
     def grid(self) -> geo.BlockGrid:
@@ -197,8 +235,10 @@ def _mask_identity(mask):
     return {"shape": list(arr.shape), "sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()}
 
 
-def _input_identity(cfg, arr):
+def _input_identity(cfg, arr, vol=None):
     ident = {"shape": list(arr.shape), "dtype": str(np.dtype(arr.dtype))}
+    if vol is not None and vol.kind != "array":
+        ident.update({"kind": vol.kind, "level": vol.level, "channel": cfg.channel, "timepoint": cfg.timepoint})
     if isinstance(cfg.input, (str, os.PathLike)):
         ident["path"] = os.path.abspath(cfg.input)
         ident["dataset"] = cfg.dataset
@@ -236,13 +276,17 @@ def fingerprint_diff(old: dict, new: dict, prefix="") -> list:
     return out
 
 
-def make_plan(cfg: RunConfig, src, n_ranks: int, *, prepare: bool = True) -> Plan:
+def make_plan(cfg: RunConfig, vol, n_ranks: int, *, prepare: bool = True) -> Plan:
     """Rank 0: validate everything, prepare the work directory, decide the block grid.
 
     With ``prepare=False`` (the dry run of ``mpicellpose plan``) nothing is written.
+    ``vol`` is a :class:`mpicellpose.ome.Volume` (see :func:`mpicellpose.io.open_volume_spec`).
     """
-    channel_axis = validate_input(src, cfg.channel_axis if cfg.channel_axis is not None
-                                  else cfg.eval_kwargs.get("channel_axis"))
+    src = vol.array
+    channel_axis = cfg.channel_axis if cfg.channel_axis is not None else cfg.eval_kwargs.get("channel_axis")
+    if channel_axis is None:
+        channel_axis = vol.channel_axis
+    channel_axis = validate_input(src, channel_axis)
     shape = spatial_shape(src.shape, channel_axis)
     ndim = len(shape)
     blocksize = geo.per_axis(cfg.blocksize, ndim, "blocksize", minimum=1)
@@ -257,6 +301,17 @@ def make_plan(cfg: RunConfig, src, n_ranks: int, *, prepare: bool = True) -> Pla
         if diameter is None:
             diameter = 16.0 if resolved.get("name") == "demo" else DEFAULT_DIAMETER
         eval_kwargs["diameter"] = diameter
+    voxel_size, voxel_unit = cfg.voxel_size, ("micrometer" if cfg.voxel_size else None)
+    if voxel_size is None and vol.voxel_size is not None:
+        voxel_size = tuple(float(v) for v in vol.voxel_size.size)
+        units = {u for u in (vol.voxel_size.units or ()) if u}
+        voxel_unit = units.pop() if len(units) == 1 else ("mixed" if units else "unknown")
+    if (cfg.backend == "cellpose" and ndim == 3 and voxel_size is not None and "anisotropy" not in eval_kwargs):
+        from .ome import anisotropy
+
+        a = anisotropy(voxel_size)
+        if abs(a - 1.0) > 1e-6:
+            eval_kwargs["anisotropy"] = a
     if cfg.voxel_size is not None and len(cfg.voxel_size) != ndim:
         raise ConfigError(f"voxel_size has {len(cfg.voxel_size)} values {cfg.voxel_size} but the volume has "
                           f"{ndim} spatial axes")
@@ -276,8 +331,12 @@ def make_plan(cfg: RunConfig, src, n_ranks: int, *, prepare: bool = True) -> Pla
     keep = geo.blocks_in_mask(grid, mask)
     kept = [int(i) for i in np.flatnonzero(keep)]
     # output location
-    out = os.path.abspath(str(cfg.output))
-    if isinstance(cfg.input, (str, os.PathLike)) and os.path.abspath(cfg.input) == out:
+    place = resolve_output(cfg, vol)
+    out = place.array
+    if place.group is not None and os.path.exists(place.group) and not os.path.exists(out) and not cfg.overwrite:
+        raise OutputExistsError(f"{place.group!r} exists and was not made by mpicellpose; pass --overwrite "
+                                f"(overwrite=True) to replace it")
+    if isinstance(cfg.input, (str, os.PathLike)) and os.path.abspath(cfg.input) in (out, place.group):
         raise ConfigError(f"output {cfg.output!r} is the same path as the input")
     parent = os.path.dirname(out) or "."
     existing = parent
@@ -288,12 +347,15 @@ def make_plan(cfg: RunConfig, src, n_ranks: int, *, prepare: bool = True) -> Pla
     if prepare:
         mio.check_writable(existing)
         os.makedirs(parent, exist_ok=True)
-    fmt = cfg.zarr_format or (mio.array_format(src) if hasattr(src, "metadata") else 2)
+    fmt = cfg.zarr_format or vol.zarr_format or (mio.array_format(src) if hasattr(src, "metadata") else 2)
+    if place.image_group is not None and vol.zarr_format and fmt != vol.zarr_format:
+        raise ConfigError(f"labels inside the OME-Zarr image must use its zarr format {vol.zarr_format}, "
+                          f"not {fmt}")
     if fmt == 3 and mio.zarr_major() < 3:
         fmt = 2
     fingerprint = {
         "version": __version__,
-        "input": _input_identity(cfg, src),
+        "input": _input_identity(cfg, src, vol),
         "channel_axis": channel_axis,
         "blocksize": list(blocksize),
         "overlap": list(overlap),
@@ -313,14 +375,14 @@ def make_plan(cfg: RunConfig, src, n_ranks: int, *, prepare: bool = True) -> Pla
         "zarr_format": fmt,
     }
     run_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-    work = Path(cfg.work_dir or default_work_dir(out))
+    work = Path(cfg.work_dir or default_work_dir(place.stem))
     paths = _Paths(work)
     if os.path.exists(out):
         marker = _output_marker(out)
         if marker is None or marker.get("run_id") != run_id:
             if not cfg.overwrite:
                 what = "was not made by mpicellpose" if marker is None else "was made by a run with another configuration"
-                raise OutputExistsError(f"output {cfg.output!r} exists and {what}; pass --overwrite (overwrite=True) to replace it")
+                raise OutputExistsError(f"output {cfg.output or out!r} exists and {what}; pass --overwrite (overwrite=True) to replace it")
     ours = False
     if paths.run.exists():
         old = mio.read_json(paths.run)
@@ -355,7 +417,14 @@ def make_plan(cfg: RunConfig, src, n_ranks: int, *, prepare: bool = True) -> Pla
     weights = [geo.box_size(grid.block(b).read) for b in todo]
     seg = geo.assign_contiguous(todo, weights, n_ranks)
     return Plan(shape, blocksize, overlap, channel_axis, kept, done, seg, rule, conn, str(work), fingerprint,
-                run_id, fmt, resolved, eval_kwargs)
+                run_id, fmt, resolved, eval_kwargs, output=place, voxel_size=voxel_size, voxel_unit=voxel_unit,
+                axes=tuple(a for i, a in enumerate(vol.axes) if i != channel_axis))
+
+
+def open_volume(cfg):
+    """Open the configured input as a :class:`mpicellpose.ome.Volume` (lazy)."""
+    return mio.open_volume_spec(cfg.input, cfg.dataset, level=cfg.level, channel=cfg.channel,
+                                timepoint=cfg.timepoint, tile_pattern=cfg.tile_pattern)
 
 
 def _output_marker(path):
@@ -655,12 +724,13 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
     # ---- plan (rank 0) -----------------------------------------------------------
     plan, err = None, None
     try:
-        ctx.src = mio.open_input(cfg.input, cfg.dataset)
+        ctx.vol = open_volume(cfg)
+        ctx.src = ctx.vol.array
     except Exception as exc:
         err = exc
     if rank == 0 and err is None:
         try:
-            plan = make_plan(cfg, ctx.src, size)
+            plan = make_plan(cfg, ctx.vol, size)
         except Exception as exc:
             err = exc
     root_err = comm.bcast(None if err is None or rank != 0 else (type(err).__name__, str(err)), root=0)
@@ -836,7 +906,7 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
     n_relabelled = 0
     pieces = []
     try:
-        out = mio.open_array(cfg.output, mode="r+")
+        out = mio.open_array(plan.output.array, mode="r+")
         for b in mine:
             blk = grid.block(b)
             lut = st.block_lut(int(offsets[b]), int(counts[b]), away, roots, dtype)
@@ -864,6 +934,11 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
     t = time.perf_counter()
     summary = _table_phase(cfg, plan, comm, box, pieces, n_objects, ctx.paths)
     timings["table"] = time.perf_counter() - t
+    if plan.output.group is not None:
+        t = time.perf_counter()
+        levels = _build_label_pyramid(cfg, plan, comm)
+        summary["pyramid_levels"] = None if levels is None else [list(x) for x in levels]
+        timings["pyramid"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     err = None
     if rank == 0:
@@ -886,10 +961,10 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
                  n_objects, total, away.size, summary["n_stitched_objects"], dtype, total_todo, len(plan.done),
                  ", ".join(f"{k} {v:.2f}s" for k, v in summary["timings"].items()))
     summary["comm_bytes_sent"] = sent_bytes
-    labels = mio.open_array(cfg.output, mode="r")
-    boxes = Boxes(np.load(boxes_path(cfg.output), mmap_mode="r"))
-    return RunResult(labels, boxes, n_objects, int(away.size), summary["timings"], table_path(cfg.output),
-                     len(plan.done) + reused_total, summary)
+    labels = mio.open_array(plan.output.array, mode="r")
+    boxes = Boxes(np.load(boxes_path(plan.output.stem), mmap_mode="r"))
+    return RunResult(labels, boxes, n_objects, int(away.size), summary["timings"], table_path(plan.output.stem),
+                     len(plan.done) + reused_total, summary, plan.output.array)
 
 
 def _table_phase(cfg, plan, comm, box, pieces, n_objects, paths) -> dict:
@@ -907,7 +982,7 @@ def _table_phase(cfg, plan, comm, box, pieces, n_objects, paths) -> dict:
     got = mpi.alltoall_objects(comm, [tuple(c[dest == r] for c in cols) for r in range(size)])
     part = st.reduce_pieces(*(np.concatenate([g[i] for g in got]) for i in range(6)))
     lo, hi = tbl.id_range(rank, size, n_objects)
-    csv_final, bpath = table_path(cfg.output), boxes_path(cfg.output)
+    csv_final, bpath = table_path(plan.output.stem), boxes_path(plan.output.stem)
     pq_dir = tbl.parquet_dir(csv_final) if tbl.have_parquet() else None
     parts_dir = Path(plan.work_dir) / "table"
     err = None
@@ -928,7 +1003,7 @@ def _table_phase(cfg, plan, comm, box, pieces, n_objects, paths) -> dict:
     try:
         if not np.array_equal(part["id"], np.arange(lo, hi)):
             raise RuntimeError(f"object table rows {part['id'][:5]}... do not cover IDs {lo}..{hi - 1}")
-        c = tbl.columns(part, cfg.voxel_size)
+        c = tbl.columns(part, plan.voxel_size)
         tbl.write_csv_part(parts_dir / f"part-{rank:05d}.csv", c)
         if pq_dir is not None and part["id"].size:
             tbl.write_parquet_part(pq_dir / f"part-{rank:05d}.parquet", c)
@@ -973,7 +1048,8 @@ def _build_backend(cfg, plan, comm):
 
 def _prepare_output(cfg, plan, dtype):
     """Rank 0: create the output (or keep ours when resuming)."""
-    out = cfg.output
+    place = plan.output
+    out = place.array
     if os.path.exists(out):
         marker = _output_marker(out)
         if marker and marker.get("run_id") == plan.run_id:
@@ -982,11 +1058,47 @@ def _prepare_output(cfg, plan, dtype):
                 return
         if not (marker and marker.get("run_id") == plan.run_id) and not cfg.overwrite:
             raise OutputExistsError(f"output {out!r} exists and was not made by this run; pass --overwrite")
-        mio.remove_path(out)
         for p in Path(plan.work_dir, "relabel").glob("*.done"):
             p.unlink()
+    if place.group is not None:
+        # an NGFF label image: replace only the label group, never the image it belongs to
+        if os.path.exists(place.group):
+            mio.remove_path(place.group)
+    elif os.path.exists(out):
+        mio.remove_path(out)
     attrs = {"mpicellpose": {"run_id": plan.run_id, "complete": False, "version": __version__}}
-    mio.create_array(out, plan.shape, plan.blocksize, dtype, zarr_format=plan.zarr_format, attrs=attrs)
+    extra = {}
+    if place.group is not None:
+        from . import ome
+
+        extra = ome.array_options(plan.zarr_format, plan.axes)
+        os.makedirs(place.group, exist_ok=True)
+    mio.create_array(out, plan.shape, plan.blocksize, dtype, zarr_format=plan.zarr_format, attrs=attrs, **extra)
+    if place.group is not None:
+        from . import ome
+
+        ome.write_labels_metadata(place.group, plan.axes, plan.voxel_size, name=place.name,
+                                  image_group=place.image_group, zarr_format=plan.zarr_format)
+
+
+def _build_label_pyramid(cfg, plan, comm):
+    """Collective: downsampled levels of an NGFF label image (every rank writes its chunks)."""
+    from . import ome
+
+    place = plan.output
+    if place.group is None:
+        return None
+    in_group = place.image_group is not None
+    if cfg.pyramid is None and not in_group:
+        return None
+    if cfg.pyramid == 0:
+        return None
+    like = place.image_group if in_group and cfg.pyramid is None else None
+    level = None
+    if like is not None:
+        level = plan.fingerprint["input"].get("level") or 0
+    return ome.build_pyramid(place.group, cfg.pyramid, comm, method=cfg.pyramid_method, like=like,
+                             like_level=level if level is not None else 0)
 
 
 def provenance(cfg, plan, summary) -> dict:
@@ -1011,19 +1123,19 @@ def provenance(cfg, plan, summary) -> dict:
 
 
 def _finish_output(cfg, plan, summary):
-    arr = mio.open_array(cfg.output, mode="r+")
+    arr = mio.open_array(plan.output.array, mode="r+")
     meta = dict(arr.attrs.get("mpicellpose", {}))
     meta.update({
         "run_id": plan.run_id, "complete": True, "version": __version__,
         "provenance": provenance(cfg, plan, summary),
-        "voxel_size": list(cfg.voxel_size) if cfg.voxel_size else None,
-        "voxel_unit": "micrometer" if cfg.voxel_size else "voxel",
+        "voxel_size": list(plan.voxel_size) if plan.voxel_size else None,
+        "voxel_unit": plan.voxel_unit if plan.voxel_size else "voxel",
         "table_parquet": os.path.basename(summary["table_parquet"]) if summary.get("table_parquet") else None,
         "n_stitched_objects": summary.get("n_stitched_objects"),
         "n_objects": summary["n_objects"], "blocksize": list(plan.blocksize), "overlap": list(plan.overlap),
         "stitch": plan.rule, "fingerprint": plan.fingerprint, "timings": summary["timings"],
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-        "object_table": os.path.basename(table_path(cfg.output)),
+        "object_table": os.path.basename(table_path(plan.output.stem)),
         "normalization": plan.normalization,
     })
     arr.attrs["mpicellpose"] = json.loads(json.dumps(meta, default=mio._json_default))

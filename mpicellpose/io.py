@@ -592,7 +592,18 @@ def _open_tiff_glob(pattern, tile_pattern, axes, sel):
     if tile_pattern is not None:
         bad = [os.path.basename(f) for f in files if not re.search(tp, os.path.basename(f))][:3]
         raise InputError(f"TIFF files {bad} matching {pattern!r} do not follow the tile pattern {tp!r}")
-    # one file per z slice, in name order
+    # one file per z slice, in name order; compare a few headers (not all: cheap on a parallel FS)
+    probe = sorted({0, len(files) // 2, len(files) - 1})
+    kinds = {}
+    for i in probe:
+        try:
+            with tifffile.TiffFile(files[i]) as tf:
+                kinds[files[i]] = (tuple(tf.series[0].shape), str(tf.series[0].dtype))
+        except (tifffile.TiffFileError, OSError, IndexError) as exc:
+            raise InputError(f"{files[i]!r} is not a readable TIFF file: {exc}") from None
+    if len(set(kinds.values())) > 1:
+        raise InputError(f"TIFF files matching {pattern!r} cannot be stacked (all must have the same shape and "
+                         f"type): " + ", ".join(f"{os.path.basename(f)} {k[0]} {k[1]}" for f, k in kinds.items()))
     seq = tifffile.TiffSequence(files, pattern=None)
     try:
         store = seq.aszarr()

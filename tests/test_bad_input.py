@@ -38,8 +38,9 @@ T = ["--backend", "threshold", "--threshold", "100"]
 
 CASES = [
     ("missing input", ["{d}/nope.zarr", "{o}"] + T, "input '{d}/nope.zarr' does not exist"),
-    ("not an array", ["{d}/notzarr.txt", "{o}"] + T, "is not a readable zarr array or group"),
-    ("group without dataset", ["{d}/group.zarr", "{o}"] + T, "is a zarr group, not an array; choose one with --dataset"),
+    ("not an array", ["{d}/notzarr.txt", "{o}"] + T, "cannot tell what kind of input '{d}/notzarr.txt' is"),
+    ("group without dataset", ["{d}/group.zarr", "{o}"] + T,
+     "is not an OME-Zarr image (no 'multiscales' metadata); choose an array with dataset (--dataset): arrays ['raw']"),
     ("group, wrong dataset", ["{d}/group.zarr", "{o}", "--dataset", "nope"] + T, "has no dataset 'nope'"),
     ("1-D input", ["{d}/one_d.zarr", "{o}"] + T, "input has 1 axes (50,); mpicellpose segments 2D or 3D volumes"),
     ("6-D input", ["{d}/six_d.zarr", "{o}"] + T, "input has 6 axes"),

@@ -1,0 +1,381 @@
+"""``mpicellpose convert``: copy any supported input into a (OME-)zarr array, block by block.
+
+Reads TIFF files and stacks, globs of TIFF tiles, HDF5 datasets, zarr arrays and
+OME-Zarr images (anything :func:`mpicellpose.io.open_volume_spec` opens) and writes a
+chunked zarr array (``--ome``: an OME-Zarr image group with the array as level ``0``).
+The volume is never loaded whole: the output is cut into work units made of whole
+output chunks (grown to cover the input's own chunks where that saves re-reading, within
+a memory budget); under ``mpiexec`` the units are split into contiguous runs, one per
+rank, so each output chunk is written by exactly one rank.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import io as mio
+from . import ome
+from .errors import ConfigError, InputError, OutputExistsError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 128
+DEFAULT_BUDGET = 256 * 2**20  # bytes read per work unit at most (when input chunks are huge)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What :func:`convert` wrote (the same on every rank).
+
+    Attributes
+    ----------
+    path : str
+        The written array (``OUTPUT`` or ``OUTPUT/0`` for ``ome=True``).
+    shape, chunks : tuple
+    dtype : str
+    axes : tuple of str
+    n_units : int
+        Work units (groups of whole output chunks) copied, over all ranks.
+    seconds : float
+    """
+
+    path: str
+    shape: tuple
+    chunks: tuple
+    dtype: str
+    axes: tuple
+    n_units: int
+    seconds: float
+
+
+def parse_triple(text, name: str, kind=float):
+    """``"2"`` or ``"2,0.5,0.5"`` -> tuple (one value per axis or a single value).
+
+    Examples
+    --------
+    >>> parse_triple("64,128,128", "chunks", int), parse_triple("2.5", "voxel size")
+    ((64, 128, 128), (2.5,))
+    """
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        return (kind(text),)
+    if isinstance(text, (tuple, list)):
+        vals = tuple(text)
+    else:
+        vals = tuple(p for p in str(text).replace("x", ",").split(",") if p.strip())
+    try:
+        out = tuple(kind(v) for v in vals)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number or comma-separated numbers, got {text!r}") from None
+    if not out or not all(math.isfinite(v) and v > 0 for v in out):
+        raise ConfigError(f"{name} must be positive, got {text!r}")
+    return out
+
+
+def output_chunks(shape, axes, chunks) -> tuple:
+    """Chunk shape of the output: ``chunks`` on spatial axes, whole channel axis, 1 elsewhere.
+
+    Examples
+    --------
+    >>> output_chunks((3, 100, 300, 300), ("c", "z", "y", "x"), (64,))
+    (3, 64, 64, 64)
+    >>> output_chunks((100, 300, 300), ("z", "y", "x"), (16, 128, 128))
+    (16, 128, 128)
+    """
+    spatial = [i for i, a in enumerate(axes) if a in ome.SPATIAL]
+    chunks = tuple(int(c) for c in chunks)
+    if len(chunks) == 1:
+        chunks = chunks * len(spatial)
+    if len(chunks) != len(spatial):
+        raise ConfigError(f"chunks {chunks} must be one number or one per spatial axis "
+                          f"{tuple(axes[i] for i in spatial)}")
+    out = []
+    it = iter(chunks)
+    for s, a in zip(shape, axes):
+        if a in ome.SPATIAL:
+            out.append(min(next(it), int(s)))
+        elif a == "c":
+            out.append(int(s))
+        else:
+            out.append(1)
+    return tuple(max(1, c) for c in out)
+
+
+def unit_shape(shape, out_chunks, in_chunks, itemsize: int, budget: int = DEFAULT_BUDGET) -> tuple:
+    """Work-unit shape: whole output chunks, grown to span the input's chunks (pure).
+
+    Reading an input chunk (a TIFF strip of a whole plane, say) costs the same whether
+    one output chunk or many use it, so along each axis a unit spans as many output
+    chunks as one input chunk covers, then shrinks (largest multiple first) until one
+    unit holds at most ``budget`` bytes.
+
+    Examples
+    --------
+    >>> unit_shape((64, 1000, 1000), (16, 100, 100), (1, 1000, 1000), 2)
+    (16, 1000, 1000)
+    >>> unit_shape((64, 1000, 1000), (16, 100, 100), None, 2)
+    (16, 100, 100)
+    >>> unit_shape((64, 1000, 1000), (16, 100, 100), (1, 1000, 1000), 2, budget=16 * 200 * 1000 * 2)
+    (16, 200, 1000)
+    """
+    mult = []
+    for s, o, i in zip(shape, out_chunks, in_chunks or out_chunks):
+        n_out = -(-int(s) // int(o))
+        m = -(-int(i) // int(o)) if i and int(i) > int(o) else 1
+        mult.append(max(1, min(m, n_out)))
+
+    def nbytes():
+        return int(np.prod([o * m for o, m in zip(out_chunks, mult)])) * int(itemsize)
+
+    for j in range(len(mult)):  # shrink outer axes first: units stay runs of whole rows
+        if nbytes() <= budget:
+            break
+        per_step = nbytes() // mult[j]
+        mult[j] = max(1, min(mult[j], int(budget // max(per_step, 1))))
+    return tuple(min(int(o) * m, int(s)) if m > 1 else int(o) for o, m, s in zip(out_chunks, mult, shape))
+
+
+def _boxes(shape, unit):
+    grid = [range(0, int(s), int(u)) for s, u in zip(shape, unit)]
+    for idx in np.ndindex(*[len(g) for g in grid]):
+        yield tuple(slice(int(g[i]), int(min(g[i] + u, s))) for g, i, u, s in zip(grid, idx, unit, shape))
+
+
+def _same_path(a, b) -> bool:
+    return os.path.abspath(str(a)).rstrip("/") == os.path.abspath(str(b)).rstrip("/")
+
+
+def _prepare(vol, source, output, *, chunks, zarr_format, as_ome, voxel_size, unit, overwrite):
+    """Rank 0: check the output location, create the array (and OME metadata)."""
+    if isinstance(source, (str, os.PathLike)) and _same_path(str(source).split(":")[0], output):
+        raise ConfigError(f"output {str(output)!r} is the same path as the input")
+    if os.path.exists(output):
+        if not overwrite:
+            raise OutputExistsError(f"output {str(output)!r} exists; pass --overwrite (overwrite=True) to replace it")
+        mio.remove_path(output)
+    parent = os.path.dirname(os.path.abspath(output)) or "."
+    os.makedirs(parent, exist_ok=True)
+    mio.check_writable(parent)
+    vs = voxel_size
+    spatial = [a for a in vol.axes if a in ome.SPATIAL]
+    if vs is not None:
+        vs = tuple(float(v) for v in vs)
+        if len(vs) == 1:
+            vs = vs * len(spatial)
+        if len(vs) != len(spatial):
+            raise ConfigError(f"voxel size {vs} needs one value per spatial axis {tuple(spatial)}")
+        units = (ome.normalize_unit(unit),) * len(spatial) if unit else \
+            (vol.voxel_size.units if vol.voxel_size is not None and vol.voxel_size.axes == tuple(spatial)
+             else (None,) * len(spatial))
+        vs = ome.VoxelSize(tuple(spatial), vs, units)
+    elif vol.voxel_size is not None:
+        vs = vol.voxel_size
+        if unit:
+            vs = ome.VoxelSize(vs.axes, vs.size, (ome.normalize_unit(unit),) * len(vs.axes), vs.origin)
+    attrs = {"mpicellpose": {"converted_from": str(source) if isinstance(source, (str, os.PathLike)) else
+                             type(source).__name__, "axes": list(vol.axes),
+                             "voxel_size": None if vs is None else list(vs.size),
+                             "units": None if vs is None else list(vs.units)}}
+    if as_ome:
+        group, path = ome.standalone_label_paths(output)
+        arr = mio.create_array(path, vol.shape, chunks, vol.dtype, zarr_format=zarr_format, attrs=attrs,
+                               **ome.array_options(zarr_format, vol.axes))
+        ome.write_multiscales_metadata(group, vol.axes, vs, zarr_format=zarr_format,
+                                       name=os.path.basename(str(output).rstrip("/")))
+    else:
+        path = str(output)
+        arr = mio.create_array(path, vol.shape, chunks, vol.dtype, zarr_format=zarr_format, attrs=attrs)
+    return path, tuple(int(c) for c in arr.chunks)
+
+
+def convert(source, output, *, chunks=DEFAULT_CHUNK, zarr_format: int = 2, as_ome: bool = False,
+            voxel_size=None, unit=None, dataset=None, level=0, channel=None, timepoint=None, axes=None,
+            tile_pattern=None, overwrite: bool = False, comm=None, budget: int = DEFAULT_BUDGET) -> ConvertResult:
+    """Copy ``source`` into a new zarr array (or OME-Zarr image) at ``output``; collective.
+
+    Every rank of ``comm`` (COMM_WORLD by default) calls it with the same arguments;
+    each opens the input itself and writes whole output chunks of its own.
+
+    Parameters
+    ----------
+    source : str or array-like
+        Anything :func:`mpicellpose.io.open_volume_spec` opens.
+    output : str
+        Zarr array to create (``as_ome``: OME-Zarr group with level ``0``).
+    chunks : int or tuple
+        Chunk size per spatial axis (channels are kept whole in a chunk).
+    zarr_format : {2, 3}
+        On-disk format; with ``as_ome`` 2 writes NGFF 0.4 and 3 writes NGFF 0.5.
+    as_ome : bool
+        Write an OME-Zarr image (axes reordered to t, c, z, y, x).
+    voxel_size : sequence of float, optional
+        Physical size per spatial axis (default: what the input says, else 1).
+    unit : str, optional
+        Unit of the voxel size (``micrometer``; ``um`` is understood).
+    dataset, level, channel, timepoint, axes, tile_pattern
+        Passed to :func:`mpicellpose.io.open_volume_spec`.
+    overwrite : bool
+        Replace an existing ``output`` (otherwise :class:`OutputExistsError`).
+    budget : int
+        Bytes one work unit may read at most.
+
+    Returns
+    -------
+    ConvertResult
+
+    Examples
+    --------
+    >>> import tempfile, os, tifffile
+    >>> d = tempfile.mkdtemp()
+    >>> data = np.arange(6 * 20 * 30, dtype=np.uint16).reshape(6, 20, 30)
+    >>> tifffile.imwrite(os.path.join(d, "stack.tif"), data)
+    >>> r = convert(os.path.join(d, "stack.tif"), os.path.join(d, "out.zarr"), chunks=8)
+    >>> r.shape, r.chunks
+    ((6, 20, 30), (6, 8, 8))
+    >>> bool((mio.open_array(r.path)[...] == data).all())
+    True
+    """
+    from . import comm as mpi
+
+    t0 = time.perf_counter()
+    if zarr_format not in (2, 3):
+        raise ConfigError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
+    chunk_vals = parse_triple(chunks, "chunks", int)
+    comm = mpi.dup(comm)
+    vol = None
+    try:
+        rank, size = comm.Get_rank(), comm.Get_size()
+        box = mpi.Mailbox(comm)
+        err = None
+        try:
+            vol = mio.open_volume_spec(source, dataset, level=level, channel=channel, timepoint=timepoint,
+                                       axes=axes, tile_pattern=tile_pattern)
+            if as_ome:
+                vol = vol.to_ngff_order()
+            if any(s == 0 for s in vol.shape):
+                raise InputError(f"input shape {vol.shape} has a zero-sized axis")
+            out_chunks = output_chunks(vol.shape, vol.axes, chunk_vals)
+        except Exception as exc:
+            err = exc
+        box.agree(err, where="opening the input")
+        prepared, err = None, None
+        if rank == 0:
+            try:
+                prepared = _prepare(vol, source, str(output), chunks=out_chunks, zarr_format=zarr_format,
+                                    as_ome=as_ome, voxel_size=voxel_size, unit=unit, overwrite=overwrite)
+            except Exception as exc:
+                err = exc
+        box.agree(err, where="creating the output")
+        path, out_chunks = comm.bcast(prepared, root=0)
+        ushape = unit_shape(vol.shape, out_chunks, getattr(vol.array, "chunks", None), vol.dtype.itemsize, budget)
+        boxes = list(_boxes(vol.shape, ushape))
+        mine = ome.contiguous_share(len(boxes), rank, size)
+        if rank == 0:
+            log.info("convert %s -> %s: %s %s, chunks %s, %d work unit(s) of %s on %d rank(s)", source, path,
+                     vol.shape, vol.dtype, out_chunks, len(boxes), ushape, size)
+        err = None
+        try:
+            out = mio.open_array(path, mode="r+")
+            last = time.perf_counter()
+            for n, i in enumerate(mine, 1):
+                sl = boxes[i]
+                out[sl] = np.asarray(vol.array[sl])
+                if rank == 0 and time.perf_counter() - last > 10:
+                    last = time.perf_counter()
+                    log.info("rank 0: %d / %d of its work units copied", n, len(mine))
+                if box.poll():
+                    break
+        except Exception as exc:
+            err = exc
+        box.agree(err, where="copying the data")
+        seconds = time.perf_counter() - t0
+        if rank == 0:
+            log.info("convert done: %s %s %s written in %.2f s", path, vol.shape, vol.dtype, seconds)
+        return ConvertResult(path, vol.shape, out_chunks, str(vol.dtype), vol.axes, len(boxes), seconds)
+    finally:
+        if vol is not None:
+            vol.close()
+        mpi.free(comm)
+
+
+# --------------------------------------------------------------------------- command line
+def register(sub) -> None:
+    """Add the ``convert`` subcommand to ``sub`` (an argparse subparsers object)."""
+    p = sub.add_parser(
+        "convert", help="copy a TIFF / HDF5 / tile folder / zarr input into a chunked (OME-)zarr array",
+        description="Convert INPUT (TIFF file or stack, glob of TIFF tiles or slices, HDF5 file.h5:/dataset, zarr or "
+                    "OME-Zarr) into a chunked zarr array OUTPUT, block by block without loading the volume, in "
+                    "parallel when launched with mpirun/srun. --ome writes an OME-Zarr image (NGFF 0.4 with "
+                    "--zarr-format 2, 0.5 with 3) that viewers (napari, Fiji/MoBIE, neuroglancer) open with its "
+                    "voxel size.",
+    )
+    p.add_argument("input", help="input: file.tif, 'tiles/*.tif', file.h5:/dataset, in.zarr, image.ome.zarr")
+    p.add_argument("output", help="zarr array (or, with --ome, OME-Zarr group) to create")
+    p.add_argument("--chunks", default=str(DEFAULT_CHUNK), metavar="N|Z,Y,X",
+                   help=f"chunk size per spatial axis (default {DEFAULT_CHUNK}; channels stay in one chunk)")
+    p.add_argument("--zarr-format", type=int, choices=(2, 3), default=2, help="on-disk zarr format (default 2)")
+    p.add_argument("--ome", action="store_true", help="write an OME-Zarr image (OUTPUT/0 + multiscales metadata)")
+    p.add_argument("--voxel-size", default=None, metavar="Z,Y,X",
+                   help="physical voxel size per spatial axis (default: from the input's metadata, else 1)")
+    p.add_argument("--unit", default=None, help="unit of --voxel-size, e.g. micrometer (default: the input's)")
+    p.add_argument("--dataset", default=None, help="array inside a zarr group or HDF5 file")
+    p.add_argument("--level", default="0", help="OME-Zarr input: resolution level (index or path, default 0)")
+    p.add_argument("--channel", default=None, help="keep only this channel (index, or OME channel label)")
+    p.add_argument("--timepoint", type=int, default=None, help="time point of a time series")
+    p.add_argument("--axes", default=None, metavar="NAMES",
+                   help="axis names of an input that has none, e.g. czyx (default: last axes z,y,x)")
+    p.add_argument("--tile-pattern", default=None, metavar="REGEX",
+                   help=r"regular expression for tile indices in TIFF names (default '_(Z)(\d+)(Y)(\d+)(X)(\d+)')")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.set_defaults(func=main)
+
+
+def _axes_arg(text):
+    if text is None:
+        return None
+    t = str(text).strip()
+    names = [a.strip() for a in t.split(",")] if "," in t else list(t)
+    return tuple(a.lower() for a in names if a)
+
+
+def _channel_arg(text):
+    if text is None:
+        return None
+    t = str(text).strip()
+    return int(t) if t.lstrip("-").isdigit() else t
+
+
+def _level_arg(text):
+    t = str(text).strip()
+    return int(t) if t.lstrip("-").isdigit() else t
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``mpicellpose convert``; returns the exit code."""
+    from .cli_segment import run_and_report
+
+    def make_config():
+        return dict(
+            source=args.input, output=args.output, chunks=parse_triple(args.chunks, "--chunks", int),
+            zarr_format=args.zarr_format, as_ome=args.ome,
+            voxel_size=parse_triple(args.voxel_size, "--voxel-size"), unit=args.unit, dataset=args.dataset,
+            level=_level_arg(args.level), channel=_channel_arg(args.channel), timepoint=args.timepoint,
+            axes=_axes_arg(args.axes), tile_pattern=args.tile_pattern, overwrite=args.overwrite,
+        )
+
+    def runner(kwargs, comm):
+        result = convert(comm=comm, **kwargs)
+        if comm.Get_rank() == 0:
+            log.info("wrote %s: shape %s, dtype %s, axes %s, chunks %s", result.path, result.shape, result.dtype,
+                     "".join(result.axes), result.chunks)
+        return result
+
+    return run_and_report(make_config, args, runner)
