@@ -130,3 +130,19 @@ def test_faults_stop_every_rank_with_the_cause(volume, tmp_path, fault, text):
     if fault.startswith("segment"):
         assert "block (" in lines[0]
     assert time.time() - t < 60
+
+
+def test_unreadable_input_chunk_stops_every_rank_naming_the_block(tmp_path):
+    img = cases.blobs((24, 24, 24), 22)
+    numpy_array_to_zarr(tmp_path / "in.zarr", img, (12, 12, 12))
+    chunk = next(p for p in (tmp_path / "in.zarr").rglob("*") if p.is_file() and p.name.replace(".", "").isdigit()
+                 and p.name.count(".") == 2 and p.name != ".zarray")
+    chunk.write_bytes(b"this is not a compressed chunk")
+    t = time.time()
+    proc = run_mpi(3, ["-m", "mpicellpose", "segment", tmp_path / "in.zarr", tmp_path / "o.zarr", "--backend",
+                       "threshold", "--threshold", "100", "--blocksize", "12"], check=False, timeout=90)
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("mpicellpose: error:")]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    idx = tuple(int(v) for v in chunk.name.split("."))
+    assert f"block {idx}" in lines[0] and "rank" in lines[0]
+    assert time.time() - t < 60
