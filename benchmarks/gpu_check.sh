@@ -18,11 +18,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -m mpicellpose info 2>&1 | tee "$OUT/info.txt"
 nvidia-smi dmon -s um -d 1 > "$OUT/dmon.txt" 2>&1 &
 DMON=$!
+date +%T
 for size in 160 256; do
   bs=$((size / 2))
   python3 -m mpicellpose demo --dir /tmp/demo$size --size $size --blocksize $bs,$size,$size \
       --device cuda --json "$OUT/demo_gpu_${size}_n1.json" > "$OUT/demo_gpu_${size}_n1.txt" 2>&1
-  tail -8 "$OUT/demo_gpu_${size}_n1.txt"
+  tail -7 "$OUT/demo_gpu_${size}_n1.txt"; date +%T
 done
 if python3 -c "from mpi4py import MPI" >/dev/null 2>&1 && command -v mpiexec >/dev/null; then
   mpiexec -n 2 python3 -m mpicellpose demo --dir /tmp/demo2r --size 256 --blocksize 128,256,256 --device cuda \

@@ -196,6 +196,7 @@ def run_and_report(make_config, args, runner=None) -> int:
     rank = comm.Get_rank()
     setup_logging(rank, getattr(args, "log_level", "INFO"), getattr(args, "log_dir", None))
     try:
+        mpi.check_world(comm)
         cfg = make_config()
         if runner is None:
             from .driver import run

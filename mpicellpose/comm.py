@@ -15,6 +15,7 @@ Rules kept here:
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import time
 import traceback
@@ -84,6 +85,42 @@ def world():
     """COMM_WORLD if mpi4py works, else a one-rank stand-in."""
     MPI = _mpi()
     return MPI.COMM_WORLD if MPI is not None else SelfComm()
+
+
+# set by MPI launchers in every process they start (MPICH/Intel MPI, Open MPI, MVAPICH, srun steps)
+_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+def launched_size(environ=None):
+    """(number of processes the launcher says it started, variable) or (None, None)."""
+    env = os.environ if environ is None else environ
+    for var in _LAUNCHER_SIZE_VARS:
+        try:
+            n = int(env.get(var, ""))
+        except ValueError:
+            continue
+        if n > 0:
+            return n, var
+    return None, None
+
+
+def check_world(comm, environ=None) -> None:
+    """Refuse to run when a launcher started N > 1 processes but MPI sees a world of 1.
+
+    That happens when ``mpiexec`` and mpi4py come from different MPI libraries: every
+    process would believe it is alone and they would all write the same output at once.
+    """
+    n, var = launched_size(environ)
+    if n and n > 1 and comm.Get_size() == 1:
+        from .errors import DistributedError
+
+        lib = "no MPI library" if _mpi() is None else _mpi().Get_library_version().splitlines()[0].strip()
+        raise DistributedError(
+            f"the launcher started {n} processes ({var}={n}) but MPI sees a world of 1 ({lib}): mpiexec/srun "
+            "and mpi4py use different MPI libraries, and every process would run alone on the same output. "
+            "Use the mpiexec that matches mpi4py (e.g. the one in the same venv for the 'mpich' wheel), or "
+            "build mpi4py against the cluster's MPI (see README, Install)."
+        )
 
 
 def dup(comm=None):

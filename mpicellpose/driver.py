@@ -700,6 +700,8 @@ def run(cfg: RunConfig, comm=None) -> RunResult:
 
     Every rank of ``comm`` must call it with the same configuration.
     """
+    if comm is None:
+        mpi.check_world(mpi.world())
     comm = mpi.dup(comm)
     token = _RANK.set(comm.Get_rank())
     stop = _StopFlag()

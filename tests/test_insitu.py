@@ -38,3 +38,23 @@ def test_segment_under_python_m_mpi4py(tmp_path, mpirun):
                       "--backend", "threshold", "--threshold", "1"], timeout=120, check=False)
     assert proc.returncode == 1
     assert proc.stderr.count("mpicellpose: error: input") == 1
+
+
+def test_launcher_and_mpi4py_mismatch_is_refused(tmp_path):
+    """mpiexec from one MPI, mpi4py from another: N singleton processes must not all write one output."""
+    import subprocess
+    import sys
+
+    from conftest import mpi_env
+
+    env = mpi_env()
+    env["PMI_SIZE"] = "4"  # what a foreign launcher sets; this process is a singleton
+    proc = subprocess.run([sys.executable, "-m", "mpicellpose", "segment", str(tmp_path / "in.zarr"),
+                           str(tmp_path / "o.zarr"), "--backend", "threshold", "--threshold", "1"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert "the launcher started 4 processes (PMI_SIZE=4) but MPI sees a world of 1" in proc.stderr
+    from mpicellpose import comm
+
+    comm.check_world(comm.SelfComm(), {"PMI_SIZE": "1"})
+    comm.check_world(comm.SelfComm(), {})
