@@ -183,6 +183,13 @@ def resolve_model(model_kwargs: dict) -> dict:
         path = demo_model_path()
         if not path.exists():
             raise ModelNotFoundError(f"the shipped demo model is missing from the installation: {path}")
+        major, full = cellpose_version()
+        if major is not None and major >= 4:
+            raise ConfigError(
+                f"the shipped demo model is a Cellpose 3 model and the installed Cellpose {full} cannot load "
+                "Cellpose 3 weights; install 'cellpose>=3.1.1,<4' (pip install 'mpicellpose[cellpose]') or "
+                "use a Cellpose 4 model (--model cpsam)"
+            )
         return {"kind": "path", "name": "demo", "path": str(path), "sha256": sha256_file(path)}
     p = Path(name).expanduser()
     if p.exists():

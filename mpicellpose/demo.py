@@ -86,7 +86,9 @@ def register(sub) -> None:
                    help="overlap per side (default 16 = one nucleus diameter, which keeps the demo under 5 "
                         "minutes on 2 CPU cores; the segment command's default is 2 x diameter)")
     p.add_argument("--seed", type=int, default=1, help="seed of the synthetic volume")
-    p.add_argument("--gradient", action="store_true", help="add a 1:4 brightness gradient along x")
+    p.add_argument("--gradient", action="store_true",
+                   help="add a 1:4 brightness gradient along z, across the block faces (compare --normalize "
+                        "global with --normalize block)")
     p.add_argument("--normalize", choices=("global", "block", "none"), default="global")
     p.add_argument("--stitch", choices=("iou", "touch"), default="iou")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:K")
@@ -113,7 +115,7 @@ def main(args) -> int:
             from . import io as mio
             from .synthetic import make_nuclei
 
-            gradient = (2, 0.25, 1.0) if args.gradient else None
+            gradient = (0, 0.25, 1.0) if args.gradient else None
             img, gt = make_nuclei((args.size,) * 3, seed=args.seed, gradient=gradient)
             mio.numpy_array_to_zarr(image_path, img, (64, 64, 64))
             mio.numpy_array_to_zarr(gt_path, gt, (64, 64, 64))

@@ -49,3 +49,24 @@ def run_mpi(n: int, args, *, timeout: float = 240, check: bool = True, env=None,
 @pytest.fixture
 def mpirun():
     return run_mpi
+
+
+def read_table(path) -> dict:
+    """An object table CSV as {column: numpy array} (numbers where they parse, else strings)."""
+    import csv
+
+    import numpy as np
+
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    out = {}
+    for i, name in enumerate(header):
+        col = [r[i] for r in body]
+        try:
+            vals = [float(v) for v in col]
+            arr = np.array(vals)
+            out[name] = arr.astype(np.int64) if np.all(arr == np.round(arr)) and "centroid" not in name else arr
+        except ValueError:
+            out[name] = np.array(col, dtype=object)
+    return out

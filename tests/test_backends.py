@@ -103,3 +103,9 @@ def test_other_errors_are_not_retried():
     with pytest.raises(ValueError):
         _segmenter(Broken()).segment(np.zeros((4, 4)))
     assert Broken.calls == 1
+
+
+def test_demo_model_under_cellpose4_is_refused_with_a_hint(monkeypatch):
+    monkeypatch.setattr(bk, "cellpose_version", lambda: (4, "4.2.1.1"))
+    with pytest.raises(ConfigError, match=r"install 'cellpose>=3.1.1,<4'"):
+        bk.resolve_model({"pretrained_model": "demo"})

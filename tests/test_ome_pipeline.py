@@ -6,7 +6,7 @@ import zarr
 from scipy import ndimage
 
 import cases
-from conftest import run_mpi
+from conftest import read_table, run_mpi
 from mpicellpose import distributed_eval, ome
 from mpicellpose.metrics import label_equivalent
 
@@ -35,7 +35,7 @@ def test_segment_ome_zarr_into_the_image_with_pyramid(tmp_path, fmt):
     assert lab.attrs["mpicellpose"]["complete"] is True
     assert lab.attrs["mpicellpose"]["voxel_size"] == [2.0, 0.5, 0.5]
     # the table sits beside the image, centroids in physical units
-    rows = np.genfromtxt(tmp_path / "img.cells.objects.csv", delimiter=",", names=True, dtype=None, encoding=None)
+    rows = read_table(tmp_path / "img.cells.objects.csv")
     assert np.allclose(rows["centroid_z_phys"], 2 * rows["centroid_z"], atol=1e-3)
     nodes = reader_nodes(path)
     label_nodes = [n for n in nodes if "Label" in n[0]]

@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 import cases
-from conftest import ROOT
+from conftest import read_table, ROOT
 from mpicellpose.metrics import equivalence_report, label_equivalent
 
 
@@ -40,7 +40,7 @@ def test_serial_matches_scipy_label(serial_outputs, name):
 def test_object_table_matches_labels(serial_outputs):
     out, results = serial_outputs
     got, _ = results["3d_odd"]
-    rows = np.genfromtxt(out / "3d_odd.objects.csv", delimiter=",", names=True)
+    rows = read_table(out / "3d_odd.objects.csv")
     ids, counts = np.unique(got[got > 0], return_counts=True)
     assert rows["id"].astype(int).tolist() == ids.tolist()
     assert rows["voxels"].astype(int).tolist() == counts.tolist()
