@@ -41,6 +41,17 @@ def is_zarr_path(path) -> bool:
     return p.is_dir() and any((p / n).exists() for n in (".zarray", ".zgroup", "zarr.json"))
 
 
+def open_zarr_node(path, what: str = "input"):
+    """Open a zarr array or group read-only; clear errors for a missing or unreadable path."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise InputNotFoundError(f"{what} {path!r} does not exist")
+    try:
+        return _zarr().open(path, mode="r")
+    except Exception as exc:
+        raise InputError(f"{what} {path!r} is not a readable zarr array or group: {exc}") from None
+
+
 def open_input(source, dataset: str | None = None, what: str = "input"):
     """Open the input volume.
 
@@ -57,13 +68,7 @@ def open_input(source, dataset: str | None = None, what: str = "input"):
                 )
         return source
     path = str(source)
-    if not os.path.exists(path):
-        raise InputNotFoundError(f"{what} {path!r} does not exist")
-    zarr = _zarr()
-    try:
-        node = zarr.open(path, mode="r")
-    except Exception as exc:
-        raise InputError(f"{what} {path!r} is not a readable zarr array or group: {exc}") from None
+    node = open_zarr_node(path, what)
     if dataset is not None:
         try:
             node = node[dataset]

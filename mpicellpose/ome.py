@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, InputNotFoundError
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -608,14 +608,11 @@ def open_volume(path, level=0, channel=None, timepoint=None, *, dataset=None) ->
     >>> int(vol.array[0, 0, 1])
     193
     """
+    from .io import open_zarr_node
+
     path = str(path)
-    if not os.path.exists(path):
-        raise InputNotFoundError(f"input {path!r} does not exist")
+    node = open_zarr_node(path)
     zarr = _zarr()
-    try:
-        node = zarr.open(path, mode="r")
-    except Exception as exc:
-        raise InputError(f"input {path!r} is not a readable zarr array or group: {exc}") from None
     if hasattr(node, "dtype"):  # an array: maybe one level of an OME image
         if dataset is not None:
             raise InputError(f"input {path!r} is a zarr array; dataset={dataset!r} does not apply")
