@@ -567,17 +567,17 @@ def global_normalization(cfg, plan, src, comm):
                         "%d channels: using per-block normalisation", nchan)
         return None
     pct = list((user or {}).get("percentile") or [1.0, 99.0]) if isinstance(user, dict) else [1.0, 99.0]
-    mask = cfg.mask
-    if isinstance(mask, (str, os.PathLike)):
-        mask = mio.open_input(mask, what="mask")
-    if mask is not None and int(np.prod(mask.shape)) > (1 << 27):
-        mask = None  # a huge mask: block-level skipping already honours it
-    elif mask is not None:
-        mask = np.asarray(mask[...]).astype(bool)
     rank, size = comm.Get_rank(), comm.Get_size()
     grid = plan.grid
     err, mine = None, []
-    try:
+    try:  # everything that can fail on one rank stays inside: the gather below is collective
+        mask = cfg.mask
+        if isinstance(mask, (str, os.PathLike)):
+            mask = mio.open_input(mask, what="mask")
+        if mask is not None and int(np.prod(mask.shape)) > (1 << 27):
+            mask = None  # a huge mask: block-level skipping already honours it
+        elif mask is not None:
+            mask = np.asarray(mask[...]).astype(bool)
         for b in sample_blocks(plan.kept)[rank::size]:
             mine.append(sample_block_voxels(src, grid.block(b), plan.shape, plan.channel_axis, mask))
     except Exception as exc:
@@ -846,15 +846,20 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
     offsets = st.offsets_from_counts(counts)
     total = int(counts.sum())
     pairs = face_pairs(grid, kept, plan.rule, plan.connectivity)
-    outgoing, sources = {}, set()
-    for a, b, o in pairs:
-        ra, rb = owner[a], owner[b]
-        if ra == rb:
-            continue
-        if ra == rank:
-            outgoing.setdefault(rb, {})[(a, o)] = records[a][okey(o)]
-        if rb == rank:
-            sources.add(ra)
+    outgoing, sources, err = {}, set(), None
+    try:
+        for a, b, o in pairs:
+            ra, rb = owner[a], owner[b]
+            if ra == rb:
+                continue
+            if ra == rank:
+                outgoing.setdefault(rb, {})[(a, o)] = records[a][okey(o)]
+            if rb == rank:
+                sources.add(ra)
+    except KeyError as exc:
+        err = InputError(f"a block record lacks the face view {exc}; it was written by another version or "
+                         f"is damaged: re-run with --restart")
+    box.agree(err, where="preparing the face exchange")
     sent_bytes = sum(sum(v.nbytes for v in d.values()) for d in outgoing.values())
     received = mpi.exchange(comm, outgoing, sources)
     remote = {}
