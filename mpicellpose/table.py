@@ -111,7 +111,7 @@ def write_csv_part(path, cols: dict) -> None:
             if k == "blocks":
                 arrays[k] = pa.array([str(x) for x in v], pa.string())
             elif np.asarray(v).dtype.kind == "f":
-                arrays[k] = pa.array(np.char.mod("%.3f", v), pa.string())
+                arrays[k] = _fixed3(v)
             else:
                 arrays[k] = pa.array(np.asarray(v))
         opts = pcsv.WriteOptions(include_header=False, quoting_style="none")
@@ -130,6 +130,21 @@ def concat_csv(final_path, parts, ndim: int) -> None:
             with open(p) as f:
                 shutil.copyfileobj(f, out, 1 << 22)
     os.replace(tmp, final_path)
+
+
+def _fixed3(values):
+    """Floats as text with 3 decimals, formatted by pyarrow's kernels (no per-value Python)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    q = np.round(np.asarray(values, np.float64) * 1000.0).astype(np.int64)
+    a = np.abs(q)
+    text = pc.binary_join_element_wise(pa.array(a // 1000).cast(pa.string()),
+                                       pc.utf8_lpad(pa.array(a % 1000).cast(pa.string()), 3, "0"), ".")
+    neg = q < 0
+    if neg.any():
+        text = pc.if_else(pa.array(neg), pc.binary_join_element_wise("-", text, ""), text)
+    return text
 
 
 def have_parquet() -> bool:
