@@ -220,10 +220,12 @@ class Mailbox:
         return self.abort_seen is not None
 
     # -- agreement -------------------------------------------------------------
-    def agree(self, error: BaseException | None = None, *, interrupted: bool = False, where: str = "") -> None:
+    def agree(self, error: BaseException | None = None, *, interrupted: bool = False, where: str = "",
+              progress=None) -> None:
         """Collective end of a phase: raise everywhere if any rank failed.
 
-        Every rank must call it exactly once per phase.  Raises
+        Every rank must call it exactly once per phase; ``progress`` is called while it
+        waits (rank 0's progress lines).  Raises
         :class:`DistributedError` (any rank failed) or :class:`Interrupted` (a rank was
         asked to stop by a signal), with the same message on every rank.
         """
@@ -235,7 +237,12 @@ class Mailbox:
             return
         flag = np.array([state], np.int64)
         worst = np.zeros(1, np.int64)
-        _wait(self.comm.Iallreduce(flag, worst, op=_mpi().MAX), self.poll)
+        def poll():
+            self.poll()
+            if progress is not None:
+                progress()
+
+        _wait(self.comm.Iallreduce(flag, worst, op=_mpi().MAX), poll)
         # everyone is here: settle the notice counts, so nothing stays in flight
         info = self.comm.allgather((state, _describe(error) if error else "", self._sent))
         for src, (_, _, sent) in enumerate(info):

@@ -780,12 +780,13 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
     done_here = 0
     last_report = [0.0]
 
-    def report():
+    def report(force=False):
+        """Rank 0: progress line at most every 5 s (also while it waits for the other ranks)."""
         if rank != 0:
             return
         box.poll()
         now = time.perf_counter()
-        if now - last_report[0] < 5.0 and done_here != len(my_blocks):
+        if now - last_report[0] < 5.0 and not force:
             return
         last_report[0] = now
         done = sum(d for d, _ in box.progress.values())
@@ -812,10 +813,10 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
         done_here += 1
         ctx.done_here = done_here
         box.send_progress(done_here, len(my_blocks))
-        report()
+        report(force=done_here == 1)
     if stop and err is None:
         box.notify_abort("stop requested by signal")
-    box.agree(err, interrupted=bool(stop), where="segmentation")
+    box.agree(err, interrupted=bool(stop), where="segmentation", progress=report)
     timings["segment"] = time.perf_counter() - t
     ctx.backend = None
 
