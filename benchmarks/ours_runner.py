@@ -15,7 +15,8 @@ Two modes, both ending in ``mpicellpose.driver.run(cfg, comm)`` on every rank:
         --library '{"input": "local.zarr", "output": "out.zarr", "backend": "labels",
                     "blocksize": 32, "stitch": "touch", "overwrite": true}'
 
-Nothing in ``mpicellpose/`` is modified.  Before the run, module attributes that the driver
+Nothing in ``mpicellpose/`` is modified.  Before the run, module attributes (and, once the
+Cellpose model is built, two of its methods) that the driver
 looks up at call time are wrapped with timers (``time.perf_counter`` around the call, a few
 microseconds each), per rank:
 
@@ -30,6 +31,8 @@ microseconds each), per rank:
 ``match``           ``stitch.touch_edges`` + ``stitch.iou_edges``
 ``union_find``      ``stitch.merge_edges``  (rank 0)
 ``lut``             ``stitch.block_lut``
+``cp_network``      ``CellposeModel._run_net`` on the rank's model (resize + network on all tiles/planes)
+``cp_masks``        ``CellposeModel._compute_masks`` (flow dynamics, mask assembly, size filter)
 ``table``           ``driver._table_phase``
 ``agree``           ``comm.Mailbox.agree``  (collective agreement = waiting for other ranks)
 ``run``             the whole ``driver.run`` call on this rank
@@ -99,6 +102,14 @@ def install_hooks():
     _wrap(mcomm.Mailbox, "agree", "agree")
     for cls in (backends.CellposeSegmenter, backends.ThresholdSegmenter, backends.LabelsSegmenter):
         _wrap(cls, "segment", "backend")
+    orig_init = backends.CellposeSegmenter.__init__
+
+    @functools.wraps(orig_init)
+    def init(self, *a, **kw):  # split Cellpose's eval into network and masks, on this model instance
+        orig_init(self, *a, **kw)
+        _wrap(self.model, "_run_net", "cp_network")
+        _wrap(self.model, "_compute_masks", "cp_masks")
+    backends.CellposeSegmenter.__init__ = init
     holder = {}
     orig_run = driver.run
 

@@ -58,9 +58,24 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         model = models.CellposeModel(gpu=False, pretrained_model=a.model)
         res["model_load_s"] = round(time.perf_counter() - t, 3)
+        inner = {"network_s": 0.0, "masks_s": 0.0}
+
+        def timed(name, key):  # split eval into network and masks (instance attributes)
+            orig = getattr(model, name)
+
+            def f(*args, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return orig(*args, **kw)
+                finally:
+                    inner[key] += time.perf_counter() - t0
+            setattr(model, name, f)
+        timed("_run_net", "network_s")
+        timed("_compute_masks", "masks_s")
         t = time.perf_counter()
         masks = model.eval(img, channels=[0, 0], z_axis=0, do_3D=True, diameter=a.diameter)[0]
         res["eval_s"] = round(time.perf_counter() - t, 3)
+        res.update({k: round(v, 3) for k, v in inner.items()})
         t = time.perf_counter()
         masks = np.asarray(masks).astype(np.uint32)
         create_v2(a.output, masks.shape, (a.chunks,) * masks.ndim, np.uint32)[...] = masks

@@ -329,6 +329,7 @@ class CellposeSegmenter(Segmenter):
             ek["channel_axis"] = image.ndim - 1
         if ndim == 3:
             ek["z_axis"] = 0
+        image, ek = apply_fixed_bounds(image, ek, ndim)
         out = self._eval_with_retry(image, ek)
         masks = out[0] if isinstance(out, (tuple, list)) else out
         masks = np.asarray(masks)
@@ -357,6 +358,39 @@ class CellposeSegmenter(Segmenter):
     def describe(self):
         ek = {k: v for k, v in self.eval_kwargs.items() if k not in _MANAGED_EVAL}
         return {"backend": self.name, "cellpose": self.version, "model": self.resolved, "eval_kwargs": ek}
+
+
+def apply_fixed_bounds(image, ek, ndim):
+    """Apply a single ``[low, high]`` normalisation to a single-channel block ourselves.
+
+    Cellpose converts a one-channel image to ``model.nchan`` channels (the extra ones are zero)
+    and then applies a ``lowhigh`` of shape (2,) to *every* channel, so the empty channels become
+    ``-low / (high - low)`` instead of 0: the network then sees an input it never saw in training
+    (its percentile path leaves empty channels at 0).  Measured on the shipped model: the same
+    bounds as the block's own percentiles gave different labels through ``lowhigh`` and matched
+    only when applied here.  So for one channel we scale (and invert) the image here and call
+    Cellpose with normalisation off, which is exactly its percentile path with fixed bounds.
+    """
+    norm = ek.get("normalize")
+    if not isinstance(norm, dict) or norm.get("lowhigh") is None or image.ndim != ndim:
+        return image, ek
+    if norm.get("normalize") is False:
+        return image, ek
+    lh = np.asarray(norm["lowhigh"], dtype=np.float64).reshape(-1)
+    if lh.shape != (2,):
+        return image, ek
+    lo, hi = float(lh[0]), float(lh[1])
+    x = np.array(image, dtype=np.float32)  # a copy: the caller's block stays as read
+    x -= np.float64(lo)  # the same float32 arithmetic as cellpose.transforms.normalize99
+    x /= np.float64(hi - lo)
+    if norm.get("invert") or ek.get("invert"):
+        x *= -1
+        x += 1
+    # a dict, not False: Cellpose 3 writes a bool into its module-level defaults, and with norm3D
+    # off it does not warn "norm3D is True but do_3D is False" on every block
+    ek = dict(ek, normalize={"normalize": False, "norm3D": False})
+    ek.pop("invert", None)
+    return x, ek
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

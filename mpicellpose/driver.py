@@ -713,6 +713,14 @@ def run(cfg: RunConfig, comm=None) -> RunResult:
         mpi.free(comm)
 
 
+def _preimport_cellpose():
+    """Import Cellpose (and torch) now; a failure is reported later, where the backend is built."""
+    try:
+        import cellpose.models  # noqa: F401
+    except Exception:  # noqa: BLE001 - _build_backend raises the clear error
+        pass
+
+
 def _run(cfg: RunConfig, comm, stop) -> RunResult:
     rank, size = comm.Get_rank(), comm.Get_size()
     box = mpi.Mailbox(comm)
@@ -735,6 +743,8 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
             plan = make_plan(cfg, ctx.vol, size)
         except Exception as exc:
             err = exc
+    elif err is None and cfg.backend == "cellpose":
+        _preimport_cellpose()  # overlaps rank 0's planning, which imports it too (5-8 s)
     root_err = comm.bcast(None if err is None or rank != 0 else (type(err).__name__, str(err)), root=0)
     if root_err is not None:
         if rank == 0:

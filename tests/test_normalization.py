@@ -53,3 +53,26 @@ def test_nan_found_before_any_block():
     cfg = RunConfig(input=img, output="/tmp/x.zarr")
     with pytest.raises(InputError, match="NaN/inf values"):
         driver.global_normalization(cfg, plan_for(img, cfg), img, mpi.SelfComm())
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (40, 48, 48)])
+def test_fixed_bounds_reproduce_cellpose_percentile_path(shape):
+    """Global bounds equal to the block's own percentiles must give the labels Cellpose gives with
+    normalize=True. Passing them to Cellpose as a (2,) ``lowhigh`` shifts its zero-filled extra
+    channel to -low/(high-low) and changes the labels (found in the end-to-end benchmark)."""
+    pytest.importorskip("cellpose")
+    from mpicellpose.backends import make_backend
+    from mpicellpose.synthetic import make_nuclei
+
+    img, _ = make_nuclei(shape, seed=11, touching_fraction=0.4)
+    img = (img * 1000 + 80).astype(np.uint16)
+    lo, hi = (float(v) for v in np.percentile(img.astype(np.float32), [1, 99]))
+    mk = {"pretrained_model": "demo"}
+    own = make_backend("cellpose", model_kwargs=mk, eval_kwargs={"diameter": 16}, ndim=len(shape), threads=1)
+    fixed = make_backend("cellpose", model_kwargs=mk, ndim=len(shape), threads=1,
+                         eval_kwargs={"diameter": 16, "normalize": {"lowhigh": [lo, hi], "percentile": None}})
+    before = img.copy()
+    a, b = own.segment(img), fixed.segment(img)
+    assert a.max() > 3
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(img, before)  # the block is not modified in place
