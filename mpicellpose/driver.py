@@ -26,6 +26,7 @@ import os
 import signal
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -465,8 +466,39 @@ def face_pairs(grid: geo.BlockGrid, kept, rule: str, connectivity: int):
     return out
 
 
+VIEW_PREFIX = "v_"
+
+
 def okey(offset) -> str:
-    return "v_" + "_".join(str(int(v)) for v in offset)
+    return VIEW_PREFIX + "_".join(str(int(v)) for v in offset)
+
+
+class _RecordViews:
+    """Face views read from the block records on demand, a few record files open at a time.
+
+    Holding every record of a rank would cost (blocks per rank) x (all its face views): that grows
+    with the volume, not the block.  Pairs come in block order, so a small LRU suffices.
+    """
+
+    def __init__(self, paths, keep=32):
+        self.paths, self.keep = paths, keep
+        self.files = OrderedDict()
+
+    def get(self, b, key):
+        z = self.files.pop(b, None)
+        if z is None:
+            z = np.load(self.paths.record(b), allow_pickle=False)
+        self.files[b] = z
+        while len(self.files) > self.keep:
+            self.files.popitem(last=False)[1].close()
+        try:
+            return z[key]
+        except KeyError:
+            raise KeyError(f"{key} of block {b}") from None
+
+    def close(self):
+        while self.files:
+            self.files.popitem()[1].close()
 
 
 def read_block_image(src, blk: geo.Block, channel_axis):
@@ -843,7 +875,7 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
         _maybe_fault("stitch", rank, 0)
         for b in mine:
             try:
-                records[b] = mio.load_npz(ctx.paths.record(b))
+                records[b] = mio.load_npz(ctx.paths.record(b), skip_prefix=VIEW_PREFIX)  # stats only
             except Exception as exc:
                 raise InputError(f"cannot read the record of block {grid.index_of(b)} "
                                  f"({ctx.paths.record(b)}): {exc}") from exc
@@ -858,18 +890,22 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
     total = int(counts.sum())
     pairs = face_pairs(grid, kept, plan.rule, plan.connectivity)
     outgoing, sources, err = {}, set(), None
+    views = _RecordViews(ctx.paths)  # face views are read when needed, never all at once
     try:
         for a, b, o in pairs:
             ra, rb = owner[a], owner[b]
             if ra == rb:
                 continue
             if ra == rank:
-                outgoing.setdefault(rb, {})[(a, o)] = records[a][okey(o)]
+                outgoing.setdefault(rb, {})[(a, o)] = views.get(a, okey(o))
             if rb == rank:
                 sources.add(ra)
     except KeyError as exc:
         err = InputError(f"a block record lacks the face view {exc}; it was written by another version or "
                          f"is damaged: re-run with --restart")
+    except Exception as exc:  # an unreadable record: every rank must still reach the agreement
+        err = InputError(f"cannot read a face view from a block record: {type(exc).__name__}: {exc}; "
+                         f"re-run with --restart")
     box.agree(err, where="preparing the face exchange")
     sent_bytes = sum(sum(v.nbytes for v in d.values()) for d in outgoing.values())
     received = mpi.exchange(comm, outgoing, sources)
@@ -881,8 +917,8 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
         for a, b, o in pairs:
             if owner[b] != rank:
                 continue
-            va = records[a][okey(o)] if owner[a] == rank else remote[(a, o)]
-            vb = records[b][okey(tuple(-v for v in o))]
+            va = views.get(a, okey(o)) if owner[a] == rank else remote.pop((a, o))
+            vb = views.get(b, okey(tuple(-v for v in o)))
             if plan.rule == "touch":
                 e = st.touch_edges(va, vb, o, plan.connectivity)
             else:
@@ -891,6 +927,8 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
                 edges.append(np.stack([e[:, 0] + offsets[a], e[:, 1] + offsets[b]], axis=1))
     except Exception as exc:
         err = exc
+    finally:
+        views.close()
     box.agree(err, where="face matching")
     edges = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
     all_edges = comm.gather(edges, root=0)

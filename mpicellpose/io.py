@@ -182,9 +182,10 @@ def save_npz(path, **arrays) -> None:
     _atomic(Path(path), lambda f: np.savez_compressed(f, **arrays))
 
 
-def load_npz(path) -> dict:
+def load_npz(path, skip_prefix: str | None = None) -> dict:
+    """All arrays of an .npz, or all but those whose name starts with ``skip_prefix`` (not read)."""
     with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+        return {k: z[k] for k in z.files if not (skip_prefix and k.startswith(skip_prefix))}
 
 
 def _json_default(o):
