@@ -296,40 +296,79 @@ def gather(comm, obj, root=0):
     return comm.gather(obj, root=root)
 
 
-def exchange(comm, outgoing: dict, sources, *, tag: int = TAG_EXCHANGE) -> dict:
-    """Point-to-point exchange between neighbours.
+def _flag_last(items):
+    """(is_last, item) for each item; an empty iterable still gives one (True, None)."""
+    it = iter(items)
+    prev = next(it, _END)
+    if prev is _END:
+        yield True, None
+        return
+    while True:
+        cur = next(it, _END)
+        yield cur is _END, prev
+        if cur is _END:
+            return
+        prev = cur
+
+
+_END = object()
+
+
+def exchange(comm, outgoing: dict, sources, on_receive, *, tag: int = TAG_EXCHANGE) -> None:
+    """Point-to-point exchange between neighbours, streamed in bounded messages.
 
     Parameters
     ----------
-    outgoing : dict rank -> object
-        One (pickled) message per destination rank; never to self.
+    outgoing : dict rank -> iterable of objects
+        The messages for each destination rank (never self), produced lazily: the next one is
+        produced only when the previous send to that rank has completed, so a rank holds at most one
+        message per destination at a time.  Every destination gets at least one message (an
+        empty iterable sends ``None``).
     sources : iterable of int
-        Ranks this rank expects exactly one message from (known from the pure geometry).
-
-    Returns
-    -------
-    dict rank -> object received.
+        Ranks this rank expects messages from (known from the pure geometry).
+    on_receive : callable(src, obj)
+        Called for every message received, in order per source; ``None`` messages are skipped.
+        It must not raise (record errors and agree on them afterwards): every rank has to see
+        the exchange through.
     """
-    sources = sorted(set(sources))
+    sources = sorted(set(int(s) for s in sources))
     if comm.Get_size() == 1:
-        return {}
-    MPI = _mpi()
-    reqs = [comm.isend(obj, dest=int(dest), tag=tag) for dest, obj in sorted(outgoing.items())]
-    received = {}
+        for _ in outgoing.values():
+            pass
+        return
+    streams = {int(d): _flag_last(items) for d, items in sorted(outgoing.items())}
+    reqs = {}
     pending = set(sources)
     delay = 0.001
-    while pending:
-        got = False
+    while streams or pending:
+        progressed = False
+        for dest in list(streams):
+            req = reqs.get(dest)
+            if req is not None:
+                if not req.Test():
+                    continue
+                del reqs[dest]
+            step = next(streams[dest], None)
+            if step is None:
+                del streams[dest]
+                continue
+            reqs[dest] = comm.isend(step, dest=dest, tag=tag)
+            progressed = True
         for src in sorted(pending):
             if comm.iprobe(source=src, tag=tag):
-                received[src] = comm.recv(source=src, tag=tag)
-                pending.discard(src)
-                got = True
-        if not got:
+                last, obj = comm.recv(source=src, tag=tag)
+                if obj is not None:
+                    on_receive(src, obj)
+                if last:
+                    pending.discard(src)
+                progressed = True
+        if progressed:
+            delay = 0.001
+        else:
             time.sleep(delay)
             delay = min(delay * 1.5, 0.02)
-    MPI.Request.Waitall(reqs) if reqs else None
-    return received
+    for req in reqs.values():
+        req.wait()
 
 
 def allgather_array(comm, arr: np.ndarray) -> np.ndarray:

@@ -467,6 +467,17 @@ def face_pairs(grid: geo.BlockGrid, kept, rule: str, connectivity: int):
 
 
 VIEW_PREFIX = "v_"
+EXCHANGE_BYTES = 64 << 20  # face views per message to one neighbour rank (MPICELLPOSE_EXCHANGE_BYTES)
+
+
+def exchange_budget() -> int:
+    """Bytes of face views per message: bounds each rank's memory in the exchange."""
+    v = os.environ.get("MPICELLPOSE_EXCHANGE_BYTES")
+    try:
+        return max(1, int(v)) if v else EXCHANGE_BYTES
+    except ValueError:  # never raise here: this runs between collectives
+        log.warning("MPICELLPOSE_EXCHANGE_BYTES=%r is not a number of bytes; using %d", v, EXCHANGE_BYTES)
+        return EXCHANGE_BYTES
 
 
 def okey(offset) -> str:
@@ -889,46 +900,76 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
     offsets = st.offsets_from_counts(counts)
     total = int(counts.sum())
     pairs = face_pairs(grid, kept, plan.rule, plan.connectivity)
-    outgoing, sources, err = {}, set(), None
     views = _RecordViews(ctx.paths)  # face views are read when needed, never all at once
-    try:
+    budget = exchange_budget()
+    out_keys, sources = {}, set()
+    for a, b, o in pairs:
+        ra, rb = owner[a], owner[b]
+        if ra != rb and ra == rank:
+            out_keys.setdefault(rb, []).append((a, o))
+        elif ra != rb and rb == rank:
+            sources.add(ra)
+    state = {"err": None, "sent": 0}
+    edges = []
+
+    def fail(exc):
+        if state["err"] is None:
+            if isinstance(exc, KeyError):
+                exc = InputError(f"a block record lacks the face view {exc}; it was written by another version "
+                                 f"or is damaged: re-run with --restart")
+            elif isinstance(exc, (OSError, ValueError)):
+                exc = InputError(f"cannot read a face view from a block record: {type(exc).__name__}: {exc}; "
+                                 f"re-run with --restart")
+            state["err"] = exc
+
+    def match(a, b, o, va):
+        vb = views.get(b, okey(tuple(-v for v in o)))
+        if plan.rule == "touch":
+            e = st.touch_edges(va, vb, o, plan.connectivity)
+        else:
+            e = st.iou_edges(va, vb, cfg.iou_threshold)
+        if len(e):
+            edges.append(np.stack([e[:, 0] + offsets[a], e[:, 1] + offsets[b]], axis=1))
+
+    def messages(keys):
+        """This rank's views for one neighbour rank, in messages of about ``budget`` bytes."""
+        batch, nbytes = {}, 0
+        for a, o in keys:
+            if state["err"] is not None:
+                break  # still end the stream: the neighbour waits for it
+            try:
+                v = views.get(a, okey(o))
+            except Exception as exc:  # noqa: BLE001
+                fail(exc)
+                break
+            batch[(a, o)] = v
+            nbytes += v.nbytes
+            state["sent"] += v.nbytes
+            if nbytes >= budget:
+                yield batch
+                batch, nbytes = {}, 0
+        if batch:
+            yield batch
+
+    def on_receive(src, batch):
+        if state["err"] is not None:
+            return
+        try:
+            for (a, o), va in batch.items():
+                match(a, grid.neighbour(a, o), o, va)
+        except Exception as exc:  # noqa: BLE001
+            fail(exc)
+
+    try:  # pairs inside this rank first, then the faces shared with other ranks, streamed
         for a, b, o in pairs:
-            ra, rb = owner[a], owner[b]
-            if ra == rb:
-                continue
-            if ra == rank:
-                outgoing.setdefault(rb, {})[(a, o)] = views.get(a, okey(o))
-            if rb == rank:
-                sources.add(ra)
-    except KeyError as exc:
-        err = InputError(f"a block record lacks the face view {exc}; it was written by another version or "
-                         f"is damaged: re-run with --restart")
-    except Exception as exc:  # an unreadable record: every rank must still reach the agreement
-        err = InputError(f"cannot read a face view from a block record: {type(exc).__name__}: {exc}; "
-                         f"re-run with --restart")
-    box.agree(err, where="preparing the face exchange")
-    sent_bytes = sum(sum(v.nbytes for v in d.values()) for d in outgoing.values())
-    received = mpi.exchange(comm, outgoing, sources)
-    remote = {}
-    for d in received.values():
-        remote.update(d)
-    err, edges = None, []
-    try:
-        for a, b, o in pairs:
-            if owner[b] != rank:
-                continue
-            va = views.get(a, okey(o)) if owner[a] == rank else remote.pop((a, o))
-            vb = views.get(b, okey(tuple(-v for v in o)))
-            if plan.rule == "touch":
-                e = st.touch_edges(va, vb, o, plan.connectivity)
-            else:
-                e = st.iou_edges(va, vb, cfg.iou_threshold)
-            if len(e):
-                edges.append(np.stack([e[:, 0] + offsets[a], e[:, 1] + offsets[b]], axis=1))
-    except Exception as exc:
-        err = exc
-    finally:
-        views.close()
+            if owner[a] == rank and owner[b] == rank:
+                match(a, b, o, views.get(a, okey(o)))
+    except Exception as exc:  # noqa: BLE001
+        fail(exc)
+    mpi.exchange(comm, {d: messages(k) for d, k in out_keys.items()}, sources, on_receive)
+    views.close()
+    sent_bytes = state["sent"]
+    err = state["err"]
     box.agree(err, where="face matching")
     edges = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
     all_edges = comm.gather(edges, root=0)

@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 import cases
-from conftest import read_table, ROOT
+from conftest import mpi_env, read_table, ROOT
 from mpicellpose.metrics import equivalence_report, label_equivalent
 
 
@@ -60,8 +60,22 @@ def test_output_attrs_mark_complete(serial_outputs):
 @pytest.mark.mpi
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_mpi_identical_to_serial(serial_outputs, tmp_path, mpirun, n):
-    out1, results = serial_outputs
     proc = mpirun(n, [ROOT / "tests" / "mpi_cases.py", tmp_path], timeout=300)
+    check_identical_to_serial(serial_outputs, tmp_path, proc, n)
+
+
+@pytest.mark.mpi
+def test_streamed_exchange_identical_to_serial(serial_outputs, tmp_path, mpirun):
+    """MPICELLPOSE_EXCHANGE_BYTES=1: every face view travels in its own message (many messages per
+    neighbour, interleaved with matching); the labels must not change."""
+    env = mpi_env()
+    env["MPICELLPOSE_EXCHANGE_BYTES"] = "1"
+    proc = mpirun(3, [ROOT / "tests" / "mpi_cases.py", tmp_path], timeout=300, env=env)
+    check_identical_to_serial(serial_outputs, tmp_path, proc, 3)
+
+
+def check_identical_to_serial(serial_outputs, tmp_path, proc, n):
+    out1, results = serial_outputs
     assert proc.stdout.strip().endswith(f"ok {len(cases.CASES)}")
     for name in cases.CASES:
         got = zarr.open(str(tmp_path / f"{name}.zarr"), mode="r")[...]
