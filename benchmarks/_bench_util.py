@@ -51,9 +51,8 @@ def vm_rss(pid="self") -> int:
     return _status_kb(pid, "VmRSS:")
 
 
-def _children_map():
-    """{ppid: [pid, ...]} for every process visible in /proc."""
-    out = {}
+def proc_stats():
+    """(pid, command name, fields after the name) of every process visible in /proc."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -63,9 +62,15 @@ def _children_map():
         except OSError:
             continue
         # the command may contain spaces and parentheses: split after the last ')'
-        rest = s[s.rfind(")") + 2:].split()
+        yield int(name), s[s.find("(") + 1:s.rfind(")")], s[s.rfind(")") + 2:].split()
+
+
+def _children_map():
+    """{ppid: [pid, ...]} for every process visible in /proc."""
+    out = {}
+    for pid, _, rest in proc_stats():
         try:
-            out.setdefault(int(rest[1]), []).append(int(name))
+            out.setdefault(int(rest[1]), []).append(pid)
         except (IndexError, ValueError):
             continue
     return out

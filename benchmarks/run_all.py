@@ -49,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-from _bench_util import last_json_line, machine_info, mem_available, run_cmd  # noqa: E402
+from _bench_util import last_json_line, machine_info, mem_available, proc_stats, run_cmd  # noqa: E402
 
 GiB = float(1 << 30)
 MiB = float(1 << 20)
@@ -153,15 +153,10 @@ def other_cpu_users(our_pid):
     """Processes (not ours) that used CPU recently: a 3 s /proc/stat utime+stime diff."""
     def snap():
         out = {}
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
+        for pid, name, rest in proc_stats():
             try:
-                with open(f"/proc/{name}/stat") as f:
-                    s = f.read()
-                rest = s[s.rfind(")") + 2:].split()
-                out[int(name)] = (int(rest[11]) + int(rest[12]), s[s.find("(") + 1:s.rfind(")")])
-            except (OSError, ValueError, IndexError):
+                out[pid] = (int(rest[11]) + int(rest[12]), name)
+            except (ValueError, IndexError):
                 continue
         return out
     a = snap()
