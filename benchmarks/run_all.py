@@ -398,8 +398,8 @@ def e2e_case(env: Env, name, case, repeats, whole_repeats):
         res = last_json_line(r.get("stdout_tail")) or {}
         rec = {"wall_s": r["wall_s"], "error": r["error"] or res.get("error"), "load1_at_start": round(load, 2),
                "cpu_s": tree_cpu_s(r),
-               **{k: res.get(k) for k in ("import_s", "read_s", "model_load_s", "eval_s", "write_s", "n_labels",
-                                         "vm_hwm_bytes")}}
+               **{k: res.get(k) for k in ("import_s", "read_s", "model_load_s", "eval_s", "network_s", "masks_s",
+                                         "write_s", "n_labels", "vm_hwm_bytes")}}
         if rec["error"]:
             env.err(f"{name} whole r{rep}", rec["error"])
         runs["whole"].append(rec)
@@ -589,7 +589,8 @@ def seam_quality(env: Env, name, d, case, keep):
             if tool != "whole" and "whole" in preds:
                 e["vs_whole"] = match_objects(pred, preds["whole"], 0.5)
             e["seam"] = seam_report(pred, gt, bs)
-            e["seam_errors"] = e["seam"]["seam_splits"] + e["seam"]["seam_merges"]
+            e["seam_errors"] = (e["seam"]["seam_splits"] + e["seam"]["seam_merges"]
+                                + e["seam"].get("seam_fragments", 0))
             q[tool] = e
     except Exception as exc:  # noqa: BLE001
         env.err(f"{name} quality", f"{exc!r}\n{traceback.format_exc()[-1500:]}")
@@ -1058,10 +1059,12 @@ def render_md(res):
         q = e.get("quality") or {}
         if q:
             L.append("Quality (repeat 1 outputs; F1 = object F1 at IoU >= 0.5; seam = ground-truth objects cut by "
-                     "block faces: rejoined, split across a seam, merged with another object across a seam):")
+                     "block faces: rejoined, split across a seam, merged with another object across a seam; "
+                     "fragments = labels matching no true object with a voxel next to a block face):")
             L.append("")
-            L.append("| system | labels | F1 vs truth | F1 vs whole-volume | cut | rejoined | seam splits | seam merges |")
-            L.append("|---|---|---|---|---|---|---|---|")
+            L.append("| system | labels | F1 vs truth | F1 vs whole-volume | cut | rejoined | seam splits | seam merges "
+                     "| seam fragments |")
+            L.append("|---|---|---|---|---|---|---|---|---|")
             for tool, lab in (("whole", "whole-volume (control)"), ("reference", "reference"), ("ours", "mpicellpose"),
                               ("ours_blocknorm", "mpicellpose --normalize block (variant)")):
                 x = q.get(tool)
@@ -1070,7 +1073,8 @@ def render_md(res):
                 vw = x.get("vs_whole", {}).get("f1")
                 L.append(f"| {lab} | {x['n_labels']} | {x['vs_truth']['f1']:.4f} | "
                          f"{'-' if vw is None else f'{vw:.4f}'} | {x['seam']['cut']} | {x['seam']['rejoined']} | "
-                         f"{x['seam']['seam_splits']} | {x['seam']['seam_merges']} |")
+                         f"{x['seam']['seam_splits']} | {x['seam']['seam_merges']} | "
+                         f"{x['seam'].get('seam_fragments', 'n/a')} |")
             L.append("")
 
     rows = res.get("merge_summary") or []
@@ -1264,6 +1268,35 @@ def print_summary(res):
 
 
 # --------------------------------------------------------------------------- main
+def render_only(path, work=None) -> int:
+    with open(path) as f:
+        res = json.load(f)
+
+    class _Errors:
+        def err(self, where, msg):
+            res.setdefault("errors", []).append({"where": where, "error": str(msg)})
+
+    for key in ("e2e", "dense"):
+        if (res.get(key) or {}).get("runs"):
+            res[key]["summary"] = summarize_e2e(res[key]["runs"])
+        d = os.path.join(work, key) if work else None
+        if d and os.path.isdir(d) and res.get(key):  # re-score the kept repeat-1 outputs
+            keep = {t: os.path.join(d, f"{p}_r0.zarr") for t, p in
+                    (("whole", "whole"), ("reference", "ref"), ("ours", "ours"), ("ours_blocknorm", "ours_blocknorm"))}
+            res[key]["quality"] = seam_quality(_Errors(), key, d, res[key]["case"]["case"], keep)
+    res["targets"] = targets(res)
+    stem = path[:-5] if path.endswith(".json") else path
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    perr = plot(res, stem + ".png")
+    if perr:
+        print(f"plot: {perr}", file=sys.stderr)
+    with open(stem + ".md", "w") as f:
+        f.write(render_md(res))
+    print_summary(res)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small cases (a few minutes)")
@@ -1284,7 +1317,11 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", default=None, metavar="JSON",
                    help="results of an earlier run_all invocation: its sections that are not run now are copied "
                         "into this report (marked in meta.reused_from)")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only rebuild the summaries, targets, .md and .png of an existing report")
     a = p.parse_args(argv)
+    if a.render:
+        return render_only(a.render, a.work)
     if a.repeats is None:
         a.repeats = 1 if a.quick else 3
     sections = {int(s) for s in a.sections.split(",") if s.strip()}

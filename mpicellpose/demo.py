@@ -36,8 +36,13 @@ def seam_report(pred, gt, blocksize, iou_threshold=0.5) -> dict:
       ``seam_splits``: cut objects covered by two or more predicted labels, each holding at
       least 10% of the object (the object was left in pieces);
       ``seam_merges``: predicted labels spanning several blocks that hold at least half of
-      two or more ground-truth objects (distinct objects merged).
+      two or more ground-truth objects (distinct objects merged);
+      ``seam_fragments``: predicted labels that match no ground-truth object (IoU below the
+      threshold) and have a voxel in a plane on either side of a block face: slivers of cut
+      objects that the stitching left as objects of their own (too small to count as a split).
     """
+    from scipy import ndimage
+
     from .metrics import contingency
 
     pred = np.asarray(pred)
@@ -70,7 +75,19 @@ def seam_report(pred, gt, blocksize, iou_threshold=0.5) -> dict:
     for g, p in zip(glab[half], plab[half]):
         holders.setdefault(int(p), set()).add(int(g))
     merges = sum(1 for p, gs in holders.items() if len(gs) >= 2 and p in multi_block_pred)
-    return {"cut": len(cut), "rejoined": int(rejoined), "seam_splits": int(splits), "seam_merges": int(merges)}
+    matched_pred = set(plab[iou >= max(iou_threshold, 0.5 + 1e-12)].tolist())
+    bs = [int(v) for v in (blocksize if np.ndim(blocksize) else [blocksize] * pred.ndim)]
+    faces = [set(range(b, n, b)) for b, n in zip(bs, pred.shape)]  # first voxel after each face
+    fragments = 0
+    boxes = ndimage.find_objects(pred.astype(np.int64, copy=False)) if pfg.any() else []
+    for lab, box in enumerate(boxes, start=1):
+        if box is None or lab in matched_pred:
+            continue
+        # touches face c when it has a voxel at c - 1 or c along that axis
+        if any(any(sl.start <= c <= sl.stop for c in f) for sl, f in zip(box, faces)):
+            fragments += 1
+    return {"cut": len(cut), "rejoined": int(rejoined), "seam_splits": int(splits), "seam_merges": int(merges),
+            "seam_fragments": int(fragments)}
 
 
 def register(sub) -> None:

@@ -156,3 +156,27 @@ def test_large_volume_is_fast():
     dt = time.perf_counter() - t
     assert r["tp"] == r["n_gt"] == 3072  # IoU 7/9
     assert dt < 5, dt
+
+
+def test_seam_report_counts_splits_merges_and_fragments():
+    from mpicellpose.demo import seam_report
+
+    gt = np.zeros((8, 16), np.int32)
+    gt[2:6, 4:12] = 1          # cut by the face at x = 8 (blocks of 8 along x)
+    gt[2:6, 13:15] = 2         # inside block 1
+    pred = gt.copy()
+    r = seam_report(pred, gt, (8, 8))
+    assert r == {"cut": 1, "rejoined": 1, "seam_splits": 0, "seam_merges": 0, "seam_fragments": 0}
+    sliver = pred.copy()
+    sliver[2:4, 8] = 3         # a 2-voxel piece of object 1 on the face, left as its own label
+    r = seam_report(sliver, gt, (8, 8))
+    assert (r["seam_fragments"], r["rejoined"], r["seam_splits"]) == (1, 1, 0)
+    far = pred.copy()
+    far[7, 0] = 4              # a false positive away from every face is not a seam fragment
+    assert seam_report(far, gt, (8, 8))["seam_fragments"] == 0
+    split = pred.copy()
+    split[2:6, 8:12] = 5       # object 1 left in two halves
+    assert seam_report(split, gt, (8, 8))["seam_splits"] == 1
+    merged = pred.copy()
+    merged[2:6, 12:15] = 1     # objects 1 and 2 joined across the face
+    assert seam_report(merged, gt, (8, 8))["seam_merges"] == 1
