@@ -203,7 +203,8 @@ def main(args) -> int:
         f"  objects: {scores['n_pred']} found, {scores['n_gt']} true; F1 (IoU 0.5) = {scores['f1']:.3f} "
         f"(precision {scores['precision']:.3f}, recall {scores['recall']:.3f}, mean IoU {scores['mean_matched_iou']:.3f})",
         f"  cut by block faces: {seams['cut']} objects, {seams['rejoined']} rejoined correctly; "
-        f"seam splits {seams['seam_splits']}, seam merges {seams['seam_merges']}",
+        f"seam splits {seams['seam_splits']}, seam merges {seams['seam_merges']}, "
+        f"seam fragments {seams['seam_fragments']}",
         "  time per phase: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
         f"  seconds per megavoxel: network {report['seconds_per_megavoxel']['network']}, "
         f"whole pipeline {report['seconds_per_megavoxel']['pipeline']}",

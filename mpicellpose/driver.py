@@ -485,31 +485,35 @@ def okey(offset) -> str:
 
 
 class _RecordViews:
-    """Face views read from the block records on demand, a few record files open at a time.
+    """Face views read from the block records on demand, cached up to a byte budget.
 
     Holding every record of a rank would cost (blocks per rank) x (all its face views): that grows
-    with the volume, not the block.  Pairs come in block order, so a small LRU suffices.
+    with the volume, not the block.  A record's views are read together (one file open) and the
+    least recently used records are dropped once the cache holds more than ``budget`` bytes.
     """
 
-    def __init__(self, paths, keep=32):
-        self.paths, self.keep = paths, keep
-        self.files = OrderedDict()
+    def __init__(self, paths, budget=256 << 20):
+        self.paths, self.budget = paths, budget
+        self.cache = OrderedDict()
+        self.nbytes = 0
 
     def get(self, b, key):
-        z = self.files.pop(b, None)
-        if z is None:
-            z = np.load(self.paths.record(b), allow_pickle=False)
-        self.files[b] = z
-        while len(self.files) > self.keep:
-            self.files.popitem(last=False)[1].close()
+        views = self.cache.pop(b, None)
+        if views is None:
+            with np.load(self.paths.record(b), allow_pickle=False) as z:
+                views = {k: z[k] for k in z.files if k.startswith(VIEW_PREFIX)}
+            self.nbytes += sum(v.nbytes for v in views.values())
+        self.cache[b] = views
+        while self.nbytes > self.budget and len(self.cache) > 1:
+            self.nbytes -= sum(v.nbytes for v in self.cache.popitem(last=False)[1].values())
         try:
-            return z[key]
+            return views[key]
         except KeyError:
             raise KeyError(f"{key} of block {b}") from None
 
     def close(self):
-        while self.files:
-            self.files.popitem()[1].close()
+        self.cache.clear()
+        self.nbytes = 0
 
 
 def read_block_image(src, blk: geo.Block, channel_axis):
