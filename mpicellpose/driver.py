@@ -485,17 +485,21 @@ def okey(offset) -> str:
 
 
 class _RecordViews:
-    """Face views read from the block records on demand, cached up to a byte budget.
+    """Face views read from the block records on demand; a record leaves memory after its last use.
 
     Holding every record of a rank would cost (blocks per rank) x (all its face views): that grows
-    with the volume, not the block.  A record's views are read together (one file open) and the
-    least recently used records are dropped once the cache holds more than ``budget`` bytes.
+    with the volume, not the block.  A record's views are read together (one file open) and kept
+    until the number of lookups announced for that block (``uses``) is spent, or, past ``budget``
+    bytes, dropped least recently used first (a later lookup then reads the file again).
     """
 
-    def __init__(self, paths, budget=256 << 20):
-        self.paths, self.budget = paths, budget
+    def __init__(self, paths, uses, budget=256 << 20):
+        self.paths, self.uses, self.budget = paths, dict(uses), budget
         self.cache = OrderedDict()
         self.nbytes = 0
+
+    def _drop(self, b):
+        self.nbytes -= sum(v.nbytes for v in self.cache.pop(b).values())
 
     def get(self, b, key):
         views = self.cache.pop(b, None)
@@ -504,8 +508,12 @@ class _RecordViews:
                 views = {k: z[k] for k in z.files if k.startswith(VIEW_PREFIX)}
             self.nbytes += sum(v.nbytes for v in views.values())
         self.cache[b] = views
+        left = self.uses.get(b, 1) - 1
+        self.uses[b] = left
+        if left <= 0:
+            self._drop(b)
         while self.nbytes > self.budget and len(self.cache) > 1:
-            self.nbytes -= sum(v.nbytes for v in self.cache.popitem(last=False)[1].values())
+            self._drop(next(iter(self.cache)))
         try:
             return views[key]
         except KeyError:
@@ -904,15 +912,19 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
     offsets = st.offsets_from_counts(counts)
     total = int(counts.sum())
     pairs = face_pairs(grid, kept, plan.rule, plan.connectivity)
-    views = _RecordViews(ctx.paths)  # face views are read when needed, never all at once
     budget = exchange_budget()
-    out_keys, sources = {}, set()
+    out_keys, sources, uses = {}, set(), {}
     for a, b, o in pairs:
         ra, rb = owner[a], owner[b]
+        if ra == rank:  # local pair or a view to send: a's record is read once for it
+            uses[a] = uses.get(a, 0) + 1
+        if rb == rank:  # b's side of the face is matched here
+            uses[b] = uses.get(b, 0) + 1
         if ra != rb and ra == rank:
             out_keys.setdefault(rb, []).append((a, o))
         elif ra != rb and rb == rank:
             sources.add(ra)
+    views = _RecordViews(ctx.paths, uses)  # face views are read when needed, never all at once
     state = {"err": None, "sent": 0}
     edges = []
 
