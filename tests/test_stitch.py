@@ -84,3 +84,28 @@ def test_reduce_pieces():
     assert out["count"].tolist() == [1, 12, 2]
     assert out["bbox_min"][1].tolist() == [0, 0] and out["bbox_max"][1].tolist() == [6, 8]
     assert out["n_blocks"].tolist() == [1, 2, 1]
+
+
+def test_record_views_read_once_and_dropped_after_last_use(tmp_path):
+    """Stitching reads a block record's face views once and drops them after the announced uses,
+    so a rank never holds all its records (memory set by the faces in flight, not the volume)."""
+    from types import SimpleNamespace
+
+    from mpicellpose.driver import _RecordViews, okey
+
+    paths = SimpleNamespace(record=lambda b: tmp_path / f"{b}.npz")
+    for b in range(3):
+        np.savez(paths.record(b), n=np.int64(1), **{okey((1, 0)): np.full((4, 4), b, np.uint32),
+                                                    okey((-1, 0)): np.full((4, 4), 10 + b, np.uint32)})
+    views = _RecordViews(paths, {0: 1, 1: 2, 2: 1})
+    assert views.get(0, okey((1, 0)))[0, 0] == 0 and 0 not in views.cache   # one use: gone at once
+    assert views.get(1, okey((-1, 0)))[0, 0] == 11 and 1 in views.cache     # one of two uses left
+    (tmp_path / "1.npz").unlink()                                            # the second use is served from memory
+    assert views.get(1, okey((1, 0)))[0, 0] == 1 and 1 not in views.cache
+    assert views.nbytes == 0
+    with pytest.raises(KeyError, match="block 2"):
+        views.get(2, okey((0, 1)))
+    tiny = _RecordViews(paths, {0: 5, 2: 5}, budget=1)                        # over budget: LRU drop
+    tiny.get(0, okey((1, 0)))
+    tiny.get(2, okey((1, 0)))
+    assert list(tiny.cache) == [2]
