@@ -504,8 +504,13 @@ class _RecordViews:
     def get(self, b, key):
         views = self.cache.pop(b, None)
         if views is None:
-            with np.load(self.paths.record(b), allow_pickle=False) as z:
-                views = {k: z[k] for k in z.files if k.startswith(VIEW_PREFIX)}
+            path = self.paths.record(b)
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    views = {k: z[k] for k in z.files if k.startswith(VIEW_PREFIX)}
+            except Exception as exc:  # unreadable or damaged record
+                raise InputError(f"cannot read the face views of block {b} from {path}: "
+                                 f"{type(exc).__name__}: {exc}; re-run with --restart") from exc
             self.nbytes += sum(v.nbytes for v in views.values())
         self.cache[b] = views
         left = self.uses.get(b, 1) - 1
@@ -514,10 +519,10 @@ class _RecordViews:
             self._drop(b)
         while self.nbytes > self.budget and len(self.cache) > 1:
             self._drop(next(iter(self.cache)))
-        try:
-            return views[key]
-        except KeyError:
-            raise KeyError(f"{key} of block {b}") from None
+        if key not in views:
+            raise InputError(f"the record of block {b} lacks the face view {key}; it was written by another "
+                             f"version or is damaged: re-run with --restart")
+        return views[key]
 
     def close(self):
         self.cache.clear()
@@ -928,14 +933,8 @@ def _run(cfg: RunConfig, comm, stop) -> RunResult:
     state = {"err": None, "sent": 0}
     edges = []
 
-    def fail(exc):
+    def fail(exc):  # the first error of this rank, agreed on after the exchange
         if state["err"] is None:
-            if isinstance(exc, KeyError):
-                exc = InputError(f"a block record lacks the face view {exc}; it was written by another version "
-                                 f"or is damaged: re-run with --restart")
-            elif isinstance(exc, (OSError, ValueError)):
-                exc = InputError(f"cannot read a face view from a block record: {type(exc).__name__}: {exc}; "
-                                 f"re-run with --restart")
             state["err"] = exc
 
     def match(a, b, o, va):

@@ -92,6 +92,7 @@ def test_record_views_read_once_and_dropped_after_last_use(tmp_path):
     from types import SimpleNamespace
 
     from mpicellpose.driver import _RecordViews, okey
+    from mpicellpose.errors import InputError
 
     paths = SimpleNamespace(record=lambda b: tmp_path / f"{b}.npz")
     for b in range(3):
@@ -103,8 +104,11 @@ def test_record_views_read_once_and_dropped_after_last_use(tmp_path):
     (tmp_path / "1.npz").unlink()                                            # the second use is served from memory
     assert views.get(1, okey((1, 0)))[0, 0] == 1 and 1 not in views.cache
     assert views.nbytes == 0
-    with pytest.raises(KeyError, match="block 2"):
+    with pytest.raises(InputError, match="block 2 lacks the face view"):
         views.get(2, okey((0, 1)))
+    (tmp_path / "1.npz").write_bytes(b"not a zip file")                      # a damaged record: clear error
+    with pytest.raises(InputError, match="cannot read the face views of block 1"):
+        _RecordViews(paths, {1: 1}).get(1, okey((1, 0)))
     tiny = _RecordViews(paths, {0: 5, 2: 5}, budget=1)                        # over budget: LRU drop
     tiny.get(0, okey((1, 0)))
     tiny.get(2, okey((1, 0)))
