@@ -21,19 +21,19 @@ looks up at call time are wrapped with timers (``time.perf_counter`` around the 
 microseconds each), per rank:
 
 ==================  ==========================================================
-``read``            ``driver.read_block_image``  (read a block's read region)
+``read``            ``blocks.read_block_image``  (read a block's read region)
 ``backend``         ``<Backend>.segment``  (Cellpose: ``CellposeModel.eval``, i.e. network +
                     flow dynamics/masks, all of Cellpose's own work on a block)
-``finish``          ``driver.finish_block``  (renumber core, write scratch chunk, write record)
-``normalize``       ``driver.global_normalization``
-``model_load``      ``driver._build_backend``
-``exchange``        ``comm.exchange``  (point-to-point face exchange)
+``finish``          ``blocks.number_core`` + ``blocks.record_block``  (renumber core, scratch chunk, record)
+``normalize``       ``normalization.global_normalization``
+``model_load``      ``blocks.build_backend``
+``exchange``        ``comm.streams.exchange``  (point-to-point face exchange)
 ``match``           ``stitch.touch_edges`` + ``stitch.iou_edges``
 ``union_find``      ``stitch.merge_edges``  (rank 0)
 ``lut``             ``stitch.block_lut``
 ``cp_network``      ``CellposeModel._run_net`` on the rank's model (resize + network on all tiles/planes)
 ``cp_masks``        ``CellposeModel._compute_masks`` (flow dynamics, mask assembly, size filter)
-``table``           ``driver._table_phase``
+``table``           ``phases.table.table_phase``
 ``agree``           ``comm.Mailbox.agree``  (collective agreement = waiting for other ranks)
 ``run``             the whole ``driver.run`` call on this rank
 ==================  ==========================================================
@@ -86,15 +86,18 @@ def _wrap(obj, attr, key):
 
 
 def install_hooks():
-    from mpicellpose import backends, driver, stitch
+    from mpicellpose import backends, blocks, driver, normalization, stitch
     from mpicellpose import comm as mcomm
+    from mpicellpose.comm import streams
+    from mpicellpose.phases import segment, table
 
-    _wrap(driver, "read_block_image", "read")
-    _wrap(driver, "finish_block", "finish")
-    _wrap(driver, "global_normalization", "normalize")
-    _wrap(driver, "_build_backend", "model_load")
-    _wrap(driver, "_table_phase", "table")
-    _wrap(mcomm, "exchange", "exchange")
+    _wrap(blocks, "read_block_image", "read")
+    _wrap(segment, "number_core", "finish")
+    _wrap(segment, "record_block", "finish")
+    _wrap(normalization, "global_normalization", "normalize")
+    _wrap(segment, "build_backend", "model_load")
+    _wrap(table, "table_phase", "table")
+    _wrap(streams, "exchange", "exchange")
     _wrap(stitch, "touch_edges", "match")
     _wrap(stitch, "iou_edges", "match")
     _wrap(stitch, "merge_edges", "union_find")

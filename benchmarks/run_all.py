@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -50,6 +49,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 from _bench_util import last_json_line, machine_info, mem_available, proc_stats, run_cmd  # noqa: E402
+from mpicellpose.storage import sha256_file  # noqa: E402
 
 GiB = float(1 << 30)
 MiB = float(1 << 20)
@@ -112,14 +112,6 @@ def fmt_mmm(t, digits=1, scale=1.0, unit=""):
     if abs(b - a) < 10 ** (-digits) / 2:
         return f"{m:.{digits}f}{unit}"
     return f"{m:.{digits}f}{unit} ({a:.{digits}f}-{b:.{digits}f})"
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class LoadMonitor:
@@ -249,7 +241,7 @@ def ensure_model(env: Env):
                     env.err("stand-in model", r.get("error"))
     info = {"path": path, "kind": kind, "exists": os.path.isfile(path)}
     if info["exists"]:
-        info["sha256"] = sha256(path)
+        info["sha256"] = sha256_file(path)
         info["bytes"] = os.path.getsize(path)
     return info
 
@@ -832,11 +824,12 @@ def memory_section(env: Env):
 def predict_comm(shape, blocksize, overlap, rule, connectivity, depth, ranks, itemsize=4):
     """Bytes each rank sends in the stitch phase, from the driver's own (pure) geometry.
 
-    Mirrors ``driver._run``: blocks assigned contiguously in grid order by core size; for each
+    Mirrors the run's stitch phase (``phases.faces``): blocks assigned contiguously in grid order by core size; for each
     face pair (a, b) with owners ra != rb, ra sends block a's view ``view_boxes(...)[offset]``
     (uint32) to rb.  Payload bytes only (pickle framing adds ~100 bytes per message).
     """
-    from mpicellpose import driver
+    from mpicellpose import blocks
+    from mpicellpose.phases import faces
     from mpicellpose import geometry as geo
     grid = geo.BlockGrid(tuple(shape), blocksize, overlap)
     kept = list(range(len(grid)))
@@ -845,12 +838,12 @@ def predict_comm(shape, blocksize, overlap, rule, connectivity, depth, ranks, it
     sent = np.zeros(ranks, np.int64)
     faces_cross = 0
     view_cache = {}
-    for a, b, o in driver.face_pairs(grid, kept, rule, connectivity):
+    for a, b, o in faces.face_pairs(grid, kept, rule, connectivity):
         if owner[a] == owner[b]:
             continue
         faces_cross += 1
         if a not in view_cache:
-            view_cache = {a: dict(driver.view_boxes(grid, a, rule, connectivity, depth))}
+            view_cache = {a: dict(blocks.view_boxes(grid, a, rule, connectivity, depth))}
         box = view_cache[a][o]
         sent[owner[a]] += geo.box_size(box) * itemsize
     return {"per_rank": sent.tolist(), "total": int(sent.sum()), "faces_crossing_ranks": faces_cross,

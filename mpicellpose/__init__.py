@@ -4,7 +4,7 @@ Public calls keep the names and meanings of Cellpose's Dask-based
 ``cellpose.contrib.distributed_segmentation``; nothing heavy (MPI, torch, cellpose)
 is imported until it is used.
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "distributed_eval",
@@ -22,9 +22,12 @@ def __getattr__(name):  # lazy: importing the package stays cheap and MPI-free
     if name in ("distributed_eval", "process_block"):
         from . import api
         return getattr(api, name)
-    if name in ("numpy_array_to_zarr", "wrap_folder_of_tiffs"):
-        from . import io
-        return getattr(io, name)
+    if name == "numpy_array_to_zarr":
+        from .storage import numpy_array_to_zarr
+        return numpy_array_to_zarr
+    if name == "wrap_folder_of_tiffs":
+        from .readers import wrap_folder_of_tiffs
+        return wrap_folder_of_tiffs
     if name == "RunConfig":
         from .config import RunConfig
         return RunConfig

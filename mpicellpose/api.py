@@ -5,13 +5,13 @@ import logging
 
 import numpy as np
 
-from . import driver
-from . import geometry as geo
-from . import io as mio
+from . import comm as mpi
+from . import driver, normalization
 from . import stitch as st
-from .backends import DEFAULT_DIAMETER, make_backend, resolve_model
+from .blocks import build_backend, number_core, segment_image
 from .config import RunConfig
 from .errors import ConfigError
+from .phases.plan import kept_blocks, open_volume, resolve_settings
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,13 @@ def distributed_eval(input_zarr, blocksize, write_path, mask=None, preprocessing
 
 def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, blocksize, overlap, output_zarr=None,
                   preprocessing_steps=(), worker_logs_directory=None, test_mode=False, *, backend="cellpose",
-                  backend_kwargs=None, channel_axis=None, segmenter=None, device=None, threads=None):
+                  backend_kwargs=None, channel_axis=None, segmenter=None, device=None, threads=None, **options):
     """Segment one block exactly as the full run does; try parameters before a big job.
+
+    The defaults are resolved by the same code as a run's (overlap from the diameter and the
+    anisotropy, the shipped model's diameter, voxel sizes of an OME-Zarr input), the block
+    goes through the same code path, and with global normalisation (the default) the same
+    sample of the volume gives the same bounds: the core's labels equal the run's.
 
     Parameters
     ----------
@@ -106,6 +111,9 @@ def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, bloc
         A backend built earlier (reuse the loaded model across calls).
     device, threads : optional
         As for :func:`distributed_eval` (torch device, CPU threads).
+    **options
+        Any other :class:`~mpicellpose.config.RunConfig` field that changes the labels
+        (``normalize``, ``mask``, ``voxel_size``, ``stitch``, ``iou_depth``, ...).
 
     Examples
     --------
@@ -116,30 +124,26 @@ def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, bloc
     >>> lab.shape, boxes, ids.tolist()
     ((10, 10), [(slice(2, 6, None), slice(2, 6, None))], [1])
     """
-    src = mio.open_input(input_zarr)
-    ek = dict(eval_kwargs or {})
-    channel_axis = driver.validate_input(src, channel_axis if channel_axis is not None else ek.pop("channel_axis", None))
-    shape = driver.spatial_shape(src.shape, channel_axis)
-    if overlap is None:
-        overlap = int(np.ceil(2 * (ek.get("diameter") or DEFAULT_DIAMETER))) if backend == "cellpose" else 0
-    grid = geo.BlockGrid(shape, blocksize, overlap)
+    cfg = RunConfig(input=input_zarr, output=None, blocksize=blocksize, overlap=overlap,
+                    preprocessing_steps=tuple(preprocessing_steps or ()), backend=backend,
+                    model_kwargs=dict(model_kwargs or {}), eval_kwargs=dict(eval_kwargs or {}),
+                    backend_kwargs=dict(backend_kwargs or {}), channel_axis=channel_axis, device=device,
+                    threads=threads, **options)
+    vol = open_volume(cfg)
+    settings = resolve_settings(cfg, vol)  # the defaults a run resolves (overlap, diameter, anisotropy)
+    grid = settings.grid
     blk = grid.block(tuple(block_index))
     if crop is not None:
         want = tuple((s.start, s.stop) for s in crop)
         if want != blk.read:
             raise ConfigError(f"crop {crop} does not match block {blk.index}'s read region {blk.read_slices}")
+    box = mpi.Mailbox(mpi.SelfComm())
     if segmenter is None:
-        resolved = resolve_model(model_kwargs or {}) if backend == "cellpose" else None
-        if backend == "cellpose" and ek.get("diameter") is None:
-            ek["diameter"] = 16.0 if resolved.get("name") == "demo" else DEFAULT_DIAMETER
-        segmenter = make_backend(backend, model_kwargs=model_kwargs, eval_kwargs=ek, backend_kwargs=backend_kwargs,
-                                 resolved=resolved, ndim=len(shape), device=device, threads=threads)
-    img = driver.read_block_image(src, blk, channel_axis)
-    for fn, kw in preprocessing_steps or ():
-        img = fn(img, crop=blk.read_slices, **kw)
-    labels = segmenter.segment(img, len(shape))
-    read_local, n = st.renumber_core(labels, blk.core_in_read)
-    core = read_local[blk.core_in_read]
+        # the same global bounds as the run: sampled from the blocks in the mask, whatever the rank count
+        norm = normalization.global_normalization(cfg, settings, kept_blocks(cfg, grid), vol.array, box)
+        segmenter = build_backend(cfg, settings, norm, box, load=True)
+    labels = segment_image(vol.array, blk, settings, cfg.preprocessing_steps, segmenter)
+    _, n, core = number_core(labels, blk)
     stats = st.block_stats(core, n, [a for a, _ in blk.core])
     boxes = [tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)) for lo, hi in zip(stats["bbox_min"], stats["bbox_max"])]
     ids = np.arange(1, n + 1, dtype=np.uint32)

@@ -6,7 +6,6 @@ over the spatial shape.  Heavy dependencies (torch, cellpose) are imported lazil
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import os
@@ -17,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import BackendError, ConfigError, ModelNotFoundError, needs
+from .storage import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -147,17 +147,6 @@ def _network_ok(host="www.cellpose.org", port=443, timeout=3.0) -> bool:
     t.start()
     t.join(timeout + 2.0)
     return bool(result and result[0])
-
-
-def sha256_file(path, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                break
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_model(model_kwargs: dict) -> dict:

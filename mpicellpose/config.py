@@ -54,6 +54,8 @@ class RunConfig:
     labels_name: str | None = None
     pyramid: int | None = None
     pyramid_method: str = "mode"
+    watchdog: float | None = None
+    config_file: str | None = None  # the --config file (never overwritten by an output)
 
     def __post_init__(self):
         if isinstance(self.backend, str):
@@ -84,6 +86,14 @@ class RunConfig:
             if not all(v > 0 and math.isfinite(v) for v in vs):
                 raise ConfigError(f"voxel_size must be positive, got {vs}")
             object.__setattr__(self, "voxel_size", vs)
+        if self.watchdog is not None:
+            try:
+                wd = float(self.watchdog)
+            except (TypeError, ValueError):
+                raise ConfigError(f"watchdog must be a number of seconds, got {self.watchdog!r}") from None
+            if not (wd >= 0 and math.isfinite(wd)):
+                raise ConfigError(f"watchdog must be >= 0 seconds (0 turns it off), got {self.watchdog!r}")
+            object.__setattr__(self, "watchdog", wd)
         if self.threads is not None and int(self.threads) < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         for name in ("model_kwargs", "eval_kwargs", "backend_kwargs"):

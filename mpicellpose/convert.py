@@ -1,7 +1,7 @@
 """``mpicellpose convert``: copy any supported input into a (OME-)zarr array, block by block.
 
 Reads TIFF files and stacks, globs of TIFF tiles, HDF5 datasets, zarr arrays and
-OME-Zarr images (anything :func:`mpicellpose.io.open_volume_spec` opens) and writes a
+OME-Zarr images (anything :func:`mpicellpose.readers.open_volume_spec` opens) and writes a
 chunked zarr array (``--ome``: an OME-Zarr image group with the array as level ``0``).
 The volume is never loaded whole: the output is cut into work units made of whole
 output chunks (grown to cover the input's own chunks where that saves re-reading, within
@@ -10,18 +10,19 @@ rank, so each output chunk is written by exactly one rank.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
-from . import io as mio
-from . import ome
-from .errors import ConfigError, InputError, OutputExistsError
+from . import geometry as geo
+from . import ngff, ngff_io, outputs, readers, storage
+from .errors import ConfigError, InputError, UnsafeOutputError
+from .volume import SPATIAL, VoxelSize, normalize_unit
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def output_chunks(shape, axes, chunks) -> tuple:
     >>> output_chunks((100, 300, 300), ("z", "y", "x"), (16, 128, 128))
     (16, 128, 128)
     """
-    spatial = [i for i, a in enumerate(axes) if a in ome.SPATIAL]
+    spatial = [i for i, a in enumerate(axes) if a in SPATIAL]
     chunks = tuple(int(c) for c in chunks)
     if len(chunks) == 1:
         chunks = chunks * len(spatial)
@@ -99,7 +100,7 @@ def output_chunks(shape, axes, chunks) -> tuple:
     out = []
     it = iter(chunks)
     for s, a in zip(shape, axes):
-        if a in ome.SPATIAL:
+        if a in SPATIAL:
             out.append(min(next(it), int(s)))
         elif a == "c":
             out.append(int(s))
@@ -142,12 +143,6 @@ def unit_shape(shape, out_chunks, in_chunks, itemsize: int, budget: int = DEFAUL
     return tuple(min(int(o) * m, int(s)) if m > 1 else int(o) for o, m, s in zip(out_chunks, mult, shape))
 
 
-def _boxes(shape, unit):
-    grid = [range(0, int(s), int(u)) for s, u in zip(shape, unit)]
-    for idx in np.ndindex(*[len(g) for g in grid]):
-        yield tuple(slice(int(g[i]), int(min(g[i] + u, s))) for g, i, u, s in zip(grid, idx, unit, shape))
-
-
 def _same_path(a, b) -> bool:
     return os.path.abspath(str(a)).rstrip("/") == os.path.abspath(str(b)).rstrip("/")
 
@@ -156,42 +151,45 @@ def _prepare(vol, source, output, *, chunks, zarr_format, as_ome, voxel_size, un
     """Rank 0: check the output location, create the array (and OME metadata)."""
     if isinstance(source, (str, os.PathLike)) and _same_path(str(source).split(":")[0], output):
         raise ConfigError(f"output {str(output)!r} is the same path as the input")
-    if os.path.exists(output):
-        if not overwrite:
-            raise OutputExistsError(f"output {str(output)!r} exists; pass --overwrite (overwrite=True) to replace it")
-        mio.remove_path(output)
+    if not str(output).strip():
+        raise UnsafeOutputError("OUTPUT is empty (an unset shell variable?): give the path of the zarr to write")
+    protected = outputs.protected_paths(SimpleNamespace(input=source, mask=None, config_file=None))
+    outputs.check_target("OUTPUT", repr(str(output)), output, protected)
+    replaces = outputs.replaceable(output, repr(str(output)), overwrite, runs=False)
+    if replaces:
+        outputs.remove_zarr(output, replaces)
     parent = os.path.dirname(os.path.abspath(output)) or "."
     os.makedirs(parent, exist_ok=True)
-    mio.check_writable(parent)
+    storage.check_writable(parent)
     vs = voxel_size
-    spatial = [a for a in vol.axes if a in ome.SPATIAL]
+    spatial = [a for a in vol.axes if a in SPATIAL]
     if vs is not None:
         vs = tuple(float(v) for v in vs)
         if len(vs) == 1:
             vs = vs * len(spatial)
         if len(vs) != len(spatial):
             raise ConfigError(f"voxel size {vs} needs one value per spatial axis {tuple(spatial)}")
-        units = (ome.normalize_unit(unit),) * len(spatial) if unit else \
+        units = (normalize_unit(unit),) * len(spatial) if unit else \
             (vol.voxel_size.units if vol.voxel_size is not None and vol.voxel_size.axes == tuple(spatial)
              else (None,) * len(spatial))
-        vs = ome.VoxelSize(tuple(spatial), vs, units)
+        vs = VoxelSize(tuple(spatial), vs, units)
     elif vol.voxel_size is not None:
         vs = vol.voxel_size
         if unit:
-            vs = ome.VoxelSize(vs.axes, vs.size, (ome.normalize_unit(unit),) * len(vs.axes), vs.origin)
+            vs = VoxelSize(vs.axes, vs.size, (normalize_unit(unit),) * len(vs.axes), vs.origin)
     attrs = {"mpicellpose": {"converted_from": str(source) if isinstance(source, (str, os.PathLike)) else
                              type(source).__name__, "axes": list(vol.axes),
                              "voxel_size": None if vs is None else list(vs.size),
                              "units": None if vs is None else list(vs.units)}}
     if as_ome:
-        group, path = ome.standalone_label_paths(output)
-        arr = mio.create_array(path, vol.shape, chunks, vol.dtype, zarr_format=zarr_format, attrs=attrs,
-                               **ome.array_options(zarr_format, vol.axes))
-        ome.write_multiscales_metadata(group, vol.axes, vs, zarr_format=zarr_format,
-                                       name=os.path.basename(str(output).rstrip("/")))
+        group, path = ngff.standalone_label_paths(output)
+        arr = storage.create_array(path, vol.shape, chunks, vol.dtype, zarr_format=zarr_format, attrs=attrs,
+                                   **ngff.array_options(zarr_format, vol.axes))
+        ngff_io.write_multiscales_metadata(group, vol.axes, vs, zarr_format=zarr_format,
+                                           name=os.path.basename(str(output).rstrip("/")))
     else:
         path = str(output)
-        arr = mio.create_array(path, vol.shape, chunks, vol.dtype, zarr_format=zarr_format, attrs=attrs)
+        arr = storage.create_array(path, vol.shape, chunks, vol.dtype, zarr_format=zarr_format, attrs=attrs)
     return path, tuple(int(c) for c in arr.chunks)
 
 
@@ -206,7 +204,7 @@ def convert(source, output, *, chunks=DEFAULT_CHUNK, zarr_format: int = 2, as_om
     Parameters
     ----------
     source : str or array-like
-        Anything :func:`mpicellpose.io.open_volume_spec` opens.
+        Anything :func:`mpicellpose.readers.open_volume_spec` opens.
     output : str
         Zarr array to create (``as_ome``: OME-Zarr group with level ``0``).
     chunks : int or tuple
@@ -220,7 +218,7 @@ def convert(source, output, *, chunks=DEFAULT_CHUNK, zarr_format: int = 2, as_om
     unit : str, optional
         Unit of the voxel size (``micrometer``; ``um`` is understood).
     dataset, level, channel, timepoint, axes, tile_pattern
-        Passed to :func:`mpicellpose.io.open_volume_spec`.
+        Passed to :func:`mpicellpose.readers.open_volume_spec`.
     overwrite : bool
         Replace an existing ``output`` (otherwise :class:`OutputExistsError`).
     budget : int
@@ -239,7 +237,7 @@ def convert(source, output, *, chunks=DEFAULT_CHUNK, zarr_format: int = 2, as_om
     >>> r = convert(os.path.join(d, "stack.tif"), os.path.join(d, "out.zarr"), chunks=8)
     >>> r.shape, r.chunks
     ((6, 20, 30), (6, 8, 8))
-    >>> bool((mio.open_array(r.path)[...] == data).all())
+    >>> bool((storage.open_array(r.path)[...] == data).all())
     True
     """
     from . import comm as mpi
@@ -253,36 +251,25 @@ def convert(source, output, *, chunks=DEFAULT_CHUNK, zarr_format: int = 2, as_om
     try:
         rank, size = comm.Get_rank(), comm.Get_size()
         box = mpi.Mailbox(comm)
-        err = None
-        try:
-            vol = mio.open_volume_spec(source, dataset, level=level, channel=channel, timepoint=timepoint,
-                                       axes=axes, tile_pattern=tile_pattern)
+        with box.step("opening the input"):
+            vol = readers.open_volume_spec(source, dataset, level=level, channel=channel, timepoint=timepoint,
+                                           axes=axes, tile_pattern=tile_pattern)
             if as_ome:
                 vol = vol.to_ngff_order()
             if any(s == 0 for s in vol.shape):
                 raise InputError(f"input shape {vol.shape} has a zero-sized axis")
             out_chunks = output_chunks(vol.shape, vol.axes, chunk_vals)
-        except Exception as exc:
-            err = exc
-        box.agree(err, where="opening the input")
-        prepared, err = None, None
-        if rank == 0:
-            try:
-                prepared = _prepare(vol, source, str(output), chunks=out_chunks, zarr_format=zarr_format,
-                                    as_ome=as_ome, voxel_size=voxel_size, unit=unit, overwrite=overwrite)
-            except Exception as exc:
-                err = exc
-        box.agree(err, where="creating the output")
-        path, out_chunks = comm.bcast(prepared, root=0)
+        path, out_chunks = box.on_root(
+            lambda: _prepare(vol, source, str(output), chunks=out_chunks, zarr_format=zarr_format, as_ome=as_ome,
+                             voxel_size=voxel_size, unit=unit, overwrite=overwrite), "creating the output")
         ushape = unit_shape(vol.shape, out_chunks, getattr(vol.array, "chunks", None), vol.dtype.itemsize, budget)
-        boxes = list(_boxes(vol.shape, ushape))
-        mine = ome.contiguous_share(len(boxes), rank, size)
+        boxes = [geo.box_slices(b) for b in geo.chunk_boxes(vol.shape, ushape)]
+        mine = range(*geo.contiguous_bounds(len(boxes), size, rank))
         if rank == 0:
             log.info("convert %s -> %s: %s %s, chunks %s, %d work unit(s) of %s on %d rank(s)", source, path,
                      vol.shape, vol.dtype, out_chunks, len(boxes), ushape, size)
-        err = None
-        try:
-            out = mio.open_array(path, mode="r+")
+        with box.step("copying the data"):
+            out = storage.open_array(path, mode="r+")
             last = time.perf_counter()
             for n, i in enumerate(mine, 1):
                 sl = boxes[i]
@@ -292,9 +279,6 @@ def convert(source, output, *, chunks=DEFAULT_CHUNK, zarr_format: int = 2, as_om
                     log.info("rank 0: %d / %d of its work units copied", n, len(mine))
                 if box.poll():
                     break
-        except Exception as exc:
-            err = exc
-        box.agree(err, where="copying the data")
         seconds = time.perf_counter() - t0
         if rank == 0:
             log.info("convert done: %s %s %s written in %.2f s", path, vol.shape, vol.dtype, seconds)
@@ -303,79 +287,3 @@ def convert(source, output, *, chunks=DEFAULT_CHUNK, zarr_format: int = 2, as_om
         if vol is not None:
             vol.close()
         mpi.free(comm)
-
-
-# --------------------------------------------------------------------------- command line
-def register(sub) -> None:
-    """Add the ``convert`` subcommand to ``sub`` (an argparse subparsers object)."""
-    p = sub.add_parser(
-        "convert", help="copy a TIFF / HDF5 / tile folder / zarr input into a chunked (OME-)zarr array",
-        description="Convert INPUT (TIFF file or stack, glob of TIFF tiles or slices, HDF5 file.h5:/dataset, zarr or "
-                    "OME-Zarr) into a chunked zarr array OUTPUT, block by block without loading the volume, in "
-                    "parallel when launched with mpirun/srun. --ome writes an OME-Zarr image (NGFF 0.4 with "
-                    "--zarr-format 2, 0.5 with 3) that viewers (napari, Fiji/MoBIE, neuroglancer) open with its "
-                    "voxel size.",
-    )
-    p.add_argument("input", help="input: file.tif, 'tiles/*.tif', file.h5:/dataset, in.zarr, image.ome.zarr")
-    p.add_argument("output", help="zarr array (or, with --ome, OME-Zarr group) to create")
-    p.add_argument("--chunks", default=str(DEFAULT_CHUNK), metavar="N|Z,Y,X",
-                   help=f"chunk size per spatial axis (default {DEFAULT_CHUNK}; channels stay in one chunk)")
-    p.add_argument("--zarr-format", type=int, choices=(2, 3), default=2, help="on-disk zarr format (default 2)")
-    p.add_argument("--ome", action="store_true", help="write an OME-Zarr image (OUTPUT/0 + multiscales metadata)")
-    p.add_argument("--voxel-size", default=None, metavar="Z,Y,X",
-                   help="physical voxel size per spatial axis (default: from the input's metadata, else 1)")
-    p.add_argument("--unit", default=None, help="unit of --voxel-size, e.g. micrometer (default: the input's)")
-    p.add_argument("--dataset", default=None, help="array inside a zarr group or HDF5 file")
-    p.add_argument("--level", default="0", help="OME-Zarr input: resolution level (index or path, default 0)")
-    p.add_argument("--channel", default=None, help="keep only this channel (index, or OME channel label)")
-    p.add_argument("--timepoint", type=int, default=None, help="time point of a time series")
-    p.add_argument("--axes", default=None, metavar="NAMES",
-                   help="axis names of an input that has none, e.g. czyx (default: last axes z,y,x)")
-    p.add_argument("--tile-pattern", default=None, metavar="REGEX",
-                   help=r"regular expression for tile indices in TIFF names (default '_(Z)(\d+)(Y)(\d+)(X)(\d+)')")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    p.set_defaults(func=main)
-
-
-def _axes_arg(text):
-    if text is None:
-        return None
-    t = str(text).strip()
-    names = [a.strip() for a in t.split(",")] if "," in t else list(t)
-    return tuple(a.lower() for a in names if a)
-
-
-def _channel_arg(text):
-    if text is None:
-        return None
-    t = str(text).strip()
-    return int(t) if t.lstrip("-").isdigit() else t
-
-
-def _level_arg(text):
-    t = str(text).strip()
-    return int(t) if t.lstrip("-").isdigit() else t
-
-
-def main(args: argparse.Namespace) -> int:
-    """Entry point of ``mpicellpose convert``; returns the exit code."""
-    from .cli_segment import run_and_report
-
-    def make_config():
-        return dict(
-            source=args.input, output=args.output, chunks=parse_triple(args.chunks, "--chunks", int),
-            zarr_format=args.zarr_format, as_ome=args.ome,
-            voxel_size=parse_triple(args.voxel_size, "--voxel-size"), unit=args.unit, dataset=args.dataset,
-            level=_level_arg(args.level), channel=_channel_arg(args.channel), timepoint=args.timepoint,
-            axes=_axes_arg(args.axes), tile_pattern=args.tile_pattern, overwrite=args.overwrite,
-        )
-
-    def runner(kwargs, comm):
-        result = convert(comm=comm, **kwargs)
-        if comm.Get_rank() == 0:
-            log.info("wrote %s: shape %s, dtype %s, axes %s, chunks %s", result.path, result.shape, result.dtype,
-                     "".join(result.axes), result.chunks)
-        return result
-
-    return run_and_report(make_config, args, runner)

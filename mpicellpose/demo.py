@@ -7,22 +7,23 @@ objects cut by block faces were rejoined, and the time per phase.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 import time
 
 import numpy as np
+
+from . import geometry as geo
 
 log = logging.getLogger(__name__)
 
 
 def block_ids(shape, blocksize) -> np.ndarray:
     """Linear block index of every voxel (C order), int64."""
-    grids = np.meshgrid(*[np.arange(s) // b for s, b in zip(shape, blocksize)], indexing="ij")
-    nb = [int(np.ceil(s / b)) for s, b in zip(shape, blocksize)]
-    return np.ravel_multi_index(grids, nb).astype(np.int64)
+    out = np.empty(tuple(int(s) for s in shape), np.int64)
+    for linear, box in enumerate(geo.chunk_boxes(shape, blocksize)):
+        out[geo.box_slices(box)] = linear
+    return out
 
 
 def seam_report(pred, gt, blocksize, iou_threshold=0.5) -> dict:
@@ -90,85 +91,70 @@ def seam_report(pred, gt, blocksize, iou_threshold=0.5) -> dict:
             "seam_fragments": int(fragments)}
 
 
-def register(sub) -> None:
-    p = sub.add_parser("demo", help="segment a synthetic nuclei volume with the shipped model and score it",
-                       description="Generate a synthetic 3D nuclei volume with ground truth, segment it with the "
-                                   "shipped 'demo' Cellpose model on every launched rank, and report object F1 "
-                                   "(IoU 0.5), objects cut by block faces and rejoined, and time per phase.")
-    p.add_argument("--dir", default="mpicellpose-demo", help="where to write image, labels, table, preview")
-    p.add_argument("--size", type=int, default=160, help="edge of the cubic volume (default 160)")
-    p.add_argument("--blocksize", default=None,
-                   help="block size (default SIZE/2,SIZE,SIZE: two blocks, so objects are cut by a face)")
-    p.add_argument("--overlap", default="16",
-                   help="overlap per side (default 16 = one nucleus diameter, which keeps the demo under 5 "
-                        "minutes on 2 CPU cores; the segment command's default is 2 x diameter)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the synthetic volume")
-    p.add_argument("--gradient", action="store_true",
-                   help="add a 1:4 brightness gradient along z, across the block faces (compare --normalize "
-                        "global with --normalize block)")
-    p.add_argument("--normalize", choices=("global", "block", "none"), default="global")
-    p.add_argument("--stitch", choices=("iou", "touch"), default="iou")
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:K")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None, help="also write the report as JSON here")
-    p.set_defaults(func=main)
+def default_dir() -> str:
+    """Where the demo writes without ``--out``: ``$XDG_CACHE_HOME/mpicellpose/demo``
+    (``~/.cache/mpicellpose/demo`` when the variable is unset or not absolute).
+
+    A per-user cache folder, not the current directory: the demo's files (a few MB) then
+    never land inside a source checkout or whatever folder the command was started from, and
+    a second run replaces the first one's files instead of leaving copies around.
+
+    Examples
+    --------
+    >>> import os
+    >>> default_dir().endswith(os.path.join("mpicellpose", "demo"))
+    True
+    """
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # the XDG spec says to ignore relative paths
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mpicellpose", "demo")
 
 
-def main(args) -> int:
-    from . import comm as mpi
-    from .cli_segment import run_and_report
+def demo_paths(out_dir) -> tuple:
+    """(image, ground truth, labels) zarr paths of the demo in ``out_dir``."""
+    return (os.path.join(out_dir, "image.zarr"), os.path.join(out_dir, "ground_truth.zarr"),
+            os.path.join(out_dir, "labels.zarr"))
+
+
+def generate(out_dir, size: int, seed: int = 1, gradient: bool = False) -> None:
+    """Write the synthetic nuclei volume (``size`` per axis) and its ground truth to ``out_dir``
+    (one rank); ``gradient`` adds a 1:4 brightness gradient along z."""
+    from . import storage
+    from .synthetic import make_nuclei
+
+    image_path, gt_path, _ = demo_paths(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+
+    gradient = (0, 0.25, 1.0) if gradient else None
+    img, gt = make_nuclei((size,) * 3, seed=seed, gradient=gradient)
+    storage.numpy_array_to_zarr(image_path, img, (64, 64, 64))
+    storage.numpy_array_to_zarr(gt_path, gt, (64, 64, 64))
+
+
+def demo_config(out_dir, size: int, blocksize=None, overlap="16", normalize="global", stitch="iou", device=None,
+                threads=None):
+    """The RunConfig of the demo: the shipped model on the volume of :func:`generate`, two blocks along z
+    unless ``blocksize`` is given."""
     from .config import RunConfig
 
-    comm = mpi.world()
-    rank = comm.Get_rank()
-    os.makedirs(args.dir, exist_ok=True)
-    image_path = os.path.join(args.dir, "image.zarr")
-    gt_path = os.path.join(args.dir, "ground_truth.zarr")
-    out_path = os.path.join(args.dir, "labels.zarr")
-    t0 = time.perf_counter()
-    err = None
-    if rank == 0:
-        try:
-            from . import io as mio
-            from .synthetic import make_nuclei
+    image_path, _, out_path = demo_paths(out_dir)
+    blocksize = blocksize or (size // 2, size, size)
+    return RunConfig(input=image_path, output=out_path, blocksize=blocksize, overlap=overlap,
+                     backend="cellpose", model_kwargs={"pretrained_model": "demo"},
+                     eval_kwargs={"diameter": 16.0}, normalize=normalize, stitch=stitch,
+                     overwrite=True, restart=True, device=device, threads=threads)
 
-            gradient = (0, 0.25, 1.0) if args.gradient else None
-            img, gt = make_nuclei((args.size,) * 3, seed=args.seed, gradient=gradient)
-            mio.numpy_array_to_zarr(image_path, img, (64, 64, 64))
-            mio.numpy_array_to_zarr(gt_path, gt, (64, 64, 64))
-        except Exception as exc:
-            err = f"{type(exc).__name__}: {exc}"
-    err = comm.bcast(err, root=0)
-    if err:
-        if rank == 0:
-            sys.stderr.write(f"mpicellpose: error: generating the demo volume failed: {err}\n")
-        return 1
-    t_gen = time.perf_counter() - t0
-    holder = {}
 
-    def make_config():
-        blocksize = args.blocksize or (args.size // 2, args.size, args.size)
-        return RunConfig(input=image_path, output=out_path, blocksize=blocksize, overlap=args.overlap,
-                         backend="cellpose", model_kwargs={"pretrained_model": "demo"},
-                         eval_kwargs={"diameter": 16.0}, normalize=args.normalize, stitch=args.stitch,
-                         overwrite=True, restart=True, device=args.device, threads=args.threads)
-
-    def runner(cfg, comm):
-        from .driver import run
-
-        holder["result"] = run(cfg, comm)
-        holder["cfg"] = cfg
-        return holder["result"]
-
-    code = run_and_report(make_config, args, runner)
-    if code != 0 or rank != 0:
-        return code
-    res, cfg = holder["result"], holder["cfg"]
+def evaluate(res, out_dir, n_ranks: int, generate_s: float) -> dict:
+    """Score the demo run ``res`` (a RunResult) against the ground truth, write the PNG preview
+    and return the report (F1, seams, time per phase, outputs)."""
     import zarr
 
     from .metrics import match_objects
     from .preview import write_preview
 
+    image_path, gt_path, out_path = demo_paths(out_dir)
     t = time.perf_counter()
     pred = res.labels[...]
     gt = zarr.open(gt_path, mode="r")[...]
@@ -178,18 +164,19 @@ def main(args) -> int:
     preview = None
     try:
         img = zarr.open(image_path, mode="r")
-        preview = write_preview(res.labels, os.path.join(args.dir, "preview.png"), img, bs,
-                                title=f"mpicellpose demo: {scores['n_pred']} objects, F1 {scores['f1']:.3f}")
+        preview = write_preview(res.labels, os.path.join(out_dir, "preview.png"), img, bs,
+                                title=f"mpicellpose demo: synthetic nuclei, {scores['n_gt']} true objects, "
+                                      f"F1 {scores['f1']:.3f}", n_objects=scores["n_pred"])
     except Exception as exc:  # matplotlib missing: the run itself is still valid
         log.warning("no preview: %s", exc)
     t_score = time.perf_counter() - t
     timings = dict(res.timings)
     nvox = float(np.prod(pred.shape))
-    report = {
-        "ranks": comm.Get_size(), "shape": list(pred.shape), "blocksize": list(bs),
+    return {
+        "ranks": n_ranks, "shape": list(pred.shape), "blocksize": list(bs),
         "f1": scores["f1"], "precision": scores["precision"], "recall": scores["recall"],
         "n_pred": scores["n_pred"], "n_gt": scores["n_gt"], "mean_matched_iou": scores["mean_matched_iou"],
-        "seams": seams, "timings": timings, "generate_s": round(t_gen, 2), "score_s": round(t_score, 2),
+        "seams": seams, "timings": timings, "generate_s": round(generate_s, 2), "score_s": round(t_score, 2),
         "seconds_per_megavoxel": {
             "network": round(timings.get("segment", 0.0) / (nvox / 1e6), 3),
             "pipeline": round(timings.get("total", 0.0) / (nvox / 1e6), 3),
@@ -197,21 +184,26 @@ def main(args) -> int:
         "normalization": res.stats.get("normalization"),
         "outputs": {"labels": out_path, "table": res.table_path, "preview": preview},
     }
+
+
+def format_summary(report: dict, out_dir) -> str:
+    """The demo's report (:func:`evaluate`) as the lines it prints."""
+    shape, bs, seams, timings = report["shape"], tuple(report["blocksize"]), report["seams"], report["timings"]
+    outputs = report["outputs"]
+    preview = outputs["preview"]
     lines = [
-        f"mpicellpose demo: {pred.shape[0]}x{pred.shape[1]}x{pred.shape[2]} synthetic nuclei, blocks {bs}, "
-        f"{comm.Get_size()} rank(s)",
-        f"  objects: {scores['n_pred']} found, {scores['n_gt']} true; F1 (IoU 0.5) = {scores['f1']:.3f} "
-        f"(precision {scores['precision']:.3f}, recall {scores['recall']:.3f}, mean IoU {scores['mean_matched_iou']:.3f})",
+        f"mpicellpose demo: {shape[0]}x{shape[1]}x{shape[2]} synthetic nuclei, blocks {bs}, "
+        f"{report['ranks']} rank(s)",
+        f"  objects: {report['n_pred']} found, {report['n_gt']} true; F1 (IoU 0.5) = {report['f1']:.3f} "
+        f"(precision {report['precision']:.3f}, recall {report['recall']:.3f}, "
+        f"mean IoU {report['mean_matched_iou']:.3f})",
         f"  cut by block faces: {seams['cut']} objects, {seams['rejoined']} rejoined correctly; "
         f"seam splits {seams['seam_splits']}, seam merges {seams['seam_merges']}, "
         f"seam fragments {seams['seam_fragments']}",
         "  time per phase: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
         f"  seconds per megavoxel: network {report['seconds_per_megavoxel']['network']}, "
         f"whole pipeline {report['seconds_per_megavoxel']['pipeline']}",
-        f"  outputs: {out_path}, {res.table_path}" + (f", {preview}" if preview else ""),
+        f"  outputs: {outputs['labels']}, {outputs['table']}" + (f", {preview}" if preview else ""),
+        f"  all demo files are in {out_dir}",
     ]
-    sys.stdout.write("\n".join(lines) + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-    return 0
+    return "\n".join(lines) + "\n"

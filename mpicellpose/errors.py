@@ -23,6 +23,14 @@ class OutputExistsError(MpiCellposeError, FileExistsError):
     """The output exists and was not made by this run (use overwrite)."""
 
 
+class UnsafeOutputError(MpiCellposeError, ValueError):
+    """The output (or work directory) would put the user's files at risk; nothing was written."""
+
+
+class OutputInUseError(MpiCellposeError, RuntimeError):
+    """Another run holds the output's lock."""
+
+
 class ModelNotFoundError(MpiCellposeError, FileNotFoundError):
     """Model weights are missing and cannot be downloaded."""
 
@@ -60,3 +68,13 @@ def needs(package: str, extra: str | None = None) -> DependencyError:
     """Build an install hint for a missing optional dependency."""
     hint = f"pip install 'mpicellpose[{extra}]'" if extra else f"pip install {package}"
     return DependencyError(f"{package} is required for this feature but is not installed; try: {hint}")
+
+
+def agreed(exc: BaseException) -> BaseException:
+    """Mark an exception that every rank of a run raises alike (after a collective decision).
+
+    :func:`mpicellpose.driver.run` ends the whole job (``MPI_Abort``) when an exception that
+    is *not* marked leaves a multi-rank run: the other ranks would otherwise wait for ever.
+    """
+    exc.agreed = True
+    return exc

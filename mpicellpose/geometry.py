@@ -80,6 +80,24 @@ def box_size(box: Box) -> int:
     return int(np.prod(box_shape(box), dtype=np.int64))
 
 
+def chunk_boxes(shape: Sequence[int], chunks: Sequence[int]) -> Iterator[Box]:
+    """The boxes of a regular grid of ``chunks`` over ``shape``, in C order.
+
+    The last box along an axis is cut at the edge.  Any number of axes (unlike
+    :class:`BlockGrid`, which also checks the volume); an empty axis gives no box.
+
+    Examples
+    --------
+    >>> list(chunk_boxes((3, 5), (2, 4)))
+    [((0, 2), (0, 4)), ((0, 2), (4, 5)), ((2, 3), (0, 4)), ((2, 3), (4, 5))]
+    """
+    shape = tuple(int(s) for s in shape)
+    chunks = tuple(int(c) for c in chunks)
+    grid = [range(0, s, c) for s, c in zip(shape, chunks)]
+    for idx in np.ndindex(*[len(g) for g in grid]):
+        yield tuple((int(g[i]), int(min(g[i] + c, s))) for g, i, c, s in zip(grid, idx, chunks, shape))
+
+
 @dataclass(frozen=True)
 class Block:
     """One block of the grid.
@@ -234,11 +252,6 @@ class BlockGrid:
         return tuple(band)
 
 
-def grid_for(shape, blocksize, overlap) -> BlockGrid:
-    """Build and validate a :class:`BlockGrid` (errors name the bad value)."""
-    return BlockGrid(tuple(shape), blocksize, overlap)
-
-
 def mask_region(block_core: Box, volume_shape: Sequence[int], mask_shape: Sequence[int]) -> tuple:
     """Slices of a (lower resolution) mask covering ``block_core`` of the volume."""
     out = []
@@ -278,6 +291,46 @@ def blocks_in_mask(grid: BlockGrid, mask) -> np.ndarray:
     return keep
 
 
+def contiguous_owner(position, total, n_parts: int):
+    """Which of ``n_parts`` equal contiguous shares of ``[0, total)`` holds ``position``.
+
+    ``floor(position * n_parts / total)``, clipped to the last part; exact integer
+    arithmetic for integer positions (item ``i`` of ``total`` items), floating point
+    otherwise (a position along a cumulative weight).  The one rule behind every
+    contiguous split: :func:`contiguous_bounds` (items per rank),
+    :func:`assign_contiguous` (weighted blocks), :func:`mpicellpose.table.owner_of`.
+
+    Examples
+    --------
+    >>> contiguous_owner(np.arange(5), 5, 2).tolist()
+    [0, 0, 0, 1, 1]
+    >>> contiguous_owner(np.array([0.5, 2.5, 4.5]), 5.0, 2).tolist()
+    [0, 1, 1]
+    """
+    pos = np.asarray(position)
+    if np.issubdtype(pos.dtype, np.integer):
+        part = pos.astype(np.int64) * n_parts // max(int(total), 1)
+    else:
+        part = (pos / total * n_parts).astype(np.int64)
+    return np.minimum(part, n_parts - 1)
+
+
+def contiguous_bounds(n_items: int, n_parts: int, part: int) -> tuple:
+    """``(lo, hi)``: the run ``range(lo, hi)`` of ``range(n_items)`` held by ``part`` of ``n_parts``.
+
+    Runs are contiguous, in order, of near-equal length, and item ``i`` lies in the
+    run of part :func:`contiguous_owner` ``(i, n_items, n_parts)``.
+
+    Examples
+    --------
+    >>> [contiguous_bounds(5, 2, p) for p in range(2)]
+    [(0, 3), (3, 5)]
+    """
+    lo = -(-part * n_items // n_parts)
+    hi = -(-(part + 1) * n_items // n_parts)
+    return lo, hi
+
+
 def assign_contiguous(items: Sequence[int], weights: Sequence[float], n_ranks: int) -> list:
     """Split ``items`` (kept in order) into ``n_ranks`` contiguous runs of near-equal weight.
 
@@ -287,7 +340,7 @@ def assign_contiguous(items: Sequence[int], weights: Sequence[float], n_ranks: i
     Examples
     --------
     >>> assign_contiguous([0, 1, 2, 3, 4], [1, 1, 1, 1, 1], 2)
-    [[0, 1, 2], [3, 4]]
+    [[0, 1], [2, 3, 4]]
     """
     items = list(items)
     n_ranks = int(n_ranks)
@@ -304,7 +357,7 @@ def assign_contiguous(items: Sequence[int], weights: Sequence[float], n_ranks: i
         total = cum[-1]
     # item i goes to the rank whose share contains the midpoint of its weight
     mid = cum - w / 2 if total > 0 else cum
-    ranks = np.minimum((mid / total * n_ranks).astype(np.int64), n_ranks - 1)
+    ranks = contiguous_owner(mid, total, n_ranks)
     for item, r in zip(items, ranks):
         out[int(r)].append(item)
     return out

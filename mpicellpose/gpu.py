@@ -1,8 +1,8 @@
 """Bind each MPI rank to one accelerator.
 
 The rule is *one rank per GPU*: the ranks that share a node are numbered
-``0 .. local_size - 1`` (the node-local rank, from
-``comm.Split_type(MPI.COMM_TYPE_SHARED)``) and node-local rank ``r`` takes
+``0 .. local_size - 1`` (the node-local rank: ranks grouped by processor
+name through the MPI gateway) and node-local rank ``r`` takes
 ``cuda:{r % n_visible}``, where ``n_visible`` is the number of GPUs *this
 process* can see.  The scheduler's choice is respected: when it hides GPUs
 through ``CUDA_VISIBLE_DEVICES`` (``srun --gpus-per-task=1``, ``jsrun -g 1``,
@@ -365,14 +365,15 @@ def bind_device(comm=None, override: Optional[str] = None, *, log: bool = True) 
     """Choose this rank's device: one rank per GPU, node by node.
 
     Collective over ``comm`` (every rank must call it): the node-local rank is
-    computed with ``comm.Split_type(MPI.COMM_TYPE_SHARED)`` and the temporary
-    sub-communicator is freed before returning.  Torch is imported lazily;
+    computed by grouping the ranks by processor name, through the MPI gateway
+    (:class:`mpicellpose.comm.Mailbox`: labelled collectives that never block).  Torch is imported lazily;
     this function does not call ``torch.cuda.set_device``.
 
     Parameters
     ----------
-    comm : mpi4py communicator, optional
-        Communicator of the ranks that segment.  ``None``: no MPI; the node-local
+    comm : Mailbox or mpi4py communicator, optional
+        The run's MPI gateway (:class:`mpicellpose.comm.Mailbox`), or a communicator
+        (wrapped in one).  Communicator of the ranks that segment.  ``None``: no MPI; the node-local
         rank is read from the launcher's variables (see :func:`local_rank_from_env`).
     override : str, optional
         Device requested by the user (``--device``), see :func:`choose_device`.
@@ -411,25 +412,19 @@ def bind_device(comm=None, override: Optional[str] = None, *, log: bool = True) 
         host = socket.gethostname()
         device = choose_device(local_rank, local_size, n_visible, override)
     else:
-        from mpi4py import MPI  # noqa: PLC0415  (no MPI at import time)
+        from .comm import Mailbox  # noqa: PLC0415 - the MPI gateway (labelled, non-blocking waits)
 
-        rank = comm.Get_rank()
+        box = comm if hasattr(comm, "node_local") else Mailbox(comm)
+        rank = box.rank
+        local_rank, local_size, host = box.node_local("device binding: ranks per node")
         try:
-            host = MPI.Get_processor_name()
-        except Exception:  # pragma: no cover - an MPI without processor names
-            host = socket.gethostname()
-        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
-        try:
-            local_rank, local_size = node.Get_rank(), node.Get_size()
-            try:
-                device = choose_device(local_rank, local_size, n_visible, override)
-                error = None
-            except ValueError as exc:
-                device, error = "invalid", exc
-            # one tiny node-local exchange: which physical GPU each rank took
-            node_devices = node.allgather(_physical_id(device, cvd))
-        finally:
-            node.Free()
+            device = choose_device(local_rank, local_size, n_visible, override)
+            error = None
+        except ValueError as exc:
+            device, error = "invalid", exc
+        # one tiny exchange: which physical GPU each rank of this node took
+        taken = box.allgather((host, _physical_id(device, cvd)), "device binding: GPUs taken")
+        node_devices = [d for h, d in taken if h == host]
         if error is not None:
             raise error
 

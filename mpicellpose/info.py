@@ -13,8 +13,6 @@ Cellpose or even mpi4py installed ("not installed").
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import platform
@@ -23,10 +21,12 @@ import sys
 from importlib import metadata
 from typing import Dict, List, Optional, Tuple
 
+from . import comm as mpi
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["standalone_main", "package_version", "collect_versions", "mpi_summary", "cuda_aware_mpi",
-           "rank_record", "collect_info", "format_report", "register", "main"]
+__all__ = ["package_version", "collect_versions", "mpi_summary", "cuda_aware_mpi",
+           "rank_record", "collect_info", "format_report"]
 
 NOT_INSTALLED = "not installed"
 
@@ -137,15 +137,10 @@ def cuda_aware_mpi(environ: Optional[Dict[str, str]] = None) -> Tuple[str, str]:
     True
     """
     env = os.environ if environ is None else environ
-    try:
-        from mpi4py import MPI  # noqa: PLC0415
-
-        for name in ("Query_cuda_support", "MPIX_Query_cuda_support"):
-            query = getattr(MPI, name, None)
-            if query is not None:
-                return ("yes" if query() else "no"), f"mpi4py MPI.{name}()"
-    except Exception:  # mpi4py missing or the query failed
-        pass
+    found = mpi.query_cuda_support()
+    if found is not None:
+        supported, name = found
+        return ("yes" if supported else "no"), f"mpi4py MPI.{name}()"
     truthy = ("1", "yes", "true", "on", "enable", "enabled")
     checks = (
         ("MPICH_GPU_SUPPORT_ENABLED", "HPE Cray MPICH"),
@@ -167,20 +162,16 @@ def cuda_aware_mpi(environ: Optional[Dict[str, str]] = None) -> Tuple[str, str]:
 
 def mpi_summary(comm=None) -> Dict[str, object]:
     """MPI library, standard version, size; ``{"mpi4py": "not installed"}`` without mpi4py."""
-    try:
-        from mpi4py import MPI  # noqa: PLC0415
-    except Exception as exc:
-        return {"mpi4py": NOT_INSTALLED, "library": NOT_INSTALLED, "error": str(exc)}
-    lines = [" ".join(line.split()) for line in MPI.Get_library_version().strip().splitlines()]
-    major, minor = MPI.Get_version()
+    error = mpi.mpi_import_error()
+    if error is not None:
+        return {"mpi4py": NOT_INSTALLED, "library": NOT_INSTALLED, "error": error}
+    library = mpi.library_version()
     aware, how = cuda_aware_mpi()
     return {
-        "library": lines[0].strip() if lines else "unknown",
-        "standard": f"{major}.{minor}",
+        "library": " ".join(library.split()) if library else "unknown",
+        "standard": mpi.mpi_standard(),
         "size": comm.Get_size() if comm is not None else 1,
-        "thread_level": {getattr(MPI, n, None): n for n in
-                         ("THREAD_SINGLE", "THREAD_FUNNELED", "THREAD_SERIALIZED",
-                          "THREAD_MULTIPLE")}.get(MPI.Query_thread(), "unknown"),
+        "thread_level": mpi.thread_level_name() or "unknown",
         "cuda_aware": aware,
         "cuda_aware_how": how,
     }
@@ -291,52 +282,7 @@ def format_report(info: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add the ``info`` subcommand to the CLI."""
-    parser = subparsers.add_parser(
-        "info", help="print versions, MPI and GPU binding (attach to bug reports)",
-        description="Print versions of mpicellpose and its stack, the MPI library, and for "
-                    "every rank the host, the GPUs it sees and the device it would use. "
-                    "Run it under the same launcher as the job, e.g. "
-                    "'mpirun -n 8 python -m mpi4py -m mpicellpose info'.")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument("--device", default=None,
-                        help="show the binding for this --device (auto, cpu, cuda, cuda:K, mps)")
-    parser.set_defaults(func=main)
-    return parser
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run ``mpicellpose info``; rank 0 prints, every rank returns 0."""
-    try:
-        from mpi4py import MPI  # noqa: PLC0415
-
-        comm = MPI.COMM_WORLD
-    except Exception:  # mpi4py missing: report this process alone
-        comm = None
-    info = collect_info(comm, getattr(args, "device", None))
-    if info is None:
-        return 0
-    if getattr(args, "json", False):
-        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
-    else:
-        sys.stdout.write(format_report(info) + "\n")
-    sys.stdout.flush()
-    return 0
-
-
-def standalone_main(argv=None) -> int:
-    """``python -m mpicellpose.info [--json] [--device D]``.
-
-    The same report without the rest of the CLI, so that it works even when
-    another part of the installation is broken.
-    """
-    parser = argparse.ArgumentParser(prog="python -m mpicellpose.info")
-    sub = parser.add_subparsers(dest="command")
-    register(sub)
-    args = parser.parse_args(["info", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
 if __name__ == "__main__":  # pragma: no cover - exercised through subprocess tests
+    from mpicellpose.cli.info import standalone_main
+
     sys.exit(standalone_main())

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import geometry as geo
+
 
 def id_range(rank: int, size: int, n: int):
     """Final IDs ``[lo, hi)`` owned by ``rank`` (pieces go to ``(id - 1) * size // n``).
@@ -27,14 +29,13 @@ def id_range(rank: int, size: int, n: int):
     >>> [id_range(r, 3, 10) for r in range(3)]
     [(1, 5), (5, 8), (8, 11)]
     """
-    lo = -(-rank * n // size) + 1
-    hi = -(-(rank + 1) * n // size) + 1
-    return lo, hi
+    lo, hi = geo.contiguous_bounds(n, size, rank)
+    return lo + 1, hi + 1
 
 
 def owner_of(ids: np.ndarray, size: int, n: int) -> np.ndarray:
     """Rank owning each final ID (consistent with :func:`id_range`)."""
-    return np.minimum((np.asarray(ids, np.int64) - 1) * size // max(n, 1), size - 1)
+    return geo.contiguous_owner(np.asarray(ids, np.int64) - 1, n, size)
 
 
 def axis_names(ndim: int):

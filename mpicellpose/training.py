@@ -28,7 +28,6 @@ imported inside the functions.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .metrics import match_objects
+from .storage import sha256_file
 from .synthetic import make_nuclei, split_disconnected
 
 logger = logging.getLogger(__name__)
@@ -116,14 +116,6 @@ def training_slices(volumes: Sequence[Dict] = TRAIN_VOLUMES, *, seed: int = 0,
                 images.append(np.take(img, pos, axis=axis).astype(np.float32))
                 labels.append(split_disconnected(np.take(lab, pos, axis=axis)))
     return images, labels
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_half_precision(src: Path, dst: Path, diam_labels: Optional[float] = None) -> None:
@@ -363,7 +355,7 @@ def train_demo_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0,
         "diam_labels_note": ("diam_labels set to the 3D mean nucleus diameter (16): training "
                              "labels are 2D cross-sections, whose mean diameter is smaller, "
                              "and eval without diameter should not resize"),
-        "sha256": _sha256(weights),
+        "sha256": sha256_file(weights),
         "size_bytes": weights.stat().st_size,
         "training": {
             "command": f"python -m mpicellpose.training --steps {steps} --seed {seed}",

@@ -10,7 +10,7 @@ import zarr
 import cases
 from conftest import run_mpi
 from mpicellpose import cli, distributed_eval, stitch
-from mpicellpose.io import numpy_array_to_zarr
+from mpicellpose.storage import numpy_array_to_zarr
 
 
 @pytest.fixture(scope="module")

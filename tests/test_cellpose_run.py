@@ -6,7 +6,7 @@ import zarr
 
 from conftest import run_mpi
 from mpicellpose import process_block
-from mpicellpose.io import numpy_array_to_zarr
+from mpicellpose.storage import numpy_array_to_zarr
 from mpicellpose.metrics import match_objects
 from mpicellpose.synthetic import make_nuclei
 
@@ -53,4 +53,26 @@ def test_process_block_matches_full_run_core(runs):
     scratch = zarr.open(str(d / "n1" / "labels.mpicellpose-work" / "scratch.zarr"), mode="r")
     assert lab.shape == (20, 64, 64) and lab.max() > 0
     assert np.array_equal(lab, scratch[20:40])
+    assert len(boxes) == len(ids) == lab.max()
+
+
+@pytest.mark.slow
+def test_process_block_defaults_equal_the_run(tmp_path):
+    """3D, anisotropic, the shipped model, default settings (overlap, diameter, global
+    normalisation): process_block gives exactly the core the full run gives that block."""
+    from mpicellpose import distributed_eval
+
+    img, _ = make_nuclei((24, 64, 64), seed=11, anisotropy=2.0)
+    numpy_array_to_zarr(tmp_path / "in.zarr", img, (12, 32, 32))
+    common = dict(model_kwargs={"pretrained_model": "demo"}, eval_kwargs={"anisotropy": 2.0})
+    labels, _ = distributed_eval(str(tmp_path / "in.zarr"), (24, 32, 32), str(tmp_path / "out.zarr"), keep_work=True,
+                                 threads=1, device="cpu", **common)
+    meta = labels.attrs["mpicellpose"]
+    assert meta["overlap"] == [16, 32, 32] and meta["normalization"] is not None  # the defaults were used
+    scratch = zarr.open(str(tmp_path / "out.mpicellpose-work" / "scratch.zarr"), mode="r")
+    lab, boxes, ids = process_block((0, 1, 1), None, str(tmp_path / "in.zarr"), common["model_kwargs"],
+                                    common["eval_kwargs"], (24, 32, 32), None, test_mode=True, threads=1,
+                                    device="cpu")
+    assert lab.max() > 2
+    assert np.array_equal(lab, scratch[:, 32:64, 32:64])
     assert len(boxes) == len(ids) == lab.max()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mpicellpose import convert as cv
-from mpicellpose import io as mio
-from mpicellpose import ome
+from mpicellpose import ngff_io, storage
+from mpicellpose.cli import convert as cv_cli
 from mpicellpose.errors import ConfigError, DistributedError
 
 tifffile = pytest.importorskip("tifffile")
@@ -37,7 +37,7 @@ class CountingArray:
 def _cli(argv) -> int:
     parser = argparse.ArgumentParser(prog="mpicellpose")
     sub = parser.add_subparsers()
-    cv.register(sub)
+    cv_cli.register(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -45,7 +45,7 @@ def _cli(argv) -> int:
 def test_tiff_to_zarr_round_trip_and_chunks(tmp_path, data):
     tifffile.imwrite(tmp_path / "s.tif", data)
     r = cv.convert(str(tmp_path / "s.tif"), str(tmp_path / "o.zarr"), chunks=(4, 8, 8))
-    out = mio.open_array(r.path)
+    out = storage.open_array(r.path)
     assert r.path == str(tmp_path / "o.zarr") and out.chunks == (4, 8, 8) and r.axes == ("z", "y", "x")
     np.testing.assert_array_equal(out[...], data)
     assert out.attrs["mpicellpose"]["converted_from"] == str(tmp_path / "s.tif")
@@ -54,25 +54,25 @@ def test_tiff_to_zarr_round_trip_and_chunks(tmp_path, data):
 def test_streams_in_units_of_whole_chunks(tmp_path, data):
     src = CountingArray(data, chunks=(1, 21, 26))  # like a TIFF: one chunk per plane
     r = cv.convert(src, str(tmp_path / "o.zarr"), chunks=4, budget=4 * 8 * 26 * 2)
-    np.testing.assert_array_equal(mio.open_array(r.path)[...], data)
+    np.testing.assert_array_equal(storage.open_array(r.path)[...], data)
     assert max(src.reads) <= 4 * 8 * 26 and sum(src.reads) == data.size  # every voxel read once
     assert r.n_units == len(src.reads) > 1
 
 
 def test_hdf5_to_ome_zarr_v3_with_voxel_size(tmp_path, data):
     h5py = pytest.importorskip("h5py")
-    if mio.zarr_major() < 3:
+    if storage.zarr_major() < 3:
         pytest.skip("zarr v3 output needs zarr-python 3")
     with h5py.File(tmp_path / "v.h5", "w") as f:
         f.create_dataset("img/raw", data=data)
     r = cv.convert(f"{tmp_path / 'v.h5'}:/img/raw", str(tmp_path / "o.ome.zarr"), zarr_format=3, as_ome=True,
                    voxel_size=(3.0, 0.25, 0.25), unit="um", chunks=16)
     assert r.path == str(tmp_path / "o.ome.zarr" / "0")
-    v = ome.open_volume(tmp_path / "o.ome.zarr")
+    v = ngff_io.open_volume(tmp_path / "o.ome.zarr")
     assert v.ngff_version == "0.5" and v.voxel_size.size == (3.0, 0.25, 0.25)
     assert v.voxel_size.units == ("micrometer",) * 3
     np.testing.assert_array_equal(v.array[...], data)
-    assert tuple(mio.open_array(r.path).metadata.dimension_names) == ("z", "y", "x")
+    assert tuple(storage.open_array(r.path).metadata.dimension_names) == ("z", "y", "x")
 
 
 def test_ome_output_reorders_channels_first_and_keeps_metadata(tmp_path):
@@ -81,16 +81,16 @@ def test_ome_output_reorders_channels_first_and_keeps_metadata(tmp_path):
                      resolution=(2.0, 2.0))
     r = cv.convert(str(tmp_path / "h.tif"), str(tmp_path / "h.ome.zarr"), as_ome=True, chunks=8)
     assert r.axes == ("c", "z", "y", "x") and r.chunks == (2, 4, 8, 8)
-    v = ome.open_volume(tmp_path / "h.ome.zarr")
+    v = ngff_io.open_volume(tmp_path / "h.ome.zarr")
     assert v.voxel_size.size == (2.0, 0.5, 0.5)
     np.testing.assert_array_equal(v.array[...], hyper.transpose(1, 0, 2, 3))
     # an OME-Zarr input, one channel of it, to a plain array
     r2 = cv.convert(str(tmp_path / "h.ome.zarr"), str(tmp_path / "c1.zarr"), channel=1)
-    np.testing.assert_array_equal(mio.open_array(r2.path)[...], hyper[:, 1])
+    np.testing.assert_array_equal(storage.open_array(r2.path)[...], hyper[:, 1])
 
 
 def test_refuses_to_overwrite_and_same_path(tmp_path, data):
-    mio.numpy_array_to_zarr(tmp_path / "in.zarr", data, 8)
+    storage.numpy_array_to_zarr(tmp_path / "in.zarr", data, 8)
     cv.convert(str(tmp_path / "in.zarr"), str(tmp_path / "o.zarr"))
     with pytest.raises(DistributedError, match="exists; pass --overwrite"):
         cv.convert(str(tmp_path / "in.zarr"), str(tmp_path / "o.zarr"))
@@ -98,7 +98,7 @@ def test_refuses_to_overwrite_and_same_path(tmp_path, data):
     assert r.chunks == (5, 5, 5)
     with pytest.raises(DistributedError, match="same path as the input"):
         cv.convert(str(tmp_path / "in.zarr"), str(tmp_path / "in.zarr"), overwrite=True)
-    assert mio.open_array(tmp_path / "in.zarr")[...].shape == data.shape  # untouched
+    assert storage.open_array(tmp_path / "in.zarr")[...].shape == data.shape  # untouched
     with pytest.raises(ConfigError, match="chunks"):
         cv.convert(str(tmp_path / "in.zarr"), str(tmp_path / "x.zarr"), chunks="0")
     with pytest.raises(DistributedError, match="one value per spatial axis"):
@@ -114,8 +114,8 @@ def test_cli_in_process(tmp_path, data, capsys):
                              photometric="minisblack")
     assert _cli(["convert", str(d / "*.tif"), str(tmp_path / "t.ome.zarr"), "--ome", "--chunks", "3,7,13",
                  "--voxel-size", "2,1,1"]) == 0
-    v = ome.open_volume(tmp_path / "t.ome.zarr")
-    assert v.voxel_size.size == (2.0, 1.0, 1.0) and mio.open_array(tmp_path / "t.ome.zarr" / "0").chunks == (3, 7, 13)
+    v = ngff_io.open_volume(tmp_path / "t.ome.zarr")
+    assert v.voxel_size.size == (2.0, 1.0, 1.0) and storage.open_array(tmp_path / "t.ome.zarr" / "0").chunks == (3, 7, 13)
     np.testing.assert_array_equal(v.array[...], data)
     assert _cli(["convert", str(d / "*.tif"), str(tmp_path / "t.ome.zarr")]) == 1
     assert "exists" in capsys.readouterr().err
@@ -124,7 +124,7 @@ def test_cli_in_process(tmp_path, data, capsys):
 
 CLI_SCRIPT = textwrap.dedent("""
     import argparse, sys
-    from mpicellpose import convert
+    from mpicellpose.cli import convert
     parser = argparse.ArgumentParser()
     convert.register(parser.add_subparsers())
     args = parser.parse_args(sys.argv[1:])
@@ -142,9 +142,9 @@ def test_convert_under_mpiexec_two_ranks(tmp_path, data):
     out = tmp_path / "o.ome.zarr"
     run_mpi(2, [script, "convert", tmp_path / "s.tif", out, "--ome", "--chunks", "2,8,8", "--zarr-format", "2"],
             timeout=120)
-    v = ome.open_volume(out)
+    v = ngff_io.open_volume(out)
     np.testing.assert_array_equal(v.array[...], data)
-    assert mio.open_array(out / "0").chunks == (2, 8, 8)
+    assert storage.open_array(out / "0").chunks == (2, 8, 8)
     proc = run_mpi(2, [script, "convert", tmp_path / "s.tif", out], timeout=120, check=False)
     assert proc.returncode != 0 and "exists" in proc.stderr
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mpicellpose import info
+from mpicellpose.cli import info as info_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 120
@@ -39,14 +40,14 @@ def subprocess_env():
 def _parse(argv):
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    info.register(sub)
+    info_cli.register(sub)
     return parser.parse_args(["info", *argv])
 
 
 def test_info_in_process_text(capsys):
     args = _parse([])
-    assert args.func is info.main
-    assert info.main(args) == 0
+    assert args.func is info_cli.main
+    assert info_cli.main(args) == 0
     out = capsys.readouterr().out
     assert "mpicellpose support information" in out
     for word in ("numpy", "scipy", "zarr", "numcodecs", "mpi4py", "MPI library", "torch",
@@ -56,7 +57,7 @@ def test_info_in_process_text(capsys):
 
 
 def test_info_in_process_json(capsys):
-    assert info.main(_parse(["--json"])) == 0
+    assert info_cli.main(_parse(["--json"])) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data) >= {"versions", "torch", "mpi", "ranks", "nodes"}
     assert len(data["ranks"]) == 1
@@ -68,13 +69,13 @@ def test_info_in_process_json(capsys):
 
 
 def test_info_device_override(capsys):
-    assert info.main(_parse(["--json", "--device", "cpu"])) == 0
+    assert info_cli.main(_parse(["--json", "--device", "cpu"])) == 0
     rank = json.loads(capsys.readouterr().out)["ranks"][0]
     assert rank["device"] == "cpu" and "requested" in rank["reason"]
 
 
 def test_info_bad_device_is_reported_not_raised(capsys):
-    assert info.main(_parse(["--json", "--device", "cuda:99"])) == 0
+    assert info_cli.main(_parse(["--json", "--device", "cuda:99"])) == 0
     rank = json.loads(capsys.readouterr().out)["ranks"][0]
     assert rank["device"] == "error"
 
@@ -89,12 +90,12 @@ def test_info_without_torch_and_cellpose(monkeypatch, capsys):
         return real_version(dist)
 
     monkeypatch.setattr(info.metadata, "version", version)
-    assert info.main(_parse([])) == 0
+    assert info_cli.main(_parse([])) == 0
     out = capsys.readouterr().out
     assert "torch         not installed" in out
     assert "cellpose      not installed" in out
     assert "CUDA (torch)  not installed" in out
-    assert info.main(_parse(["--json"])) == 0
+    assert info_cli.main(_parse(["--json"])) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["versions"]["torch"] == "not installed"
     assert data["versions"]["cellpose_major"] == "not installed"
@@ -109,7 +110,7 @@ def test_info_with_fake_gpus(monkeypatch, capsys):
         get_device_properties=lambda i: types.SimpleNamespace(name="H100", total_memory=80 * 2**30))
     monkeypatch.setitem(sys.modules, "torch", torch)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
-    assert info.main(_parse([])) == 0
+    assert info_cli.main(_parse([])) == 0
     out = capsys.readouterr().out
     assert "CUDA (torch)  12.4" in out
     assert "sees 2 GPU(s) [CUDA_VISIBLE_DEVICES=4,5] -> cuda:0" in out
@@ -202,5 +203,5 @@ def test_info_is_registered_in_cli():
     spec = importlib.util.find_spec("mpicellpose.cli")
     assert spec is not None
     from mpicellpose import cli
-    assert "mpicellpose.info" in cli._SUBCOMMAND_MODULES
-    assert "mpicellpose.batch" in cli._SUBCOMMAND_MODULES
+    assert "mpicellpose.cli.info" in cli._SUBCOMMAND_MODULES
+    assert "mpicellpose.cli.batch" in cli._SUBCOMMAND_MODULES

@@ -3,16 +3,24 @@ import numpy as np
 import pytest
 
 from mpicellpose import comm as mpi
-from mpicellpose import driver
+from mpicellpose import geometry as geo
 from mpicellpose.config import RunConfig
+from mpicellpose.normalization import global_normalization
+from mpicellpose.phases.plan import Settings
 from mpicellpose.errors import InputError
 
 
 def plan_for(img, cfg, blocksize=16, kept=None):
-    g = driver.geo.BlockGrid(img.shape, blocksize, 4)
+    """(settings, kept blocks) of a one-channel volume cut in blocks of ``blocksize``."""
+    g = geo.BlockGrid(img.shape, blocksize, 4)
     kept = list(range(len(g))) if kept is None else kept
-    return driver.Plan(img.shape, g.blocksize, g.overlap, None, kept, [], [kept], "iou", 1, "/tmp", {}, "x", 2,
-                       None, dict(cfg.eval_kwargs))
+    s = Settings(img.shape, g.blocksize, g.overlap, None, "iou", 1, dict(cfg.eval_kwargs), None, None, None,
+                 tuple("zyx"[-img.ndim:]))
+    return s, kept
+
+
+def normalize(cfg, img):
+    return global_normalization(cfg, *plan_for(img, cfg), img, mpi.Mailbox(mpi.SelfComm()))
 
 
 def gradient_volume():
@@ -24,7 +32,7 @@ def gradient_volume():
 def test_global_percentiles_match_whole_volume():
     img = gradient_volume()
     cfg = RunConfig(input=img, output="/tmp/x.zarr")
-    norm = driver.global_normalization(cfg, plan_for(img, cfg), img, mpi.SelfComm())
+    norm = normalize(cfg, img)
     lo, hi = norm["normalize"]["lowhigh"]
     want_lo, want_hi = np.percentile(img, [1, 99])
     assert abs(lo - want_lo) / want_hi < 0.02 and abs(hi - want_hi) / want_hi < 0.02
@@ -36,14 +44,14 @@ def test_mask_and_options_honoured():
     mask = np.zeros((6, 5, 5), bool)
     mask[:3] = True  # only the dim half of the volume
     cfg = RunConfig(input=img, output="/tmp/x.zarr", mask=mask)
-    norm = driver.global_normalization(cfg, plan_for(img, cfg), img, mpi.SelfComm())
+    norm = normalize(cfg, img)
     assert norm["normalize"]["lowhigh"][1] < np.percentile(img[24:], 99) * 0.8
     for kw in ({"normalize": "block"}, {"normalize": "none"}, {"eval_kwargs": {"normalize": {"lowhigh": [0, 1]}}},
                {"backend": "threshold"}):
         cfg = RunConfig(input=img, output="/tmp/x.zarr", **kw)
-        assert driver.global_normalization(cfg, plan_for(img, cfg), img, mpi.SelfComm()) is None
+        assert normalize(cfg, img) is None
     cfg = RunConfig(input=img, output="/tmp/x.zarr", eval_kwargs={"normalize": {"percentile": [5, 95], "norm3D": True}})
-    norm = driver.global_normalization(cfg, plan_for(img, cfg), img, mpi.SelfComm())
+    norm = normalize(cfg, img)
     assert norm["percentile"] == [5, 95] and norm["normalize"]["norm3D"] is True
 
 
@@ -52,7 +60,7 @@ def test_nan_found_before_any_block():
     img[::7, ::7, ::7] = np.nan
     cfg = RunConfig(input=img, output="/tmp/x.zarr")
     with pytest.raises(InputError, match="NaN/inf values"):
-        driver.global_normalization(cfg, plan_for(img, cfg), img, mpi.SelfComm())
+        normalize(cfg, img)
 
 
 @pytest.mark.parametrize("shape", [(128, 128), (40, 48, 48)])

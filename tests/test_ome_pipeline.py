@@ -7,7 +7,8 @@ from scipy import ndimage
 
 import cases
 from conftest import read_table, run_mpi
-from mpicellpose import distributed_eval, ome
+from mpicellpose import distributed_eval
+from mpicellpose import ngff_io
 from mpicellpose.metrics import label_equivalent
 
 T = ["--backend", "threshold", "--threshold", "100"]
@@ -27,7 +28,7 @@ def test_segment_ome_zarr_into_the_image_with_pyramid(tmp_path, fmt):
     pytest.importorskip("ome_zarr")
     img = cases.blobs((24, 40, 36), 71)
     path = tmp_path / "img.ome.zarr"
-    ome.write_image(path, img, "zyx", voxel_size=(2.0, 0.5, 0.5), chunks=(8, 8, 12), zarr_format=fmt)
+    ngff_io.write_image(path, img, "zyx", voxel_size=(2.0, 0.5, 0.5), chunks=(8, 8, 12), zarr_format=fmt)
     proc = run_mpi(2, ["-m", "mpicellpose", "segment", path, "--labels-name", "cells", "--blocksize", "8,16,12",
                        "--pyramid", "2"] + T, timeout=180)
     lab = zarr.open(str(path / "labels" / "cells" / "0"), mode="r")
@@ -53,7 +54,7 @@ def test_standalone_ome_output_and_other_labels_kept(tmp_path):
     pytest.importorskip("ome_zarr")
     img = cases.blobs((20, 24, 22), 72)
     src = tmp_path / "img.ome.zarr"
-    ome.write_image(src, img, "zyx", chunks=(10, 12, 11))
+    ngff_io.write_image(src, img, "zyx", chunks=(10, 12, 11))
     lab, _ = distributed_eval(str(src), 10, tmp_path / "seg.ome.zarr", backend="threshold",
                               backend_kwargs={"threshold": 100}, pyramid=1)
     assert label_equivalent(lab[...], ndimage.label(img > 100)[0])
@@ -63,7 +64,7 @@ def test_standalone_ome_output_and_other_labels_kept(tmp_path):
     # labels written into the image next to an existing label image keep it listed
     distributed_eval(str(src), 10, None, backend="threshold", backend_kwargs={"threshold": 100}, labels_name="a")
     distributed_eval(str(src), 10, None, backend="threshold", backend_kwargs={"threshold": 50}, labels_name="b")
-    assert sorted(ome.labels_of(src)) == ["a", "b"]
+    assert sorted(ngff_io.labels_of(src)) == ["a", "b"]
 
 
 def test_hdf5_and_tiff_inputs(tmp_path):
@@ -85,7 +86,7 @@ def test_hdf5_and_tiff_inputs(tmp_path):
 def test_foreign_label_group_is_not_replaced(tmp_path):
     img = cases.blobs((12, 16, 16), 74)
     src = tmp_path / "img.ome.zarr"
-    ome.write_image(src, img, "zyx")
+    ngff_io.write_image(src, img, "zyx")
     (src / "labels" / "theirs").mkdir(parents=True)
     (src / "labels" / "theirs" / "keep.txt").write_text("precious")
     with pytest.raises(FileExistsError, match="was not made by mpicellpose"):

@@ -11,7 +11,7 @@ import zarr
 
 import cases
 from conftest import mpi_env, mpiexec_path, run_mpi
-from mpicellpose.io import numpy_array_to_zarr
+from mpicellpose.storage import numpy_array_to_zarr
 
 pytestmark = pytest.mark.mpi
 
@@ -89,12 +89,12 @@ def test_external_sigterm_to_ranks(volume, tmp_path):
     slow = tmp_path / "slow.py"
     slow.write_text(
         "import sys, time, runpy\n"
-        "import mpicellpose.driver as d\n"
-        "orig = d.segment_block\n"
-        "def slow(ctx, blk):\n"
+        "import mpicellpose.phases.segment as d\n"
+        "orig = d.segment_image\n"
+        "def slow(*a, **k):\n"
         "    time.sleep(0.3)\n"
-        "    return orig(ctx, blk)\n"
-        "d.segment_block = slow\n"
+        "    return orig(*a, **k)\n"
+        "d.segment_image = slow\n"
         "sys.argv = ['mpicellpose'] + sys.argv[1:]\n"
         "runpy.run_module('mpicellpose', run_name='__main__')\n")
     cmd = [mpiexec_path(), "-n", "2", sys.executable, slow] + [str(a) for a in segment_cmd(root, out)[2:]]

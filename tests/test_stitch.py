@@ -89,24 +89,25 @@ def test_reduce_pieces():
 def test_record_views_read_once_and_dropped_after_last_use(tmp_path):
     """Stitching reads a block record's face views once and drops them after the announced uses,
     so a rank never holds all its records (memory set by the faces in flight, not the volume)."""
-    from types import SimpleNamespace
-
-    from mpicellpose.driver import _RecordViews, okey
+    from mpicellpose.blocks import view_key as okey
     from mpicellpose.errors import InputError
+    from mpicellpose.phases.faces import RecordViews as _RecordViews
+    from mpicellpose.workdir import WorkDir
 
-    paths = SimpleNamespace(record=lambda b: tmp_path / f"{b}.npz")
+    paths = WorkDir(tmp_path)
+    paths.blocks.mkdir()
     for b in range(3):
         np.savez(paths.record(b), n=np.int64(1), **{okey((1, 0)): np.full((4, 4), b, np.uint32),
                                                     okey((-1, 0)): np.full((4, 4), 10 + b, np.uint32)})
     views = _RecordViews(paths, {0: 1, 1: 2, 2: 1})
     assert views.get(0, okey((1, 0)))[0, 0] == 0 and 0 not in views.cache   # one use: gone at once
     assert views.get(1, okey((-1, 0)))[0, 0] == 11 and 1 in views.cache     # one of two uses left
-    (tmp_path / "1.npz").unlink()                                            # the second use is served from memory
+    paths.record(1).unlink()                                            # the second use is served from memory
     assert views.get(1, okey((1, 0)))[0, 0] == 1 and 1 not in views.cache
     assert views.nbytes == 0
     with pytest.raises(InputError, match="block 2 lacks the face view"):
         views.get(2, okey((0, 1)))
-    (tmp_path / "1.npz").write_bytes(b"not a zip file")                      # a damaged record: clear error
+    paths.record(1).write_bytes(b"not a zip file")                      # a damaged record: clear error
     with pytest.raises(InputError, match="cannot read the face views of block 1"):
         _RecordViews(paths, {1: 1}).get(1, okey((1, 0)))
     tiny = _RecordViews(paths, {0: 5, 2: 5}, budget=1)                        # over budget: LRU drop

@@ -1,55 +1,24 @@
-"""Everything that touches files: opening inputs, creating zarr outputs (zarr-python 2.18
-and 3.x, on-disk formats v2 and v3), atomic small-file writes.
+"""Opening inputs: every supported kind becomes a lazy :class:`mpicellpose.volume.Volume`.
 
 Inputs of every supported kind open through :func:`open_volume_spec`: zarr arrays and
-groups, OME-Zarr images (see :mod:`mpicellpose.ome`), HDF5 datasets
+groups, OME-Zarr images (see :mod:`mpicellpose.ngff_io`), HDF5 datasets
 (``file.h5:/path/to/dataset``), TIFF files and stacks, globs of TIFF tiles or slices
 and (with zarr-python 2) N5.  Nothing is read until the returned array is sliced.
 """
 from __future__ import annotations
 
 import glob as _glob
-import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
-import numpy as np
-
+from . import ngff_io
 from .errors import InputError, InputNotFoundError, needs
+from .storage import is_zarr_path, open_zarr_node, zarr_major, zarr_module
+from .volume import VoxelSize, default_axes, make_volume
 
 log = logging.getLogger(__name__)
-
-
-def _zarr():
-    try:
-        import zarr
-    except ImportError:  # pragma: no cover - zarr is a hard dependency
-        raise needs("zarr") from None
-    return zarr
-
-
-def zarr_major() -> int:
-    return int(_zarr().__version__.split(".")[0])
-
-
-def is_zarr_path(path) -> bool:
-    p = Path(path)
-    return p.is_dir() and any((p / n).exists() for n in (".zarray", ".zgroup", "zarr.json"))
-
-
-def open_zarr_node(path, what: str = "input"):
-    """Open a zarr array or group read-only; clear errors for a missing or unreadable path."""
-    path = str(path)
-    if not os.path.exists(path):
-        raise InputNotFoundError(f"{what} {path!r} does not exist")
-    try:
-        return _zarr().open(path, mode="r")
-    except Exception as exc:
-        raise InputError(f"{what} {path!r} is not a readable zarr array or group: {exc}") from None
 
 
 def open_input(source, dataset: str | None = None, what: str = "input"):
@@ -82,146 +51,6 @@ def open_input(source, dataset: str | None = None, what: str = "input"):
     return node
 
 
-def check_writable(directory) -> None:
-    """Raise InputError unless a file can really be created in ``directory``
-    (``os.access`` says yes to root even where writes fail)."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=str(directory), prefix=".mpicellpose-write-test-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as exc:
-        raise InputError(f"output directory {str(directory)!r} is not writable ({exc.strerror})") from None
-
-
-def open_array(path, mode: str = "r"):
-    return _zarr().open_array(str(path), mode=mode)
-
-
-def create_array(path, shape, chunks, dtype, *, zarr_format: int = 2, attrs: dict | None = None,
-                 overwrite: bool = False, dimension_separator: str | None = None, dimension_names=None):
-    """Create a zarr array on disk (fill value 0) with zarr-python 2.18 or 3.x.
-
-    ``dimension_separator`` (v2 format) and ``dimension_names`` (v3 format) are what
-    OME-Zarr level arrays want (see :func:`mpicellpose.ome.array_options`); each is
-    ignored for the other format.
-
-    Examples
-    --------
-    >>> import tempfile, os
-    >>> a = create_array(os.path.join(tempfile.mkdtemp(), "a.zarr"), (5, 7), (4, 4), np.uint16)
-    >>> a.shape, a.chunks, int(a[4, 6])
-    ((5, 7), (4, 4), 0)
-    """
-    zarr = _zarr()
-    shape = tuple(int(s) for s in shape)
-    chunks = tuple(int(min(c, s)) for c, s in zip(chunks, shape))
-    mode = "w" if overwrite else "w-"
-    extra = {}
-    if zarr_format == 2 and dimension_separator is not None:
-        extra["dimension_separator"] = dimension_separator
-    if zarr_major() >= 3:
-        if zarr_format == 3 and dimension_names is not None:
-            extra["dimension_names"] = tuple(str(n) for n in dimension_names)
-        arr = zarr.open_array(str(path), mode=mode, shape=shape, chunks=chunks, dtype=dtype,
-                              fill_value=0, zarr_format=zarr_format, **extra)
-    else:
-        if zarr_format != 2:
-            raise InputError("zarr-python 2 can only write the v2 on-disk format; install zarr>=3 for v3")
-        arr = zarr.open_array(str(path), mode=mode, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
-                              **extra)
-    if attrs:
-        arr.attrs.update(attrs)
-    return arr
-
-
-def array_format(arr) -> int:
-    """On-disk zarr format (2 or 3) of a zarr array; 2 for anything else."""
-    meta = getattr(arr, "metadata", None)
-    return int(getattr(meta, "zarr_format", 2) or 2)
-
-
-def remove_path(path) -> None:
-    p = Path(path)
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=False)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
-
-
-# --------------------------------------------------------------------------- atomic files
-def _atomic(path: Path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def write_json(path, obj) -> None:
-    """Write JSON atomically (write a temporary file, fsync, rename)."""
-    _atomic(Path(path), lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True, default=_json_default).encode()))
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def save_npz(path, **arrays) -> None:
-    """Save arrays to a compressed .npz atomically."""
-    _atomic(Path(path), lambda f: np.savez_compressed(f, **arrays))
-
-
-def load_npz(path, skip_prefix: str | None = None) -> dict:
-    """All arrays of an .npz, or all but those whose name starts with ``skip_prefix`` (not read)."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files if not (skip_prefix and k.startswith(skip_prefix))}
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (set, frozenset, tuple)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    return repr(o)
-
-
-# --------------------------------------------------------------------------- helpers
-def numpy_array_to_zarr(write_path, array, chunks, *, zarr_format: int = 2, overwrite: bool = True):
-    """Store a numpy array as a zarr array on disk and return it.
-
-    Examples
-    --------
-    >>> import tempfile, os
-    >>> d = tempfile.mkdtemp()
-    >>> z = numpy_array_to_zarr(os.path.join(d, "a.zarr"), np.arange(12).reshape(3, 4), (2, 2))
-    >>> z.shape, int(z[2, 3])
-    ((3, 4), 11)
-    """
-    array = np.asarray(array)
-    if isinstance(chunks, int):
-        chunks = (chunks,) * array.ndim
-    arr = create_array(write_path, array.shape, chunks, array.dtype, zarr_format=zarr_format, overwrite=overwrite)
-    arr[...] = array
-    return arr
-
-
 def wrap_folder_of_tiffs(filename_pattern, block_index_pattern=r"_(Z)(\d+)(Y)(\d+)(X)(\d+)"):
     r"""A virtual zarr array over a grid of TIFF tiles, without copying the data.
 
@@ -238,6 +67,7 @@ def wrap_folder_of_tiffs(filename_pattern, block_index_pattern=r"_(Z)(\d+)(Y)(\d
     Examples
     --------
     >>> import tempfile, os, tifffile
+    >>> import numpy as np
     >>> d = tempfile.mkdtemp()
     >>> for y in range(2):
     ...     for x in range(3):
@@ -265,7 +95,7 @@ def wrap_folder_of_tiffs(filename_pattern, block_index_pattern=r"_(Z)(\d+)(Y)(\d
 
 
 def _open_store(store):
-    zarr = _zarr()
+    zarr = zarr_module()
     try:
         return zarr.open(store, mode="r")
     except TypeError:
@@ -313,6 +143,7 @@ def input_kind(spec) -> str:
 
     Examples
     --------
+    >>> import numpy as np
     >>> input_kind(np.zeros(3)), input_kind("scan.h5:/data"), input_kind("tiles/*.tif")
     ('array', 'hdf5', 'tiff-glob')
     """
@@ -331,9 +162,7 @@ def input_kind(spec) -> str:
         if s.rstrip("/").lower().endswith(".n5"):
             return "n5"
         if is_zarr_path(p) or s.rstrip("/").lower().endswith(".zarr"):
-            from . import ome
-
-            return "ome-zarr" if ome.is_ome_zarr(s) else "zarr"
+            return "ome-zarr" if ngff_io.is_ome_zarr(s) else "zarr"
         if any(f.suffix.lower() in TIFF_EXTENSIONS for f in p.iterdir()):
             return "tiff-folder"
         return "unknown"
@@ -348,7 +177,7 @@ def input_kind(spec) -> str:
 
 
 def open_volume_spec(spec, dataset: str | None = None, **ome_options):
-    """Open any supported input lazily; return a :class:`mpicellpose.ome.Volume`.
+    """Open any supported input lazily; return a :class:`mpicellpose.volume.Volume`.
 
     Parameters
     ----------
@@ -366,7 +195,7 @@ def open_volume_spec(spec, dataset: str | None = None, **ome_options):
     dataset : str, optional
         Array inside a zarr group or HDF5 file.
     **ome_options
-        ``level``, ``channel``, ``timepoint`` (see :func:`mpicellpose.ome.open_volume`),
+        ``level``, ``channel``, ``timepoint`` (see :func:`mpicellpose.ngff_io.open_volume`),
         ``axes`` (names for an array without any) and ``tile_pattern`` (regular
         expression for TIFF tile indices).
 
@@ -387,6 +216,7 @@ def open_volume_spec(spec, dataset: str | None = None, **ome_options):
     Examples
     --------
     >>> import tempfile, os, h5py
+    >>> import numpy as np
     >>> f = os.path.join(tempfile.mkdtemp(), "vol.h5")
     >>> with h5py.File(f, "w") as h:
     ...     _ = h.create_dataset("raw/ch0", data=np.arange(24, dtype=np.uint8).reshape(2, 3, 4))
@@ -394,8 +224,6 @@ def open_volume_spec(spec, dataset: str | None = None, **ome_options):
     ...     print(vol.kind, vol.shape, vol.axes, int(vol.array[1, 2, 3]))
     hdf5 (2, 3, 4) ('z', 'y', 'x') 23
     """
-    from . import ome
-
     allowed = {"level", "channel", "timepoint", "axes", "tile_pattern"}
     unknown = sorted(set(ome_options) - allowed)
     if unknown:
@@ -411,7 +239,7 @@ def open_volume_spec(spec, dataset: str | None = None, **ome_options):
             if not hasattr(spec, attr):
                 raise InputError(f"input must be a path or an array-like with shape, dtype and slicing; "
                                  f"got {type(spec).__name__} without {attr!r}")
-        return ome.make_volume(spec, axes, **sel, kind="array")
+        return make_volume(spec, axes, **sel, kind="array")
     s = str(spec)
     if kind == "hdf5":
         return _open_hdf5(s, dataset, axes, sel)
@@ -427,9 +255,9 @@ def open_volume_spec(spec, dataset: str | None = None, **ome_options):
     if kind == "n5":
         return _open_n5(s, dataset, axes, sel)
     if kind in ("zarr", "ome-zarr"):
-        vol = ome.open_volume(s, level, channel, timepoint, dataset=dataset)
+        vol = ngff_io.open_volume(s, level, channel, timepoint, dataset=dataset)
         if axes is not None and not vol.is_ome:
-            vol = ome.make_volume(vol.array, axes, **sel, zarr_format=vol.zarr_format, kind="zarr", source=s)
+            vol = make_volume(vol.array, axes, **sel, zarr_format=vol.zarr_format, kind="zarr", source=s)
         return vol
     raise InputError(
         f"cannot tell what kind of input {s!r} is: expected a zarr / OME-Zarr directory, an HDF5 file "
@@ -451,8 +279,6 @@ def _hdf5_datasets(h5file, limit=50) -> list:
 
 
 def _open_hdf5(spec, dataset, axes, sel):
-    from . import ome
-
     try:
         import h5py
     except ImportError:
@@ -488,15 +314,15 @@ def _open_hdf5(spec, dataset, axes, sel):
                 axes = tuple(_axis_name(a, i, labels) for i, a in enumerate(labels))
         voxel = None
         el = ds.attrs.get("element_size_um")
-        names = axes or ome.default_axes(ds.ndim)
+        names = axes or default_axes(ds.ndim)
         spatial = [a for a in names if a not in ("c", "t")]
         if el is not None and len(el) == len(spatial) and len(spatial) in (2, 3):
             try:
-                voxel = ome.VoxelSize(tuple(spatial), tuple(float(v) for v in el), ("micrometer",) * len(spatial))
+                voxel = VoxelSize(tuple(spatial), tuple(float(v) for v in el), ("micrometer",) * len(spatial))
             except InputError:
                 voxel = None
-        vol = ome.make_volume(ds, axes, **sel, voxel_size=voxel, kind="hdf5", source=f"{path}:{ds.name}",
-                              handle=f)
+        vol = make_volume(ds, axes, **sel, voxel_size=voxel, kind="hdf5", source=f"{path}:{ds.name}",
+                          handle=f)
     except BaseException:
         f.close()
         raise
@@ -533,8 +359,6 @@ def _tiff_axes(letters: str, shape) -> tuple:
 
 def _tiff_voxel(tf, axes):
     """Voxel size from ImageJ metadata (spacing for z, resolution tags for y/x)."""
-    from . import ome
-
     if not tf.is_imagej:
         return None
     meta = tf.imagej_metadata or {}
@@ -550,15 +374,13 @@ def _tiff_voxel(tf, axes):
     spatial = [a for a in axes if a in ("z", "y", "x")]
     sizes = {"x": x, "y": y, "z": float(meta.get("spacing", 1.0))}
     try:
-        return ome.VoxelSize(tuple(spatial), tuple(sizes[a] for a in spatial),
-                             tuple([unit] * len(spatial)))
+        return VoxelSize(tuple(spatial), tuple(sizes[a] for a in spatial),
+                         tuple([unit] * len(spatial)))
     except InputError:
         return None
 
 
 def _open_tiff(path, axes, sel):
-    from . import ome
-
     try:
         import tifffile
     except ImportError:
@@ -578,12 +400,10 @@ def _open_tiff(path, axes, sel):
     arr = _open_store(store)
     if hasattr(arr, "array_keys"):  # a pyramidal TIFF gives a group of levels
         arr = arr[sorted(arr.array_keys())[0]]
-    return ome.make_volume(arr, axes, **sel, voxel_size=voxel, kind="tiff", source=path)
+    return make_volume(arr, axes, **sel, voxel_size=voxel, kind="tiff", source=path)
 
 
 def _open_tiff_glob(pattern, tile_pattern, axes, sel):
-    from . import ome
-
     try:
         import tifffile
     except ImportError:
@@ -594,7 +414,7 @@ def _open_tiff_glob(pattern, tile_pattern, axes, sel):
     tp = tile_pattern or DEFAULT_TILE_PATTERN
     if all(re.search(tp, os.path.basename(f)) for f in files):
         arr = wrap_folder_of_tiffs(pattern, tp)
-        return ome.make_volume(arr, axes, **sel, kind="tiff-tiles", source=pattern)
+        return make_volume(arr, axes, **sel, kind="tiff-tiles", source=pattern)
     if tile_pattern is not None:
         bad = [os.path.basename(f) for f in files if not re.search(tp, os.path.basename(f))][:3]
         raise InputError(f"TIFF files {bad} matching {pattern!r} do not follow the tile pattern {tp!r}")
@@ -621,19 +441,17 @@ def _open_tiff_glob(pattern, tile_pattern, axes, sel):
     if axes is None and nd == 3:
         axes = ("z", "y", "x")
     log.debug("stacked %d TIFF files as %s", len(files), tuple(arr.shape))
-    return ome.make_volume(arr, axes, **sel, kind="tiff-stack", source=pattern)
+    return make_volume(arr, axes, **sel, kind="tiff-stack", source=pattern)
 
 
 def _open_n5(path, dataset, axes, sel):
-    from . import ome
-
     if zarr_major() >= 3:
         raise InputError(
-            f"input {path!r} is an N5 container; zarr-python {_zarr().__version__} cannot read N5 (support ended "
+            f"input {path!r} is an N5 container; zarr-python {zarr_module().__version__} cannot read N5 (support ended "
             f"with zarr-python 3). Convert it once with zarr-python 2 installed (pip install 'zarr<3', then "
             f"'mpicellpose convert {path} out.zarr --dataset NAME'), or use a zarr / HDF5 / TIFF copy"
         )
-    zarr = _zarr()
+    zarr = zarr_module()
     try:  # pragma: no cover - zarr-python 2 only
         store = zarr.N5FSStore(path)
         node = zarr.open(store, mode="r")
@@ -646,4 +464,4 @@ def _open_n5(path, dataset, axes, sel):
             raise InputError(f"N5 container {path!r} has no dataset {dataset!r}") from None
     if not hasattr(node, "dtype"):  # pragma: no cover
         raise InputError(f"N5 container {path!r} is a group; choose a dataset (arrays: {list(node.array_keys())})")
-    return ome.make_volume(node, axes, **sel, kind="n5", source=path)  # pragma: no cover
+    return make_volume(node, axes, **sel, kind="n5", source=path)  # pragma: no cover

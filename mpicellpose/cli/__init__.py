@@ -1,30 +1,31 @@
 """Command line interface: ``mpicellpose <subcommand> ...``.
 
-Every subcommand lives in its own module, which exposes ``register(subparsers)``:
-it adds its parser and sets ``func`` (a callable taking the parsed namespace and
-returning an exit code).  This file only collects them.
+Every subcommand lives in its own module of this package, which exposes
+``register(subparsers)``: it adds its parser and sets ``func`` (a callable taking the
+parsed namespace and returning an exit code).  This file only collects them; the
+helpers they share are in :mod:`mpicellpose.cli.common`.  Subcommand modules are
+imported when the parser is built, so importing this package stays cheap.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
-# module name (inside the package) for each subcommand group, in --help order
+# module name for each subcommand group, in --help order
 _SUBCOMMAND_MODULES = (
-    "mpicellpose.cli_segment",
-    "mpicellpose.cli_plan",
-    "mpicellpose.demo",
-    "mpicellpose.preview",
-    "mpicellpose.convert",
-    "mpicellpose.info",
-    "mpicellpose.batch",
+    "mpicellpose.cli.segment",
+    "mpicellpose.cli.plan",
+    "mpicellpose.cli.demo",
+    "mpicellpose.cli.preview",
+    "mpicellpose.cli.convert",
+    "mpicellpose.cli.info",
+    "mpicellpose.cli.batch",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="mpicellpose",

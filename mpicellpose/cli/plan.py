@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
 
-from . import geometry as geo
+from .. import geometry as geo
+from .. import outputs
+from ..errors import MpiCellposeError
+from ..table import have_parquet
+from .common import _group, _one_line, add_input_output, add_run_arguments, config_from_args
 
 # bytes per voxel of a block's read region held at once, beyond the input itself:
 # float32 copy, backend labels, local labels (uint32), and for Cellpose 3D the flows and
@@ -34,10 +37,10 @@ def plan_report(cfg, plan, src, n_ranks: int) -> dict:
     itemsize = np.dtype(src.dtype).itemsize
     nchan = 1 if plan.channel_axis is None else int(src.shape[plan.channel_axis])
     kept = plan.kept
-    todo = [b for part in plan.seg_assignment for b in part]
+    todo = [b for part in plan.segment_assignment for b in part]
     read_vox = sum(geo.box_size(grid.block(b).read) for b in kept)
     core_vox = sum(geo.box_size(grid.block(b).core) for b in kept)
-    per_rank = [len(p) for p in plan.seg_assignment]
+    per_rank = [len(p) for p in plan.segment_assignment]
     biggest_read = max((geo.box_size(grid.block(b).read) for b in kept), default=0)
     backend = cfg.backend if isinstance(cfg.backend, str) else "custom"
     mem = biggest_read * (itemsize * nchan + WORK_BYTES_PER_VOXEL[backend])
@@ -49,10 +52,13 @@ def plan_report(cfg, plan, src, n_ranks: int) -> dict:
         "blocks": len(grid), "blocks_kept": len(kept), "blocks_skipped_by_mask": len(grid) - len(kept),
         "blocks_done_earlier": len(plan.done), "blocks_to_segment": len(todo), "ranks": n_ranks,
         "blocks_per_rank": {"min": min(per_rank), "max": max(per_rank), "mean": round(float(np.mean(per_rank)), 2)},
-        "overlap_inflation": round(inflation, 3), "stitch": plan.rule,
+        "overlap_inflation": round(inflation, 3), "stitch": plan.stitch_rule,
         "memory_per_rank_estimate_bytes": int(mem), "scratch_bytes_max": int(core_vox * 4),
         "output_bytes_max": int(out_bytes), "work_dir": plan.work_dir, "model": plan.resolved_model,
         "output": plan.output.array, "voxel_size": plan.voxel_size,
+        "writes": [[what, path] for what, path in
+                   outputs.written_paths(plan.output, plan.work_dir, have_parquet())],
+        "replaces": plan.replaces,
         "warnings": [],
     }
     w = report["warnings"]
@@ -85,8 +91,11 @@ def format_report(r: dict) -> str:
         f"overlap inflation {r['overlap_inflation']}x (voxels segmented / voxels written); stitching {r['stitch']}",
         f"memory per rank (estimate) {_human(r['memory_per_rank_estimate_bytes'])}; scratch up to "
         f"{_human(r['scratch_bytes_max'])}, output up to {_human(r['output_bytes_max'])} before compression",
-        f"work directory {r['work_dir']}",
     ]
+    lines.append("writes:")
+    lines += [f"  {what}: {path}" for what, path in r["writes"]]
+    if r.get("replaces"):
+        lines.append(f"replaces (--overwrite): {r['replaces']}")
     if r.get("model"):
         lines.append(f"model {r['model'].get('name')} ({r['model'].get('path')})")
     for msg in r["warnings"]:
@@ -95,24 +104,22 @@ def format_report(r: dict) -> str:
 
 
 def register(sub) -> None:
-    from .cli_segment import add_run_arguments
-
     p = sub.add_parser("plan", help="dry run: show the block grid, blocks per rank, memory and sizes",
                        description="Validate a segment command and report its plan without running it or "
-                                   "writing anything (no GPU needed).")
-    p.add_argument("input", nargs="?", default=argparse.SUPPRESS, help="input zarr array")
-    p.add_argument("output", nargs="?", default=argparse.SUPPRESS, help="the labels array segment would create")
-    p.add_argument("--dataset", default=argparse.SUPPRESS, help="array inside an input zarr group")
-    p.add_argument("--ranks", type=int, default=1, help="number of ranks to plan for (default 1)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+                                   "writing anything (no GPU needed). It takes the same arguments as segment, "
+                                   "plus --ranks and --json.",
+                       epilog="example: mpicellpose plan stack.tif labels.zarr --blocksize 256 --ranks 8 "
+                              "(then run the same arguments with mpirun ... mpicellpose segment)")
+    g = _group(p, "plan report")
+    g.add_argument("--ranks", type=int, default=1, metavar="N", help="number of ranks to plan for (default 1)")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_input_output(p, "the labels array segment would create")
     add_run_arguments(p)
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    from .cli_segment import _one_line, config_from_args
-    from .driver import make_plan, open_volume
-    from .errors import MpiCellposeError
+    from ..phases.plan import make_plan, open_volume
 
     ranks = args.ranks
     try:

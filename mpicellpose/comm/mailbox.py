@@ -1,0 +1,390 @@
+"""The MPI gateway of a run: labelled collectives, notices, agreements, the watchdog.
+
+See :mod:`mpicellpose.comm` for the rules it keeps."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import zlib
+
+import numpy as np
+
+from ..errors import DistributedError, Interrupted
+from . import streams
+from .world import _mpi, processor_name
+
+log = logging.getLogger("mpicellpose.comm")
+
+TAG_NOTICE_ABORT = 71
+TAG_NOTICE_PROGRESS = 72
+TAG_NOTICE_ARRIVAL = 74
+_TAGS = (TAG_NOTICE_ABORT, TAG_NOTICE_PROGRESS, TAG_NOTICE_ARRIVAL)  # notice kind k uses _TAGS[k]
+ABORT, PROGRESS, ARRIVAL = 0, 1, 2
+
+OK, INTERRUPTED, FAILED = 0, 1, 2
+
+WATCHDOG_SECONDS = 3600.0   # default: a rank silent this long while others wait ends the job
+STOP_GRACE_SECONDS = 10.0   # after SIGTERM/SIGINT, how long a waiting rank waits for the others
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 3
+
+
+def _label_hash(label: str) -> int:
+    return zlib.crc32(label.encode()) + 1  # > 0
+
+
+def _seconds(value, default):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return default
+    return v if v >= 0 else default
+
+
+def watchdog_seconds(value=None) -> float:
+    """The watchdog in seconds: ``value``, else $MPICELLPOSE_WATCHDOG, else the default (0: off)."""
+    if value is None:
+        value = os.environ.get("MPICELLPOSE_WATCHDOG")
+    return _seconds(value, WATCHDOG_SECONDS) if value is not None else WATCHDOG_SECONDS
+
+
+def stop_grace_seconds() -> float:
+    return _seconds(os.environ.get("MPICELLPOSE_STOP_GRACE"), STOP_GRACE_SECONDS)
+
+
+class Mailbox:
+    """The MPI gateway of a run: labelled collectives, notices, the watchdog and hard stops.
+
+    Notices are small pickled point-to-point messages sent with ``isend``: *abort* (a rank
+    failed or was asked to stop), *progress* (to rank 0, per block) and *arrival* (to rank 0,
+    each time a rank enters a collective).  Each rank counts what it sent; :meth:`agree`
+    exchanges the counts so that every notice is received before the phase ends and nothing
+    is left in flight when the communicator is freed.
+
+    Rank 0 is the watchdog: it knows where every rank last arrived and when it last heard
+    from it, so when it has waited at a collective for a rank that has been silent longer
+    than ``watchdog`` seconds (and longer than 4x the slowest block seen), it names the phase
+    and the missing ranks and ends the job.
+    """
+
+    def __init__(self, comm, *, watchdog=None, stop=None):
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self._sent = np.zeros((3, self.size), np.int64)  # [abort, progress, arrival] per destination
+        self._received = np.zeros((3, self.size), np.int64)  # per source
+        self._requests = []
+        self.abort_seen = None  # (rank, message) of the first abort notice received
+        self.progress = {}  # rank -> (blocks done, blocks total), on rank 0
+        self.notified = False
+        self.watchdog = watchdog_seconds(watchdog)
+        self.stop = stop  # an object with .signum/.t (see mpicellpose.signals.StopFlag) or None
+        self.seq = 0  # collectives entered on this rank
+        self.where = "start-up"
+        now = time.monotonic()
+        self.last_seen = {r: now for r in range(self.size)}  # rank 0: when each rank was last heard
+        self.arrived = {r: (0, "start-up") for r in range(self.size)}  # rank 0: (seq, label) per rank
+        self.slowest_block = 0.0
+        self._abort_lock = threading.Lock()
+
+    # -- notices ---------------------------------------------------------------
+    def _send(self, kind: int, dest: int, payload):
+        self._requests.append(self.comm.isend(payload, dest=dest, tag=_TAGS[kind]))
+        self._sent[kind, dest] += 1
+        if len(self._requests) > 64:  # keep the list short: drop completed sends
+            self._requests = [r for r in self._requests if not r.Test()]
+
+    def notify_abort(self, message: str) -> None:
+        """Tell every other rank that this one failed or was asked to stop (once)."""
+        if self.notified or self.size == 1:
+            self.notified = True
+            return
+        self.notified = True
+        for r in range(self.size):
+            if r != self.rank:
+                self._send(ABORT, r, (self.rank, message))
+
+    def send_progress(self, done: int, total: int, seconds: float = 0.0) -> None:
+        """Report blocks done (to rank 0); ``seconds`` is how long the last block took."""
+        if self.rank == 0 or self.size == 1:
+            self.progress[self.rank] = (done, total)
+            self.slowest_block = max(self.slowest_block, float(seconds))
+        else:
+            self._send(PROGRESS, 0, (self.rank, done, total, float(seconds)))
+
+    def _receive(self, kind, source):
+        payload = self.comm.recv(source=source, tag=_TAGS[kind])
+        self._received[kind, source] += 1
+        self.last_seen[source] = time.monotonic()
+        if kind == ABORT:
+            if self.abort_seen is None:
+                self.abort_seen = payload
+        elif kind == PROGRESS:
+            r, done, total, seconds = payload
+            self.progress[r] = (done, total)
+            self.slowest_block = max(self.slowest_block, seconds)
+        else:
+            r, seq, label = payload
+            self.arrived[r] = (seq, label)
+
+    def poll(self) -> bool:
+        """Receive pending notices; True when some rank asked everyone to stop."""
+        if self.size == 1:
+            return self.abort_seen is not None
+        MPI = _mpi()
+        status = MPI.Status()
+        for kind, tag in enumerate(_TAGS):
+            while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=tag, status=status):
+                self._receive(kind, status.Get_source())
+        return self.abort_seen is not None
+
+    # -- waiting -----------------------------------------------------------------
+    def wait(self, req, label: str, progress=None) -> None:
+        """Wait for a request without spinning; meanwhile receive notices, honour a stop
+        request and (rank 0) watch the other ranks."""
+        t0 = time.monotonic()
+        delay = 0.002
+        while not req.Test():
+            self.poll()
+            if progress is not None:
+                progress()
+            self.check_stop(label)
+            if self.rank == 0:
+                self._watch(label, t0)
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+
+    def check_stop(self, label: str, missing=None) -> None:
+        """After SIGTERM/SIGINT, tell the others; past the grace period, end the job (exit 3)."""
+        stop = self.stop
+        if stop is None or stop.signum is None:
+            return
+        if not self.notified:
+            self.notify_abort(f"stop requested by signal {_signame(stop.signum)} on rank {self.rank}")
+        if not getattr(stop, "fast", True):
+            return
+        grace = stop_grace_seconds()
+        waited = time.monotonic() - stop.t
+        if waited > grace:
+            who = self._missing_text(label) if self.rank == 0 else "some ranks"
+            self.abort(EXIT_INTERRUPTED,
+                       f"stopped by signal {_signame(stop.signum)}: {who} did not reach '{label}' within "
+                       f"{grace:.0f} s; ending the job now. The blocks finished so far are kept: re-run the "
+                       f"same command to resume")
+
+    def _missing(self):
+        return [r for r in range(self.size) if self.arrived[r][0] < self.seq]
+
+    def _missing_text(self, label):
+        missing = self._missing()
+        if not missing:
+            return "no rank"
+        now = time.monotonic()
+        parts = []
+        for r in missing[:8]:
+            seq, where = self.arrived[r]
+            done = self.progress.get(r)
+            state = f"last at '{where}'" + (f", {done[0]}/{done[1]} blocks done" if done else "")
+            parts.append(f"rank {r} ({state}, silent for {now - self.last_seen[r]:.0f} s)")
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        return f"{len(missing)} rank(s) " + "; ".join(parts) + more
+
+    def _watch(self, label, t0):
+        if not self.watchdog or self.size == 1:
+            return
+        missing = self._missing()
+        if not missing:
+            return
+        now = time.monotonic()
+        limit = max(self.watchdog, 4.0 * self.slowest_block)
+        silent = min(now - t0, max(now - self.last_seen[r] for r in missing))
+        if silent > limit:
+            self.abort(EXIT_ERROR,
+                       f"watchdog: rank 0 has waited {now - t0:.0f} s at '{label}' for "
+                       f"{self._missing_text(label)}; no word from them in {limit:.0f} s (--watchdog), so the job "
+                       f"is ended. A rank is stuck (a hung file system, a GPU that stopped answering, a bug); "
+                       f"the blocks finished so far are kept: re-run the same command to resume")
+
+    def abort(self, code: int, message: str) -> None:
+        """End the whole job now (``MPI_Abort``) after printing ``message`` on this rank."""
+        with self._abort_lock:
+            try:
+                log.error("rank %d: %s", self.rank, message)
+                sys.stderr.write(f"mpicellpose: rank {self.rank}: {message}\n")
+                sys.stderr.flush()
+            finally:
+                if self.size == 1:
+                    os._exit(code)
+                self.comm.Abort(code)
+
+    # -- labelled collectives ----------------------------------------------------
+    def _enter(self, label: str, state: int = OK, progress=None) -> int:
+        """Arrive at a collective: tell rank 0, wait for everyone without spinning, and check
+        that every rank arrived at the same step.  Returns the worst state of all ranks."""
+        self.seq += 1
+        self.where = label
+        if self.size == 1:
+            return state
+        if self.rank == 0:
+            self.arrived[0] = (self.seq, label)
+        else:
+            self._send(ARRIVAL, 0, (self.rank, self.seq, label))
+        h = _label_hash(label)
+        mine = np.array([state, h, -h], np.int64)
+        worst = np.zeros(3, np.int64)
+        self.wait(self.comm.Iallreduce(mine, worst, op=_mpi().MAX), label, progress)
+        if worst[1] != -worst[2]:  # not every rank is at this step: say where each one is
+            labels = self.comm.allgather(label)
+            groups = {}
+            for r, lab in enumerate(labels):
+                groups.setdefault(lab, []).append(r)
+            where = "; ".join(f"rank(s) {_ranks(rs)} at '{lab}'" for lab, rs in groups.items())
+            exc = DistributedError(f"internal error: the ranks reached different steps ({where}); "
+                                   f"please report this with the command line", [(self.rank, where)])
+            exc.agreed = True
+            raise exc
+        return int(worst[0])
+
+    def barrier(self, label: str) -> None:
+        self._enter(label)
+
+    def bcast(self, obj, label: str, root: int = 0):
+        self._enter(label)
+        return self.comm.bcast(obj, root=root)
+
+    def scatter(self, objs, label: str, root: int = 0):
+        self._enter(label)
+        return self.comm.scatter(objs, root=root)
+
+    def gather(self, obj, label: str, root: int = 0):
+        self._enter(label)
+        return self.comm.gather(obj, root=root)
+
+    def allgather(self, obj, label: str) -> list:
+        self._enter(label)
+        return self.comm.allgather(obj)
+
+    def alltoall(self, per_dest: list, label: str) -> list:
+        """Send ``per_dest[r]`` to rank r; return the list received from every rank."""
+        self._enter(label)
+        if self.size == 1:
+            return list(per_dest)
+        return self.comm.alltoall(per_dest)
+
+    def allreduce_sum(self, value, label: str):
+        self._enter(label)
+        if self.size == 1:
+            return value
+        return self.comm.allreduce(value)
+
+    def node_local(self, label: str = "finding the ranks of each node"):
+        """(local rank, local size, node name): ranks grouped by processor name."""
+        host = processor_name()
+        hosts = self.allgather(host, label)
+        same = [r for r, h in enumerate(hosts) if h == host]
+        return same.index(self.rank), len(same), host
+
+    def exchange(self, outgoing: dict, sources, on_receive, label: str) -> None:
+        """Point-to-point exchange between neighbours, streamed (see :func:`.streams.exchange`)."""
+        self._enter(label)
+        streams.exchange(self.comm, outgoing, sources, on_receive, idle=lambda: self.check_stop(label))
+
+    # -- phases ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def step(self, where: str, *, interrupted=None):
+        """A piece of work every rank does, ended by an agreement::
+
+            with box.step("writing the table"):
+                ...   # an exception here is caught and raised on every rank
+
+        ``interrupted``: a callable telling whether a stop was requested meanwhile.
+        """
+        error = None
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - agreed below, on every rank
+            error = exc
+        self.agree(error, where=where, interrupted=bool(interrupted and interrupted()))
+
+    def on_root(self, fn, where: str):
+        """Run ``fn()`` on rank 0 only, agree on its success, and return its result on every rank."""
+        result = None
+        with self.step(where):
+            if self.rank == 0:
+                result = fn()
+        return self.bcast(result, f"result of {where}")
+
+    # -- agreement -------------------------------------------------------------
+    def agree(self, error: BaseException | None = None, *, interrupted: bool = False, where: str = "",
+              progress=None) -> None:
+        """Collective end of a phase: raise everywhere if any rank failed.
+
+        Every rank must call it exactly once per phase; ``progress`` is called while it
+        waits (rank 0's progress lines).  Raises
+        :class:`DistributedError` (any rank failed) or :class:`Interrupted` (a rank was
+        asked to stop by a signal), with the same message on every rank.
+        """
+        state = FAILED if error is not None else INTERRUPTED if interrupted else OK
+        if error is not None and not self.notified:
+            self.notify_abort(_describe(error))
+        label = f"end of {where}" if where else "end of a phase"
+        if self.size == 1:
+            self.seq += 1
+            self._finish_state([(state, _describe(error) if error else "", self._sent)], where, error)
+            return
+        self._enter(label, state, progress)
+        # everyone is here: settle the notice counts, so nothing stays in flight
+        info = self.comm.allgather((state, _describe(error) if error else "", self._sent))
+        for src, (_, _, sent) in enumerate(info):
+            for kind in range(len(_TAGS)):
+                while self._received[kind, src] < sent[kind, self.rank]:
+                    self._receive(kind, src)
+        for req in self._requests:
+            req.wait()
+        self._requests.clear()
+        self._finish_state(info, where, error)
+
+    def _finish_state(self, info, where, error):
+        failures = [(r, msg) for r, (st, msg, _) in enumerate(info) if st == FAILED]
+        if failures:
+            head = f"{len(failures)} of {len(info)} rank(s) failed" + (f" during {where}" if where else "")
+            lines = [f"rank {r}: {msg}" for r, msg in failures]
+            exc = DistributedError(head + ":\n  " + "\n  ".join(lines), failures)
+            exc.agreed = True
+            if error is not None:
+                raise exc from error
+            raise exc
+        if any(st == INTERRUPTED for st, _, _ in info):
+            exc = Interrupted(
+                "stopped by a signal (walltime or preemption) after finishing the blocks in progress; "
+                "re-run the same command to resume"
+            )
+            exc.agreed = True
+            raise exc
+
+
+def _ranks(rs) -> str:
+    return ",".join(str(r) for r in rs[:16]) + (f",... ({len(rs)})" if len(rs) > 16 else "")
+
+
+def _signame(signum) -> str:
+    try:
+        return signal.Signals(signum).name
+    except (ValueError, TypeError):
+        return str(signum)
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return ""
+    msg = str(error).strip() or type(error).__name__
+    if not isinstance(error, Exception) or type(error).__module__.startswith("mpicellpose"):
+        return msg
+    return f"{type(error).__name__}: {msg}"
+
+
+describe = _describe

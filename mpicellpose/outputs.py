@@ -1,0 +1,499 @@
+"""Where a run writes, and the rules that keep it from harming anything else.
+
+A user's only copy of a 10-TB volume may sit next to the output, and batch scripts make
+mistakes (an unset ``$OUT``, a ``.`` for "here", an output folder that also holds the input).
+So, before any work:
+
+* the output path is refused when it is empty, ``/``, the home directory, the current
+  directory or one of their parents, a directory that contains the input, the mask, the
+  configuration file or the work directory, a path inside the input, or a path inside
+  another zarr *array*;
+* an existing output is replaced (``--overwrite``) only when it is a zarr array or group;
+  a plain directory or file is never deleted, whatever the flags;
+* side files (object table, Parquet table, boxes, lock, work directory) sit beside the
+  output, in the directory the user named for it, and an existing one is replaced only when
+  this project wrote it (its signature) and the output is this run's own or ``--overwrite``
+  was given;
+* one run per output at a time: :class:`OutputLock`.
+
+Everything here is pure path logic plus the lock file; nothing MPI.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ngff, storage
+from .errors import ConfigError, InputError, OutputExistsError, OutputInUseError, UnsafeOutputError
+
+log = logging.getLogger(__name__)
+
+WORK_SUFFIX = ".mpicellpose-work"
+LOCK_SUFFIX = ".mpicellpose-lock"
+TABLE_SUFFIX = ".objects.csv"
+PARQUET_SUFFIX = ".objects.parquet"
+BOXES_SUFFIX = ".boxes.npy"
+
+
+# --------------------------------------------------------------------------- names
+def output_stem(output) -> str:
+    s = str(output).rstrip("/")
+    for suffix in (".ome.zarr", ".zarr"):
+        if s.endswith(suffix):
+            return s[: -len(suffix)]
+    return s
+
+
+def default_work_dir(stem) -> str:
+    return stem + WORK_SUFFIX
+
+
+def table_path(stem) -> str:
+    return stem + TABLE_SUFFIX
+
+
+def parquet_path(stem) -> str:
+    return stem + PARQUET_SUFFIX
+
+
+def boxes_path(stem) -> str:
+    return stem + BOXES_SUFFIX
+
+
+def lock_path(stem) -> str:
+    return stem + LOCK_SUFFIX
+
+
+@dataclass(frozen=True)
+class OutputPlace:
+    """Where the labels go: a plain zarr array, or level 0 of an NGFF label image."""
+
+    array: str                   # the level-0 label array
+    stem: str                    # prefix of the object table, boxes, lock and work directory
+    group: str | None = None     # NGFF label image group (None: plain array)
+    image_group: str | None = None  # the input image group when the labels go inside it
+    name: str | None = None      # label image name inside the image group
+
+    @property
+    def root(self) -> str:
+        """What ``--overwrite`` replaces: the label group, else the array."""
+        return self.group or self.array
+
+    def side_files(self) -> dict:
+        """Every path beside the output that a run writes (except the work directory)."""
+        return {"object table": table_path(self.stem), "Parquet table": parquet_path(self.stem),
+                "boxes": boxes_path(self.stem), "lock": lock_path(self.stem)}
+
+
+# --------------------------------------------------------------------------- where
+def resolve_output(cfg, vol) -> OutputPlace:
+    """Decide where the labels are written (pure)."""
+    if cfg.output is not None and not str(cfg.output).strip():
+        raise UnsafeOutputError("OUTPUT is empty (an unset shell variable?): give the path of the label array to "
+                                "write, e.g. labels.zarr")
+    if vol is not None and vol.is_ome and (cfg.labels_name or cfg.output is None):
+        name = cfg.labels_name or "mpicellpose"
+        group, arr0 = ngff.label_paths(vol.group_path, name)
+        return OutputPlace(os.path.abspath(arr0), output_stem(os.path.abspath(vol.group_path)) + "." + name,
+                           os.path.abspath(group), os.path.abspath(vol.group_path), name)
+    if cfg.output is None:
+        raise ConfigError("no OUTPUT given: it can be left out only for an OME-Zarr input (the labels then go "
+                          "inside the image group, under labels/)")
+    out = os.path.abspath(str(cfg.output))
+    if out.rstrip("/").endswith(".ome.zarr"):
+        group, arr0 = ngff.standalone_label_paths(out)
+        return OutputPlace(arr0, output_stem(out), group)
+    return OutputPlace(out, output_stem(out))
+
+
+def locate_output(cfg, vol, *, prepare: bool = True):
+    """Rank 0: where the run writes, checked against everything it could harm (before any
+    work), with the parent directory created when ``prepare``.  Returns (place, work dir)."""
+    place = resolve_output(cfg, vol)
+    work = str(cfg.work_dir or default_work_dir(place.stem))
+    check_output_path(cfg, place, work)
+    out = place.array
+    if isinstance(cfg.input, (str, os.PathLike)) and os.path.abspath(cfg.input) in (out, place.group):
+        raise ConfigError(f"output {cfg.output!r} is the same path as the input")
+    parent = os.path.dirname(out) or "."
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"output location {parent!r} is not a directory ({existing!r} is a file)")
+    if prepare:
+        storage.check_writable(existing)
+        os.makedirs(parent, exist_ok=True)
+    return place, work
+
+
+def lock_output(cfg, place):
+    """Rank 0: the exclusive lock on the output for this run (see :class:`OutputLock`)."""
+    return OutputLock(lock_path(place.stem), str(cfg.output or place.root)).acquire()
+
+
+# --------------------------------------------------------------------------- safety checks
+def _real(p) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(str(p))))
+
+
+def _inside(child: str, parent: str) -> bool:
+    """``child`` is ``parent`` or lies below it (both real paths)."""
+    try:
+        return os.path.commonpath([child, parent]) == parent
+    except ValueError:  # different drives
+        return False
+
+
+def _describe_dir(path: str, limit: int = 4) -> str:
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        return "a directory"
+    if not names:
+        return "an empty directory"
+    shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+    return f"a directory with {len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown})"
+
+
+def protected_paths(cfg) -> dict:
+    """{what: real path} of the user's files a run must never delete or write into."""
+    out = {}
+    if isinstance(cfg.input, (str, os.PathLike)) and str(cfg.input):
+        src = str(cfg.input)
+        if ":" in src and not os.path.exists(src):  # file.h5:/dataset
+            src = src.split(":", 1)[0]
+        if any(c in src for c in "*?["):  # a glob of tiles: protect the folder they are in
+            src = os.path.dirname(src) or "."
+        out["the input"] = _real(src)
+    if isinstance(cfg.mask, (str, os.PathLike)) and str(cfg.mask):
+        out["the mask"] = _real(cfg.mask)
+    config_file = getattr(cfg, "config_file", None)
+    if config_file:
+        out["the configuration file"] = _real(config_file)
+    return out
+
+
+def _dangerous_dirs() -> dict:
+    return {"the current directory": _real(os.getcwd()), "your home directory": _real("~"),
+            "the root directory": "/"}
+
+
+def check_target(what: str, name: str, path, protected: dict, *, may_be_inside=()) -> str:
+    """Refuse a path a command would write (and may later delete) when that could harm the
+    user's files; return its real path.  ``protected``: {what: real path} never to be
+    touched; ``may_be_inside``: those of them the target may lie inside (labels inside an
+    OME-Zarr input)."""
+    real = _real(path)
+    why = ("mpicellpose never writes its results there, because --overwrite and the clean-up would delete what "
+           "is there. Name a new path, e.g. 'labels.zarr'")
+    dangers = _dangerous_dirs()
+    for danger, d in dangers.items():
+        if real == d:
+            raise UnsafeOutputError(f"{what} {name} is {danger} ({real}): {why}")
+    for danger, d in dangers.items():
+        if _inside(d, real):
+            raise UnsafeOutputError(f"{what} {name} is {real!r}, which contains {danger}: {why}")
+    for pw, p in protected.items():
+        if p == real:
+            raise UnsafeOutputError(f"{what} {name} is the same path as {pw}: choose another path, e.g. a new "
+                                    f"'labels.zarr' beside it")
+        if _inside(p, real):
+            raise UnsafeOutputError(f"{what} {name} contains {pw} ({p}): choose a path outside it, e.g. "
+                                    f"a new 'labels.zarr' beside it")
+        if _inside(real, p) and pw not in may_be_inside:
+            raise UnsafeOutputError(f"{what} {name} lies inside {pw} ({p}): choose a path outside it")
+    # never inside a zarr array (its chunks would be overwritten); inside a group is zarr's hierarchy
+    parent = os.path.dirname(real)
+    while parent and parent != os.path.dirname(parent):
+        if storage.node_kind(parent) == "array":
+            raise UnsafeOutputError(f"{what} {name} lies inside the zarr array {parent!r}: choose a path outside it")
+        parent = os.path.dirname(parent)
+    return real
+
+
+def check_output_path(cfg, place: OutputPlace, work_dir: str) -> None:
+    """Refuse, before any work, an output or work directory that could harm the user's files."""
+    typed = cfg.output
+    if typed is not None and not str(typed).strip():
+        raise UnsafeOutputError("OUTPUT is empty (an unset shell variable?): give the path of the label array to "
+                                "write, e.g. labels.zarr")
+    shown = repr(str(typed)) if typed is not None else repr(place.root)
+    protected = protected_paths(cfg)
+    inside_ok = ("the input",) if place.image_group is not None else ()
+    real_out = check_target("OUTPUT", shown, place.root, protected, may_be_inside=inside_ok)
+    real_work = check_target("the work directory", repr(str(work_dir)), work_dir, protected)
+    if _inside(real_out, real_work) or _inside(real_work, real_out):
+        raise UnsafeOutputError(f"OUTPUT {shown} and the work directory {str(work_dir)!r} must not contain "
+                                f"each other")
+
+
+def replaceable(path, shown: str, overwrite: bool, *, ours: bool = False, marker=None,
+                runs: bool = True) -> str | None:
+    """What to do with what already lies at ``path``: None (nothing there, an empty
+    directory, or ours to reuse), or the description of the zarr node ``overwrite`` will
+    replace.  Raises for a plain file or directory (never deleted) and for a zarr node
+    without ``overwrite`` (``runs``: the message speaks of segmentation runs)."""
+    root = str(path)
+    if not os.path.lexists(root):
+        return None
+    if os.path.islink(root):
+        raise UnsafeOutputError(f"OUTPUT {shown} is a symbolic link; mpicellpose does not write through it: give the "
+                                f"real path")
+    if not os.path.isdir(root):
+        raise OutputExistsError(f"OUTPUT {shown} is an existing file ({os.path.getsize(root)} bytes) that was not "
+                                f"made by mpicellpose: it is never deleted, even with --overwrite; choose another "
+                                f"OUTPUT")
+    kind = storage.node_kind(root)
+    if kind is None:
+        if not os.listdir(root):
+            return None  # an empty directory: used as it is
+        raise OutputExistsError(f"OUTPUT {shown} is {_describe_dir(root)}, not a zarr array, and was not made by "
+                                f"mpicellpose: it is never deleted, even with --overwrite; choose a new path, e.g. "
+                                f"{os.path.join(shown.strip(chr(39)), 'labels.zarr')!r}")
+    if ours:
+        return None
+    if not overwrite:
+        if not runs:  # a converted array: no run made it
+            raise OutputExistsError(f"output {shown} exists; pass --overwrite to replace it "
+                                    f"(a zarr {kind})")
+        if marker is None:
+            what = "was not made by mpicellpose"
+        elif marker.get("converted_from"):
+            what = f"holds the data `mpicellpose convert` copied from {marker['converted_from']!r}, not labels"
+        else:
+            what = "was made by an mpicellpose run with another configuration"
+        raise OutputExistsError(f"output {shown} exists and {what}; pass --overwrite to replace it (a zarr {kind})")
+    return f"the zarr {kind} {root}"
+
+
+def check_existing_output(cfg, place: OutputPlace, ours: bool) -> str | None:
+    """:func:`replaceable` for a run's output (the label group of an NGFF output)."""
+    shown = repr(str(cfg.output)) if cfg.output is not None else repr(place.root)
+    return replaceable(place.root, shown, cfg.overwrite, ours=ours, marker=output_marker(place.array))
+
+
+def output_marker(path):
+    """The 'mpicellpose' attributes of a label array, or None."""
+    try:
+        arr = storage.open_array(path, mode="r")
+        return dict(arr.attrs.get("mpicellpose", {}) or {}) or None
+    except Exception:
+        return None
+
+
+def _is_our_table(path: str) -> bool:
+    try:
+        with open(path) as f:
+            first = f.readline().strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first.startswith("id,voxels,") and first.endswith(",n_blocks,stitched,blocks")
+
+
+def _is_our_boxes(path: str) -> bool:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception:
+        return False
+    return arr.dtype == np.int64 and arr.ndim == 3 and arr.shape[2] == 2 and arr.shape[1] in (2, 3)
+
+
+def _is_our_parquet(path: str) -> bool:
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return all(n.startswith("part-") and n.endswith(".parquet") for n in names)
+
+
+_SIGNATURES = {"object table": _is_our_table, "Parquet table": _is_our_parquet, "boxes": _is_our_boxes}
+
+
+def check_side_files(cfg, place: OutputPlace, output_is_ours: bool) -> None:
+    """Refuse to replace a side file that this project did not write, or one of ours that
+    belongs to another output, without --overwrite."""
+    for what, path in place.side_files().items():
+        if what == "lock" or not os.path.lexists(path):
+            continue
+        ours = _SIGNATURES[what](path) and not os.path.islink(path)
+        if not ours:
+            raise UnsafeOutputError(f"{path!r} ({what} of OUTPUT) already exists and was not written by mpicellpose: "
+                                    f"it is never replaced, even with --overwrite; move it away or choose another "
+                                    f"OUTPUT")
+        if not (output_is_ours or cfg.overwrite):
+            raise OutputExistsError(f"{path!r} ({what}) is left from an earlier mpicellpose run; add --overwrite to "
+                                    f"replace it, or choose another OUTPUT")
+
+
+def remove_zarr(path: str, what: str) -> None:
+    """Remove a zarr array or group (and nothing else), saying so."""
+    if storage.node_kind(path) is None or os.path.islink(path):
+        raise UnsafeOutputError(f"refusing to remove {path!r}: it is not a zarr array or group")
+    n_files, n_bytes = 0, 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            n_files += 1
+            try:
+                n_bytes += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    log.warning("--overwrite: removing %s (%d files, %.1f MB)", what, n_files, n_bytes / 1e6)
+    storage.remove_path(path)
+
+
+def written_paths(place: OutputPlace, work_dir: str, parquet: bool) -> list:
+    """(what, path) of everything a run writes, for the plan and the first log lines."""
+    out = [("labels", place.array)]
+    if place.group is not None:
+        out.append(("label image group", place.group))
+    out += [("object table", table_path(place.stem))]
+    if parquet:
+        out.append(("Parquet table", parquet_path(place.stem)))
+    out += [("boxes", boxes_path(place.stem)), ("lock (while running)", lock_path(place.stem)),
+            ("work directory (removed at the end)", str(work_dir))]
+    return out
+
+
+# --------------------------------------------------------------------------- one run per output
+LEASE_SECONDS = 600.0      # a lock not refreshed for this long belongs to a dead run
+HEARTBEAT_SECONDS = 60.0
+_JOB_VARS = ("SLURM_JOB_ID", "LSB_JOBID", "PBS_JOBID", "FLUX_JOB_ID", "JOB_ID")
+
+
+def _proc_start(pid: int):
+    """Start time of a process (clock ticks since boot) from /proc, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int, start) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):  # exited, not yet reaped
+                return False
+    except (OSError, IndexError):
+        pass
+    now_start = _proc_start(pid)
+    return start is None or now_start is None or now_start == start
+
+
+def _job_id():
+    for var in _JOB_VARS:
+        if os.environ.get(var):
+            return f"{var}={os.environ[var]}"
+    return None
+
+
+class OutputLock:
+    """An exclusive lock on an output: a file created with O_EXCL (atomic on local file
+    systems, NFSv3+, Lustre and GPFS), holding host, pid, job id and start time, refreshed
+    every minute by a background thread.  A lock whose process is gone (same host) or that
+    was not refreshed for ``LEASE_SECONDS`` (any host) is stale and taken over."""
+
+    def __init__(self, path, output_name: str):
+        self.path = str(path)
+        self.output_name = output_name
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread = None
+        self.took_over = None
+
+    def _record(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
+                "job": _job_id(), "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                "token": self.token}
+
+    def _read(self):
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, info, age) -> str | None:
+        if info is None:
+            return "unreadable lock file" if age > HEARTBEAT_SECONDS else None
+        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+            if not _alive(info["pid"], info.get("proc_start")):
+                return f"process {info['pid']} on {info['host']} is gone"
+            return None
+        if age > LEASE_SECONDS:
+            return f"not refreshed for {age:.0f} s"
+        return None
+
+    def _describe(self, info, age) -> str:
+        if info is None:
+            return "a run whose lock file cannot be read"
+        job = f", {info['job']}" if info.get("job") else ""
+        return (f"host {info.get('host')}, pid {info.get('pid')}{job}, started {info.get('started')} "
+                f"(lock refreshed {age:.0f} s ago)")
+
+    def acquire(self) -> "OutputLock":
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    age = time.time() - os.stat(self.path).st_mtime
+                except FileNotFoundError:
+                    continue
+                info = self._read()
+                why = self._stale(info, age)
+                if why is None:
+                    raise OutputInUseError(
+                        f"OUTPUT {self.output_name!r} is in use by another run ({self._describe(info, age)}); "
+                        f"wait for it to finish. If that run is dead, remove {self.path!r}")
+                aside = f"{self.path}.stale-{self.token[:8]}"
+                try:
+                    os.rename(self.path, aside)  # atomic: one taker wins
+                except FileNotFoundError:
+                    continue
+                os.unlink(aside)
+                self.took_over = f"{self._describe(info, age)}: {why}"
+                log.warning("taking over the lock of a run that died (%s)", self.took_over)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._record(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            self._thread = threading.Thread(target=self._heartbeat, name="mpicellpose-lock", daemon=True)
+            self._thread.start()
+            return self
+        raise OutputInUseError(f"could not take the lock {self.path!r} (another run keeps taking it)")
+
+    def _heartbeat(self):
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+        info = self._read()
+        if info is not None and info.get("token") == self.token:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

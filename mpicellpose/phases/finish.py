@@ -1,0 +1,85 @@
+"""Phase 7: the label pyramid (NGFF outputs), provenance, the completion marker, clean-up.
+
+The output's ``mpicellpose`` attributes say ``complete: true`` only at the very end, with
+everything needed to know how it was made; readers can tell an unfinished output.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from .. import outputs, pyramid, storage
+from .._version import __version__
+from ..workdir import WorkDir
+
+
+def build_label_pyramid(cfg, plan, box):
+    """Collective: downsampled levels of an NGFF label image (every rank writes its chunks)."""
+    place = plan.output
+    if place.group is None:
+        return None
+    in_group = place.image_group is not None
+    if cfg.pyramid is None and not in_group:
+        return None
+    if cfg.pyramid == 0:
+        return None
+    like = place.image_group if in_group and cfg.pyramid is None else None
+    level = None
+    if like is not None:
+        level = plan.fingerprint["input"].get("level") or 0
+    return pyramid.build_pyramid(place.group, cfg.pyramid, box, method=cfg.pyramid_method, like=like,
+                                 like_level=level if level is not None else 0)
+
+
+def _version_of(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def provenance(cfg, plan, summary) -> dict:
+    """Everything needed to know how an output was made (stored in its attributes)."""
+    return {
+        "mpicellpose": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+        "numpy": _version_of("numpy"), "zarr": _version_of("zarr"),
+        "cellpose": _version_of("cellpose") if cfg.backend == "cellpose" else None,
+        "torch": _version_of("torch") if cfg.backend == "cellpose" else None, "mpi4py": _version_of("mpi4py"),
+        "model": plan.resolved_model, "config": json.loads(json.dumps(cfg.to_dict(), default=storage.json_default)),
+        "eval_kwargs_used": plan.eval_kwargs, "ranks": summary.get("ranks"),
+    }
+
+
+def mark_complete(cfg, plan, summary) -> None:
+    """Rank 0: the completion marker and provenance in the output's attributes."""
+    arr = storage.open_array(plan.output.array, mode="r+")
+    meta = dict(arr.attrs.get("mpicellpose", {}))
+    meta.update({
+        "run_id": plan.run_id, "complete": True, "version": __version__,
+        "provenance": provenance(cfg, plan, summary),
+        "voxel_size": list(plan.voxel_size) if plan.voxel_size else None,
+        "voxel_unit": plan.voxel_unit if plan.voxel_size else "voxel",
+        "table_parquet": os.path.basename(summary["table_parquet"]) if summary.get("table_parquet") else None,
+        "n_stitched_objects": summary.get("n_stitched_objects"),
+        "n_objects": summary["n_objects"], "blocksize": list(plan.blocksize), "overlap": list(plan.overlap),
+        "stitch": plan.stitch_rule, "fingerprint": plan.fingerprint, "timings": summary["timings"],
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "object_table": os.path.basename(outputs.table_path(plan.output.stem)),
+        "normalization": plan.normalization,
+    })
+    arr.attrs["mpicellpose"] = json.loads(json.dumps(meta, default=storage.json_default))
+
+
+def finish_phase(cfg, plan, box, summary) -> dict:
+    """Rank 0 marks the output complete and removes the work directory; every rank gets the summary."""
+    def finish():
+        mark_complete(cfg, plan, summary)
+        if not cfg.keep_work:
+            WorkDir(plan.work_dir).remove()
+        return summary
+
+    return box.on_root(finish, "finishing the output")

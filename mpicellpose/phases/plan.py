@@ -1,0 +1,302 @@
+"""Phase 1, on rank 0: check everything, then decide the block grid and the schedule.
+
+:func:`resolve_settings` turns a configuration and an opened volume into
+:class:`Settings` (what the options mean for this volume: grid, overlap, Cellpose's
+arguments, voxel size); it is pure but for hashing the model file, and it is the one place
+that resolves defaults, so :func:`mpicellpose.process_block` gets exactly what a run gets.
+:func:`make_plan` adds the output location, the fingerprint that makes resume safe, the
+work directory and the blocks each rank segments.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+
+from .. import geometry as geo
+from .. import outputs, readers, storage
+from .._version import __version__
+from ..backends import DEFAULT_DIAMETER, check_eval_kwargs, resolve_model
+from ..errors import ConfigError, InputError
+from ..outputs import OutputPlace
+from ..volume import anisotropy
+from ..workdir import WorkDir
+
+DEMO_DIAMETER = 16.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the configuration means for this volume (the same on every rank)."""
+
+    shape: tuple                  # spatial shape
+    blocksize: tuple
+    overlap: tuple
+    channel_axis: int | None      # of the input array (None: one channel)
+    stitch_rule: str              # 'touch' or 'iou'
+    connectivity: int             # 1..ndim, for 'touch'
+    eval_kwargs: dict             # Cellpose's eval arguments, diameter and anisotropy resolved
+    resolved_model: dict | None   # name, path and sha256 of the model file (Cellpose only)
+    voxel_size: tuple | None
+    voxel_unit: str | None
+    axes: tuple                   # spatial axis names
+
+    @property
+    def grid(self) -> geo.BlockGrid:
+        return geo.BlockGrid(self.shape, self.blocksize, self.overlap)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What rank 0 decided; broadcast to every rank."""
+
+    settings: Settings
+    kept: tuple                   # blocks with foreground in the mask, grid order
+    done: tuple                   # blocks recorded by an earlier run of the same configuration
+    segment_assignment: tuple     # per rank: the blocks it segments now
+    work_dir: str
+    fingerprint: dict
+    run_id: str
+    zarr_format: int
+    output: OutputPlace
+    replaces: str | None = None   # the existing zarr node --overwrite replaces, if any
+    normalization: dict | None = None  # global bounds, set after sampling (phase 1b)
+
+    def owners(self, n_ranks: int) -> list:
+        """Per rank, the kept blocks it stitches, relabels and reports (contiguous runs in
+        grid order, balanced by core size): its share of the output, fixed by the grid."""
+        grid = self.grid
+        return geo.assign_contiguous(list(self.kept), [geo.box_size(grid.block(b).core) for b in self.kept],
+                                     n_ranks)
+
+    def with_normalization(self, norm) -> "Plan":
+        return replace(self, normalization=norm)
+
+
+for _f in fields(Settings):  # plan.shape, plan.blocksize, ... read through to the settings
+    setattr(Plan, _f.name, property(lambda self, _n=_f.name: getattr(self.settings, _n)))
+Plan.grid = property(lambda self: self.settings.grid)
+
+
+# --------------------------------------------------------------------------- settings
+def spatial_shape(shape, channel_axis):
+    shape = tuple(int(s) for s in shape)
+    if channel_axis is None:
+        return shape
+    return shape[:channel_axis] + shape[channel_axis + 1:]
+
+
+def validate_input(arr, channel_axis):
+    """Check the input's shape and dtype; return the normalized channel axis."""
+    shape = tuple(int(s) for s in arr.shape)
+    nd = len(shape)
+    if channel_axis is not None:
+        if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
+            raise ConfigError(f"channel_axis must be an integer, got {channel_axis!r}")
+        if not -nd <= channel_axis < nd:
+            raise ConfigError(f"channel_axis {channel_axis} is out of range for an input with {nd} axes {shape}")
+        channel_axis = int(channel_axis) % nd
+    nsp = nd - (channel_axis is not None)
+    if nsp not in (2, 3):
+        hint = " (pass channel_axis for a channel axis, e.g. C,Z,Y,X -> 0)" if nsp == 4 else ""
+        raise InputError(
+            f"input has {nd} axes {shape}; mpicellpose segments 2D or 3D volumes "
+            f"(plus an optional channel axis){hint}"
+        )
+    if any(s == 0 for s in shape):
+        raise InputError(f"input shape {shape} has a zero-sized axis")
+    dt = np.dtype(arr.dtype)
+    if dt.kind not in "biuf":
+        raise InputError(f"input dtype {dt} is not supported (use integer, float or bool data)")
+    return channel_axis
+
+
+def default_overlap(cfg, ndim, diameter):
+    """The overlap per side: given, or 2 x diameter for Cellpose (z divided by the
+    anisotropy the user gave), 0 (touch) or iou_depth (iou) for the other backends."""
+    if cfg.overlap is not None:
+        return geo.per_axis(cfg.overlap, ndim, "overlap", minimum=0)
+    if cfg.backend != "cellpose":
+        return (0,) * ndim if cfg.stitch_rule == "touch" else (cfg.iou_depth,) * ndim
+    ov = 2 * float(diameter)
+    aniso = float(cfg.eval_kwargs.get("anisotropy") or 1.0)
+    if ndim == 3:
+        return (int(math.ceil(ov / aniso)),) + (int(math.ceil(ov)),) * 2
+    return (int(math.ceil(ov)),) * ndim
+
+
+def _voxel_size(cfg, vol, ndim):
+    voxel_size, voxel_unit = cfg.voxel_size, ("micrometer" if cfg.voxel_size else None)
+    if voxel_size is None and vol.voxel_size is not None:
+        voxel_size = tuple(float(v) for v in vol.voxel_size.size)
+        units = {u for u in (vol.voxel_size.units or ()) if u}
+        voxel_unit = units.pop() if len(units) == 1 else ("mixed" if units else "unknown")
+    if cfg.voxel_size is not None and len(cfg.voxel_size) != ndim:
+        raise ConfigError(f"voxel_size has {len(cfg.voxel_size)} values {cfg.voxel_size} but the volume has "
+                          f"{ndim} spatial axes")
+    return voxel_size, voxel_unit
+
+
+def resolve_settings(cfg, vol) -> Settings:
+    """Validate the configuration against the volume and resolve every default.
+
+    ``vol`` is a :class:`mpicellpose.volume.Volume` (see :func:`open_volume`).
+    """
+    src = vol.array
+    channel_axis = cfg.channel_axis if cfg.channel_axis is not None else cfg.eval_kwargs.get("channel_axis")
+    if channel_axis is None:
+        channel_axis = vol.channel_axis
+    channel_axis = validate_input(src, channel_axis)
+    shape = spatial_shape(src.shape, channel_axis)
+    ndim = len(shape)
+    blocksize = geo.per_axis(cfg.blocksize, ndim, "blocksize", minimum=1)
+    # backend specifics, checked before any heavy work
+    resolved, eval_kwargs = None, dict(cfg.eval_kwargs)
+    eval_kwargs.pop("channel_axis", None)
+    eval_kwargs.pop("z_axis", None)
+    diameter = cfg.diameter
+    if cfg.backend == "cellpose":
+        check_eval_kwargs(cfg.eval_kwargs)
+        resolved = resolve_model(cfg.model_kwargs)
+        if diameter is None:
+            diameter = DEMO_DIAMETER if resolved.get("name") == "demo" else DEFAULT_DIAMETER
+        eval_kwargs["diameter"] = diameter
+    voxel_size, voxel_unit = _voxel_size(cfg, vol, ndim)
+    if cfg.backend == "cellpose" and ndim == 3 and voxel_size is not None and "anisotropy" not in eval_kwargs:
+        a = anisotropy(voxel_size)
+        if abs(a - 1.0) > 1e-6:
+            eval_kwargs["anisotropy"] = a
+    overlap = default_overlap(cfg, ndim, diameter or DEFAULT_DIAMETER)
+    rule = cfg.stitch_rule
+    conn = cfg.backend_kwargs.get("connectivity", 1)
+    conn = ndim if conn == "full" else min(int(conn), ndim)
+    if rule == "iou" and min(overlap) < 1:
+        raise ConfigError(f"stitch='iou' needs an overlap of at least 1 voxel on every axis, got {overlap}")
+    axes = tuple(a for i, a in enumerate(vol.axes) if i != channel_axis)
+    return Settings(shape, blocksize, overlap, channel_axis, rule, conn, eval_kwargs, resolved, voxel_size,
+                    voxel_unit, axes)
+
+
+def open_volume(cfg):
+    """Open the configured input as a :class:`mpicellpose.volume.Volume` (lazy)."""
+    return readers.open_volume_spec(cfg.input, cfg.dataset, level=cfg.level, channel=cfg.channel,
+                                    timepoint=cfg.timepoint, tile_pattern=cfg.tile_pattern)
+
+
+def kept_blocks(cfg, grid) -> tuple:
+    """The blocks with foreground in the mask (all blocks without a mask), grid order."""
+    mask = cfg.mask
+    if isinstance(mask, (str, os.PathLike)):
+        mask = readers.open_input(mask, what="mask")
+    if mask is not None:
+        geo.check_mask_shape(mask.shape, grid.shape)
+    return tuple(int(i) for i in np.flatnonzero(geo.blocks_in_mask(grid, mask)))
+
+
+# --------------------------------------------------------------------------- fingerprint
+def mask_identity(mask):
+    if mask is None:
+        return None
+    if isinstance(mask, (str, os.PathLike)):
+        return {"path": os.path.abspath(mask)}
+    arr = np.asarray(mask[...])
+    return {"shape": list(arr.shape), "sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()}
+
+
+def input_identity(cfg, arr, vol=None):
+    ident = {"shape": list(arr.shape), "dtype": str(np.dtype(arr.dtype))}
+    if vol is not None and vol.kind != "array":
+        ident.update({"kind": vol.kind, "level": vol.level, "channel": cfg.channel, "timepoint": cfg.timepoint})
+    if isinstance(cfg.input, (str, os.PathLike)):
+        ident["path"] = os.path.abspath(cfg.input)
+        ident["dataset"] = cfg.dataset
+    else:
+        ident["type"] = type(cfg.input).__name__
+        store = getattr(getattr(cfg.input, "store", None), "root", None) or getattr(cfg.input, "store", None)
+        if store is not None:
+            ident["store"] = str(store)
+        name = getattr(cfg.input, "path", None) or getattr(cfg.input, "name", None)
+        if name is not None:
+            ident["name"] = str(name)
+    return ident
+
+
+def fingerprint_of(cfg, vol, s: Settings, fmt: int) -> dict:
+    """Everything that changes the labels: a resume with a different fingerprint is refused."""
+    return {
+        "version": __version__,
+        "input": input_identity(cfg, vol.array, vol),
+        "channel_axis": s.channel_axis,
+        "blocksize": list(s.blocksize),
+        "overlap": list(s.overlap),
+        "mask": mask_identity(cfg.mask),
+        "backend": cfg.backend if isinstance(cfg.backend, str) else
+        {"class": f"{type(cfg.backend).__module__}.{type(cfg.backend).__qualname__}",
+         "describe": (cfg.backend.describe() if hasattr(cfg.backend, "describe") else None)},
+        "backend_kwargs": {k: v for k, v in sorted(cfg.backend_kwargs.items())},
+        "model": None if s.resolved_model is None else {"name": s.resolved_model["name"],
+                                                        "sha256": s.resolved_model["sha256"]},
+        "model_kwargs": {k: repr(v) for k, v in sorted(cfg.model_kwargs.items())},
+        "eval_kwargs": {k: repr(v) for k, v in sorted(s.eval_kwargs.items())},
+        "preprocessing": [[f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', '?')}",
+                           repr(sorted(k.items()))] for f, k in cfg.preprocessing_steps],
+        "stitch": {"rule": s.stitch_rule, "connectivity": s.connectivity, "iou_threshold": cfg.iou_threshold,
+                   "iou_depth": cfg.iou_depth},
+        "normalize": cfg.normalize if cfg.backend == "cellpose" else None,
+        "zarr_format": fmt,
+    }
+
+
+def run_id_of(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def output_format(cfg, vol, place) -> int:
+    src = vol.array
+    fmt = cfg.zarr_format or vol.zarr_format or (storage.array_format(src) if hasattr(src, "metadata") else 2)
+    if place.image_group is not None and vol.zarr_format and fmt != vol.zarr_format:
+        raise ConfigError(f"labels inside the OME-Zarr image must use its zarr format {vol.zarr_format}, "
+                          f"not {fmt}")
+    if fmt == 3 and storage.zarr_major() < 3:
+        fmt = 2
+    return fmt
+
+
+# --------------------------------------------------------------------------- the plan
+def schedule(grid, todo, n_ranks) -> tuple:
+    """The blocks each rank segments: contiguous runs balanced by read volume."""
+    weights = [geo.box_size(grid.block(b).read) for b in todo]
+    return tuple(tuple(part) for part in geo.assign_contiguous(list(todo), weights, n_ranks))
+
+
+def make_plan(cfg, vol, n_ranks: int, *, prepare: bool = True) -> Plan:
+    """Rank 0: validate everything, prepare the work directory, decide the block grid.
+
+    With ``prepare=False`` (the dry run of ``mpicellpose plan``) nothing is written.
+    """
+    s = resolve_settings(cfg, vol)
+    grid = s.grid
+    kept = kept_blocks(cfg, grid)
+    place, work_path = outputs.locate_output(cfg, vol, prepare=prepare)
+    fmt = output_format(cfg, vol, place)
+    fingerprint = fingerprint_of(cfg, vol, s, fmt)
+    run_id = run_id_of(fingerprint)
+    marker = outputs.output_marker(place.array)
+    output_ours = bool(marker) and marker.get("run_id") == run_id
+    replaces = outputs.check_existing_output(cfg, place, output_ours)
+    outputs.check_side_files(cfg, place, output_ours)
+    work = WorkDir(work_path)
+    ours = work.check(run_id, fingerprint, cfg.restart)
+    if prepare:
+        work.prepare(run_id, fingerprint, s.shape, s.blocksize, reuse=ours and not cfg.restart)
+    elif cfg.restart:
+        ours = False
+    done = tuple(work.done_blocks(kept)) if (prepare or ours) else ()
+    done_set = set(done)
+    todo = [b for b in kept if b not in done_set]
+    return Plan(s, kept, done, schedule(grid, todo, n_ranks), str(work.path), fingerprint, run_id, fmt, place,
+                replaces=replaces)
