@@ -12,6 +12,7 @@ from .blocks import build_backend, number_core, segment_image
 from .config import RunConfig
 from .errors import ConfigError
 from .phases.plan import kept_blocks, open_volume, resolve_settings
+from .quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, bloc
         # the same global bounds as the run: sampled from the blocks in the mask, whatever the rank count
         norm = normalization.global_normalization(cfg, settings, kept_blocks(cfg, grid), vol.array, box)
         segmenter = build_backend(cfg, settings, norm, box, load=True)
-    labels = segment_image(vol.array, blk, settings, cfg.preprocessing_steps, segmenter)
+    with quiet_libraries():  # the warnings a run hides say nothing to a user here either
+        labels = segment_image(vol.array, blk, settings, cfg.preprocessing_steps, segmenter)
     _, n, core = number_core(labels, blk)
     stats = st.block_stats(core, n, [a for a, _ in blk.core])
     boxes = [tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)) for lo, hi in zip(stats["bbox_min"], stats["bbox_max"])]

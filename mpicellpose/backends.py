@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .errors import BackendError, ConfigError, ModelNotFoundError, needs
+from .errors import BackendError, ConfigError, DependencyError, ModelNotFoundError, needs
 from .storage import sha256_file
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ BUILTIN_V3 = {
     "bact_phase_cp3", "bact_fluor_cp3", "deepbacs_cp3", "cyto2", "cyto", "transformer_cp3",
     "neurips_cellpose_default", "neurips_cellpose_transformer", "neurips_grayscale_cyto2",
 }
-BUILTIN_V4 = {"cpsam"}
+BUILTIN_V4 = {"cpsam", "cpsam_v2"}
 
 
 def builtin_filename(name: str) -> str:
@@ -166,20 +166,10 @@ def resolve_model(model_kwargs: dict) -> dict:
             return {"kind": "random", "name": None, "path": None, "sha256": None}
         name = "cyto3" if (cellpose_version()[0] or 3) < 4 else "cpsam"
     name = os.fspath(name)
-    if name == "demo" or name.startswith("demo_nuclei"):
-        from .models import demo_model_path
+    if name == "demo" or name.startswith(("demo_nuclei", "demo_cp4")):
+        from .training_cp4 import resolve_demo  # demo_nuclei_v1 under 3.x, the stand-in under 4.x
 
-        path = demo_model_path()
-        if not path.exists():
-            raise ModelNotFoundError(f"the shipped demo model is missing from the installation: {path}")
-        major, full = cellpose_version()
-        if major is not None and major >= 4:
-            raise ConfigError(
-                f"the shipped demo model is a Cellpose 3 model and the installed Cellpose {full} cannot load "
-                "Cellpose 3 weights; install 'cellpose>=3.1.1,<4' (pip install 'mpicellpose[cellpose]') or "
-                "use a Cellpose 4 model (--model cpsam)"
-            )
-        return {"kind": "path", "name": "demo", "path": str(path), "sha256": sha256_file(path)}
+        return resolve_demo(name, *cellpose_version())
     p = Path(name).expanduser()
     if p.exists():
         if p.is_dir():
@@ -205,12 +195,50 @@ def resolve_model(model_kwargs: dict) -> dict:
     )
 
 
-def cellpose_eval_parameters():
-    """Names accepted by the installed ``CellposeModel.eval`` (imports cellpose)."""
+def _torchvision_for_torch() -> str:
+    """``torchvision==0.N.*`` built for the installed torch 2.M (N = M + 15), else ``torchvision``."""
+    try:
+        from importlib.metadata import version
+
+        major, minor = (int(x) for x in version("torch").split("+")[0].split(".")[:2])
+        return f"torchvision==0.{minor + 15}.*" if major == 2 else "torchvision"
+    except Exception:  # noqa: BLE001 - torch missing or an odd version string
+        return "torchvision"
+
+
+def _cellpose_import_error(exc: BaseException) -> DependencyError:
+    """One-line install hint for a failed ``import cellpose.models`` (4.x: torchvision, segment_anything)."""
+    major, full = cellpose_version()
+    if major is None:
+        return needs("cellpose", "cellpose")
+    missing = (getattr(exc, "name", None) or "").split(".")[0]
+    cpu = "for the CPU torch add --index-url https://download.pytorch.org/whl/cpu"
+    if isinstance(exc, ImportError) and missing in ("torchvision", "segment_anything"):
+        pkg = _torchvision_for_torch() if missing == "torchvision" else "segment-anything"
+        return DependencyError(f"Cellpose {full} needs {missing}, which is not installed: pip install '{pkg}' "
+                               f"(the release built for your torch; {cpu})")
+    if "torchvision::" in str(exc):
+        return DependencyError(f"Cellpose {full} imports torchvision, whose compiled ops do not load with this torch "
+                               f"(a CUDA torchvision beside a CPU torch?): pip install '{_torchvision_for_torch()}' "
+                               f"from the index your torch came from ({cpu}); see docs/cellpose4.md")
+    return DependencyError(f"importing Cellpose {full} failed ({type(exc).__name__}: {exc}); reinstall it with its "
+                           f"dependencies: pip install 'cellpose=={full}'")
+
+
+def import_cellpose_models():
+    """``cellpose.models``, or a :class:`DependencyError` whose one line says what to install."""
     try:
         from cellpose import models
-    except ImportError:
-        raise needs("cellpose", "cellpose") from None
+    except (ImportError, RuntimeError) as exc:  # RuntimeError: a torchvision that does not match torch
+        if isinstance(exc, RuntimeError) and "torchvision" not in str(exc):
+            raise
+        raise _cellpose_import_error(exc) from None
+    return models
+
+
+def cellpose_eval_parameters():
+    """Names accepted by the installed ``CellposeModel.eval`` (imports cellpose)."""
+    models = import_cellpose_models()
     return set(inspect.signature(models.CellposeModel.eval).parameters) - {"self", "x"}
 
 
@@ -218,14 +246,31 @@ def cellpose_eval_parameters():
 _MANAGED_EVAL = {"z_axis", "channel_axis"}
 # arguments that exist in one major version only: translated or dropped with a warning
 _V3_ONLY_EVAL = {"channels", "interp"}
-_V3_ONLY_MODEL = {"model_type", "nchan", "diam_mean", "backbone", "pretrained_model_ortho"}
+_V3_TRANSLATED_EVAL = {"invert"}  # Cellpose 4 takes it as normalize["invert"]
+_V3_ONLY_MODEL = {"model_type", "nchan", "diam_mean", "backbone", "pretrained_model_ortho", "mkldnn"}
+_V4_ONLY_MODEL = {"use_bfloat16"}
+#: Cellpose 4.2.1.1's ``models.normalize_default``.  Cellpose 4 writes a *bool* ``normalize`` into
+#: that module-level dict (it leaks into later calls) and merges a dict into a copy: pass full dicts.
+CP4_NORMALIZE_DEFAULTS = {"lowhigh": None, "percentile": None, "normalize": True, "norm3D": True,
+                          "sharpen_radius": 0, "smooth_radius": 0, "tile_norm_blocksize": 0,
+                          "tile_norm_smooth3D": 1, "invert": False}
+
+
+def check_bsize_v4(bsize) -> None:
+    """Cellpose 4's Cellpose-SAM runs on 256x256 tiles only (4.2.1.1 raises deep inside eval)."""
+    if bsize is not None and not (isinstance(bsize, (int, float)) and bsize == 256):
+        raise ConfigError(f"eval_kwargs bsize={bsize!r}: Cellpose 4 (Cellpose-SAM) networks work on 256x256 tiles "
+                          f"only; leave bsize unset or pass 256 (batch_size sets how many tiles run at once)")
 
 
 def translate_kwargs(model_kwargs: dict, eval_kwargs: dict, major: int):
-    """Adapt reference-style kwargs to the installed Cellpose major version.
+    """Adapt reference-style (Cellpose 3) kwargs to the installed Cellpose major version.
 
-    Returns ``(model_kwargs, eval_kwargs, ignored)`` as new dicts (the caller's are not
-    touched); ``ignored`` lists arguments dropped for this version (warn about them once).
+    4.x: ``channels``/``interp`` and the 3.x-only model kwargs are dropped (channels are taken in
+    order), ``model_type`` becomes ``pretrained_model``, ``bsize`` must be None or 256
+    (:class:`ConfigError`); ``invert`` moves into ``normalize`` per block (:func:`cp4_normalize`).
+    3.x: ``channels`` defaults to ``[0, 0]``; the 4.x-only ``use_bfloat16`` is dropped.
+    Returns new ``(model_kwargs, eval_kwargs, ignored)``; warn once about ``ignored``.
     """
     mk, ek, ignored = dict(model_kwargs or {}), dict(eval_kwargs or {}), []
     if major >= 4:
@@ -238,13 +283,33 @@ def translate_kwargs(model_kwargs: dict, eval_kwargs: dict, major: int):
                 mk["pretrained_model"] = v
             else:
                 ignored.append(f"model_kwargs[{k!r}]")
-        if "bsize" in ek and ek["bsize"] != 256:
-            ignored.append("eval_kwargs['bsize'] (Cellpose 4 uses 256)")
-            ek.pop("bsize")
+        check_bsize_v4(ek.get("bsize"))
     else:
         if "channels" not in ek:
             ek["channels"] = [0, 0]
+        for k in sorted(_V4_ONLY_MODEL & set(mk)):
+            mk.pop(k)
+            ignored.append(f"model_kwargs[{k!r}] (Cellpose 4 only)")
     return mk, ek, ignored
+
+
+def cp4_normalize(ek: dict, keys=None) -> dict:
+    """``ek`` with ``normalize`` as a full Cellpose 4 dict (never a bool, ``"normalize"`` explicit)
+    and a Cellpose 3 style ``invert`` moved into it; ``keys``: the installed defaults' keys.
+
+    >>> n = cp4_normalize({"normalize": {"lowhigh": [0, 9]}, "invert": True})["normalize"]
+    >>> n["normalize"], n["lowhigh"], n["invert"], n["percentile"]
+    (True, [0, 9], True, None)
+    """
+    ek, user = dict(ek), ek.get("normalize", True)
+    norm = dict(CP4_NORMALIZE_DEFAULTS, **(user if isinstance(user, dict) else {}))
+    norm["normalize"] = bool(user.get("normalize", True) if isinstance(user, dict) else user)
+    if "invert" in ek:
+        norm["invert"] = bool(ek.pop("invert")) or bool(norm.get("invert"))
+    if keys is not None:
+        norm = {k: v for k, v in norm.items() if k in keys or (isinstance(user, dict) and k in user)}
+    ek["normalize"] = norm
+    return ek
 
 
 class CellposeSegmenter(Segmenter):
@@ -273,11 +338,9 @@ class CellposeSegmenter(Segmenter):
         self.ndim = ndim
         self.resolved = resolved or resolve_model(model_kwargs or {})
         mk, ek, self.ignored = translate_kwargs(model_kwargs, eval_kwargs, major)
-        try:
-            import torch
-            from cellpose import models
-        except ImportError:
-            raise needs("cellpose", "cellpose") from None
+        models = import_cellpose_models()
+        import torch
+
         if threads:
             torch.set_num_threads(int(threads))
         mk.pop("pretrained_model", None)
@@ -296,13 +359,29 @@ class CellposeSegmenter(Segmenter):
                 mk["pretrained_model"] = res["name"]
             else:
                 mk["model_type"] = res["name"]
-        try:
-            self.model = models.CellposeModel(**mk)
-        except Exception as exc:
-            raise BackendError(f"could not build CellposeModel({_short(mk)}): {exc}") from exc
+        self._diameter_factor, self._norm_keys = 1.0, None
+        if res.get("loader"):  # only the shipped Cellpose 4 stand-in ('demo' under 4.x) has a loader
+            from .training_cp4 import CP4_DIAMETER, CP4_STANDIN_LOADER, load_standin, native_diameter
+
+            if res["loader"] != CP4_STANDIN_LOADER:
+                raise BackendError(f"unknown model loader {res['loader']!r}")
+            try:
+                self.model = load_standin(res["path"], **{k: v for k, v in mk.items() if k != "pretrained_model"})
+            except Exception as exc:
+                raise BackendError(f"could not load the Cellpose 4 stand-in demo model {res['path']}: {exc}") from exc
+            # Cellpose 4 resizes by 30 / diameter; the stand-in was trained on 16-voxel objects, unresized
+            self.diam_mean = native_diameter(self.model)
+            self._diameter_factor = CP4_DIAMETER / self.diam_mean
+        else:
+            try:
+                self.model = models.CellposeModel(**mk)
+            except Exception as exc:
+                raise BackendError(f"could not build CellposeModel({_short(mk)}): {exc}") from exc
+            self.diam_mean = float(getattr(self.model, "diam_mean", DEFAULT_DIAMETER) or DEFAULT_DIAMETER)
         if res["kind"] == "random" and getattr(self.model, "net_ortho", 1) is not None and major < 4:
             self.model.net_ortho = None  # random weights have no orthogonal net (Cellpose 3 quirk)
-        self.diam_mean = float(getattr(self.model, "diam_mean", DEFAULT_DIAMETER) or DEFAULT_DIAMETER)
+        if major >= 4:
+            self._norm_keys = set(getattr(models, "normalize_default", CP4_NORMALIZE_DEFAULTS))
         if "diameter" not in ek or ek["diameter"] is None:
             ek["diameter"] = self.diam_mean if res["kind"] == "path" else DEFAULT_DIAMETER
         ek["diameter"] = float(ek["diameter"])
@@ -319,6 +398,10 @@ class CellposeSegmenter(Segmenter):
         if ndim == 3:
             ek["z_axis"] = 0
         image, ek = apply_fixed_bounds(image, ek, ndim)
+        if getattr(self, "_norm_keys", None) is not None:  # Cellpose 4
+            ek = cp4_normalize(ek, self._norm_keys)
+            if ek.get("diameter"):
+                ek["diameter"] = float(ek["diameter"]) * self._diameter_factor
         out = self._eval_with_retry(image, ek)
         masks = out[0] if isinstance(out, (tuple, list)) else out
         masks = np.asarray(masks)
@@ -403,13 +486,15 @@ def _short(d):
 
 def check_eval_kwargs(eval_kwargs: dict) -> None:
     """Raise ConfigError for keys the installed Cellpose's ``eval`` does not accept."""
-    valid = cellpose_eval_parameters() | _V3_ONLY_EVAL
+    valid = cellpose_eval_parameters() | _V3_ONLY_EVAL | _V3_TRANSLATED_EVAL
     bad = sorted(set(eval_kwargs or {}) - valid)
     if bad:
         raise ConfigError(
             f"unknown eval_kwargs key(s) {bad} for the installed Cellpose {cellpose_version()[1]}; "
             f"valid keys: {', '.join(sorted(valid))}"
         )
+    if (cellpose_version()[0] or 3) >= 4:
+        check_bsize_v4((eval_kwargs or {}).get("bsize"))
 
 
 def make_backend(name: str, *, model_kwargs=None, eval_kwargs=None, backend_kwargs=None, resolved=None,

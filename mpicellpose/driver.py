@@ -9,6 +9,7 @@ where it stopped.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -17,11 +18,14 @@ import numpy as np
 from . import comm as mpi
 from . import normalization, outputs, storage
 from .config import RunConfig
-from .errors import DistributedError, MpiCellposeError, agreed
+from .errors import DistributedError, MpiCellposeError, OutputExistsError, agreed
 from .phases import faces, finish, merge, relabel, segment, table
 from .phases.plan import Plan, make_plan, open_volume, resolve_settings, spatial_shape, validate_input  # noqa: F401
+from .phases.plan import fingerprint_of, output_format
+from .quiet import quiet_libraries
 from .runlog import RANK, log
 from .signals import StopFlag, handling_signals
+from .workdir import fingerprint_diff
 
 
 # --------------------------------------------------------------------------- results
@@ -77,7 +81,7 @@ def run(cfg: RunConfig, comm=None) -> RunResult:
     box = mpi.Mailbox(comm, watchdog=cfg.watchdog, stop=stop)
     held = {}  # rank 0: the output's lock, released whatever happens
     try:
-        with handling_signals(stop, box.abort, box.rank, watch_parent=box.size > 1):
+        with handling_signals(stop, box.abort, box.rank, watch_parent=box.size > 1), quiet_libraries():
             try:
                 return _run(cfg, box, stop, held)
             except BaseException as exc:
@@ -109,9 +113,14 @@ def _run(cfg: RunConfig, box, stop, held) -> RunResult:
     clock = _Clock()
     vol, plan = plan_phase(cfg, box, held)
     clock.lap("plan")
+    if isinstance(plan, Complete):
+        return _already_complete(box, plan, clock)
     plan = plan.with_normalization(normalization.global_normalization(cfg, plan.settings, plan.kept, vol.array, box))
     _log_normalization(box, plan)
     clock.lap("normalize")
+    if cfg.backend == "cellpose":
+        import_backend(cfg, box)
+        clock.lap("import")
     my_blocks = box.scatter(plan.segment_assignment if box.rank == 0 else None, "handing out the blocks")
     backend, scratch = segment.start_backend(cfg, plan, box, my_blocks)
     clock.lap("model_load")
@@ -121,7 +130,7 @@ def _run(cfg: RunConfig, box, stop, held) -> RunResult:
     mine = plan.owners(box.size)[box.rank]  # the blocks this rank stitches, relabels and reports
     counts, offsets = merge.block_counts(plan, box, mine)
     edges = faces.match_faces(cfg, plan, box, mine, offsets)
-    merged = merge.merge(box, edges, counts, offsets)
+    merged = merge.merge(box, edges, counts, offsets, mine)
     clock.lap("stitch")
     relabelled = relabel.relabel_phase(cfg, plan, box, stop, mine, merged)
     clock.lap("relabel")
@@ -137,14 +146,20 @@ def _run(cfg: RunConfig, box, stop, held) -> RunResult:
     summary["comm_bytes_sent"] = edges.bytes_sent
     labels = storage.open_array(plan.output.array, mode="r")
     boxes = Boxes(np.load(outputs.boxes_path(plan.output.stem), mmap_mode="r"))
-    return RunResult(labels, boxes, merged.n_objects, int(merged.merged_away.size), summary["timings"],
+    return RunResult(labels, boxes, merged.n_objects, merged.n_merged, summary["timings"],
                      tabled.table, len(plan.done) + reused, summary, plan.output.array)
 
 
 def plan_phase(cfg, box, held):
-    """Every rank opens the input; rank 0 checks everything, locks the output and plans;
-    the plan (or rank 0's error, raised alike on every rank) goes to all."""
+    """Every rank opens the input; rank 0 checks everything, locks the output and plans, or
+    finds the output already complete (a :class:`Complete` instead of the plan); the plan (or
+    rank 0's error, raised alike on every rank) goes to all.
+
+    No rank imports Cellpose (5-30 s) before the plan is agreed: a mistake in the command is
+    refused in about a second whatever the number of ranks (see :func:`import_backend`)."""
     vol, err, plan = None, None, None
+    if box.rank == 0:
+        _log_start(cfg, box)
     try:
         vol = open_volume(cfg)
     except Exception as exc:  # noqa: BLE001 - agreed below
@@ -153,11 +168,11 @@ def plan_phase(cfg, box, held):
         try:
             place, _ = outputs.locate_output(cfg, vol)
             held["lock"] = outputs.lock_output(cfg, place)  # before anything is written
-            plan = make_plan(cfg, vol, box.size)
+            plan = find_complete(cfg, vol, place, box.size) or make_plan(cfg, vol, box.size)
+        except OutputExistsError as exc:
+            err = _what_changed(cfg, vol, exc)
         except Exception as exc:  # noqa: BLE001 - sent to every rank below
             err = exc
-    elif err is None and cfg.backend == "cellpose":
-        _preimport_cellpose()  # overlaps rank 0's planning, which imports it too (5-8 s)
     root_err = box.bcast(None if err is None or box.rank != 0 else (type(err).__name__, str(err)), "planning")
     if root_err is not None:
         if box.rank == 0:
@@ -165,7 +180,7 @@ def plan_phase(cfg, box, held):
         _raise_from_root(root_err)
     box.agree(err, where="opening the input")  # another rank could not open the input
     plan = box.bcast(plan, "sending the plan")
-    if box.rank == 0:
+    if box.rank == 0 and not isinstance(plan, Complete):
         _log_plan(box, plan, held.get("lock"))
     return vol, plan
 
@@ -181,12 +196,88 @@ def _raise_from_root(payload):
     raise agreed(DistributedError(f"rank 0 failed during planning: {message}", [(0, message)]))
 
 
-def _preimport_cellpose():
-    """Import Cellpose (and torch) now; a failure is reported later, where the backend is built."""
+def import_backend(cfg, box):
+    """Every rank imports Cellpose and torch, once the plan is agreed (timed apart: "import").
+
+    A failure is not raised here: :func:`mpicellpose.blocks.build_backend` reports it clearly."""
+    t = time.perf_counter()
+    if box.rank == 0:
+        log.info("importing Cellpose and torch on %d rank(s) (5-30 s, longer the first time on a node)", box.size)
     try:
         import cellpose.models  # noqa: F401
     except Exception:  # noqa: BLE001 - build_backend raises the clear error
-        pass
+        return
+    if box.rank == 0:
+        from .backends import cellpose_version
+
+        log.info("imported Cellpose %s in %.1f s", cellpose_version()[1], time.perf_counter() - t)
+
+
+# --------------------------------------------------------------------------- a finished output
+@dataclass(frozen=True)
+class Complete:
+    """Rank 0's finding that OUTPUT already holds this very run, finished: nothing to do."""
+
+    plan: Plan            # the dry plan (nothing was prepared or written)
+    marker: dict          # the output's 'mpicellpose' attributes
+    table: str
+    boxes: str
+
+
+def find_complete(cfg, vol, place, n_ranks):
+    """Rank 0: :class:`Complete` when OUTPUT is the finished output of this configuration (its
+    marker says complete with this run's run_id; its object table and boxes are there), else
+    None.  Only reads; ``--restart`` always computes again."""
+    if cfg.restart:
+        return None
+    marker = outputs.output_marker(place.array)
+    if not marker or marker.get("complete") is not True or marker.get("n_objects") is None:
+        return None
+    tbl, boxes = outputs.table_path(place.stem), outputs.boxes_path(place.stem)
+    if not (os.path.isfile(tbl) and os.path.isfile(boxes)):
+        return None
+    dry = make_plan(cfg, vol, n_ranks, prepare=False)
+    if dry.run_id != marker.get("run_id"):
+        return None
+    return Complete(dry, marker, tbl, boxes)
+
+
+def _what_changed(cfg, vol, err):
+    """An output made by a run with another configuration: say what differs from this one."""
+    try:
+        place = outputs.resolve_output(cfg, vol)
+        old = (outputs.output_marker(place.array) or {}).get("fingerprint")
+        if not old or "another configuration" not in str(err):
+            return err
+        new = fingerprint_of(cfg, vol, resolve_settings(cfg, vol), output_format(cfg, vol, place))
+        diff = fingerprint_diff(old, new)
+    except Exception:  # noqa: BLE001 - the original message stands
+        return err
+    if not diff:
+        return err
+    more = " ..." if len(diff) > 6 else ""
+    return OutputExistsError(f"{err}. It differs from this command in: {'; '.join(diff[:6])}{more} (with the "
+                             f"earlier settings the run finds it complete)")
+
+
+def _already_complete(box, done: Complete, clock) -> RunResult:
+    """Every rank: the result of the finished run, read from the output (which is not touched)."""
+    marker, plan = done.marker, done.plan
+    n_objects = int(marker["n_objects"])
+    if box.rank == 0:
+        log.info("already complete: %d objects in %s (finished %s with this configuration); nothing to do "
+                 "(pass --restart to compute it again)", n_objects, plan.output.array, marker.get("finished", "?"))
+    clock.timings["total"] = time.perf_counter() - clock.t0
+    timings = {k: round(v, 3) for k, v in clock.timings.items()}
+    stats = {"already_complete": True, "n_objects": n_objects, "table": done.table,
+             "n_stitched_objects": marker.get("n_stitched_objects"), "ranks": box.size, "timings": timings,
+             "normalization": marker.get("normalization"), "finished": marker.get("finished"),
+             "run_timings": marker.get("timings")}
+    labels = storage.open_array(plan.output.array, mode="r")
+    boxes = Boxes(np.load(done.boxes, mmap_mode="r"))
+    # n_merged: recorded by newer runs only; -1 when the output does not say
+    return RunResult(labels, boxes, n_objects, int(marker.get("n_merged_away", -1)), timings, done.table,
+                     len(plan.kept), stats, plan.output.array)
 
 
 def _summary(box, plan, merged, tabled, levels, timings) -> dict:
@@ -195,7 +286,7 @@ def _summary(box, plan, merged, tabled, levels, timings) -> dict:
     if plan.output.group is not None:
         summary["pyramid_levels"] = None if levels is None else [list(x) for x in levels]
     summary.update({"n_objects": merged.n_objects, "n_provisional": merged.n_provisional,
-                    "n_merged_away": int(merged.merged_away.size), "n_edges": merged.n_edges,
+                    "n_merged_away": merged.n_merged, "n_edges": merged.n_edges,
                     "dtype": str(merged.dtype), "ranks": box.size,
                     "timings": {k: round(v, 3) for k, v in timings.items()},
                     "normalization": plan.normalization})
@@ -203,6 +294,19 @@ def _summary(box, plan, merged, tabled, levels, timings) -> dict:
 
 
 # --------------------------------------------------------------------------- messages (rank 0)
+def _log_start(cfg, box):
+    """The first line, within a second of the start: what is read and what model runs."""
+    src = cfg.input if isinstance(cfg.input, (str, os.PathLike)) else f"an in-memory {type(cfg.input).__name__}"
+    if cfg.dataset:
+        src = f"{src} (dataset {cfg.dataset})"
+    if cfg.backend == "cellpose":
+        model = cfg.model_kwargs.get("pretrained_model") or cfg.model_kwargs.get("model_type") or "Cellpose's default"
+        what = f"model {model} (Cellpose)"
+    else:
+        what = f"the {cfg.backend if isinstance(cfg.backend, str) else type(cfg.backend).__name__} backend"
+    log.info("reading %s and planning; %s on %d rank(s)", src, what, box.size)
+
+
 def _log_plan(box, plan, lock):
     from .table import have_parquet
 
@@ -230,6 +334,6 @@ def _log_done(box, plan, merged, segmented, summary):
     if box.rank == 0:
         log.info("done: %d objects (%d provisional, %d merged away, %d stitched across faces), dtype %s; "
                  "%d blocks segmented now, %d reused from an earlier run; time %s",
-                 merged.n_objects, merged.n_provisional, merged.merged_away.size, summary["n_stitched_objects"],
+                 merged.n_objects, merged.n_provisional, merged.n_merged, summary["n_stitched_objects"],
                  merged.dtype, segmented.blocks_now, len(plan.done),
                  ", ".join(f"{k} {v:.2f}s" for k, v in summary["timings"].items()))

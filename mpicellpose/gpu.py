@@ -406,6 +406,7 @@ def bind_device(comm=None, override: Optional[str] = None, *, log: bool = True) 
         n_visible, why = count_visible_gpus()
 
     node_devices = None  # physical GPU ids used by the ranks of this node
+    all_ranks = None  # (host, device) of every rank, when a communicator is given
     if comm is None:
         rank = 0
         local_rank, local_size = local_rank_from_env()
@@ -422,9 +423,10 @@ def bind_device(comm=None, override: Optional[str] = None, *, log: bool = True) 
             error = None
         except ValueError as exc:
             device, error = "invalid", exc
-        # one tiny exchange: which physical GPU each rank of this node took
-        taken = box.allgather((host, _physical_id(device, cvd)), "device binding: GPUs taken")
-        node_devices = [d for h, d in taken if h == host]
+        # one tiny exchange: which physical GPU each rank took (and which ranks fell back to the CPU)
+        taken = box.allgather((host, _physical_id(device, cvd), device), "device binding: GPUs taken")
+        node_devices = [d for h, d, _ in taken if h == host]
+        all_ranks = [(h, dev) for h, _, dev in taken]
         if error is not None:
             raise error
 
@@ -444,9 +446,7 @@ def bind_device(comm=None, override: Optional[str] = None, *, log: bool = True) 
     if log:
         logger.info("%s", binding.describe())
         if device == "cpu" and choice == "auto":
-            logger.warning("rank %d on %s runs on the CPU (%s); this is slow for Cellpose. "
-                           "Request GPUs from the scheduler or pass --device cpu to silence this.",
-                           rank, host, why)
+            _warn_cpu(rank, host, why, all_ranks)
         elif device.startswith("cuda") and local_rank == 0:
             used = [d for d in (node_devices or [_physical_id(device, cvd)]) if d is not None]
             n_distinct = len(set(used))
@@ -457,3 +457,17 @@ def bind_device(comm=None, override: Optional[str] = None, *, log: bool = True) 
                 logger.warning("node %s: %d rank(s) but %d GPUs visible: %d GPU(s) left idle",
                                host, local_size, n_visible, n_visible - local_size)
     return binding
+
+
+def _warn_cpu(rank: int, host: str, why: str, all_ranks) -> None:
+    """The CPU fallback warning: one line on rank 0 when it concerns every rank (the usual
+    case: a CPU-only machine or a job without GPUs), else from each rank concerned."""
+    advice = "this is slow for Cellpose. Request GPUs from the scheduler or pass --device cpu to silence this."
+    on_cpu = [r for r, (_, dev) in enumerate(all_ranks or []) if dev == "cpu"]
+    if all_ranks and len(all_ranks) > 1 and len(on_cpu) == len(all_ranks):
+        if rank == 0:
+            nodes = len({h for h, _ in all_ranks})
+            where = f"on {host}" if nodes == 1 else f"on {nodes} nodes"
+            logger.warning("all %d ranks %s run on the CPU (%s); %s", len(all_ranks), where, why, advice)
+        return
+    logger.warning("rank %d on %s runs on the CPU (%s); %s", rank, host, why, advice)

@@ -269,6 +269,76 @@ def block_lut(offset: int, n: int, merged_away: np.ndarray, roots: np.ndarray, d
     return lut
 
 
+# --------------------------------------------------------------------------- distributed merge (pure parts)
+def id_bounds(counts: np.ndarray, offsets: np.ndarray, block_owner: np.ndarray, size: int) -> np.ndarray:
+    """Contiguous ranges of provisional IDs 1..N, one per rank: rank r owns ``[b[r], b[r + 1])``.
+
+    When the blocks holding labels are owned in grid order (each rank a contiguous run, as
+    :meth:`Plan.owners` gives), a rank's range is exactly its own blocks' IDs; otherwise N / size each.
+
+    Examples
+    --------
+    >>> id_bounds(np.array([2, 0, 3]), np.array([0, 2, 2]), np.array([0, 1, 1]), 2).tolist()
+    [1, 3, 6]
+    >>> id_bounds(np.array([2, 0, 3]), np.array([0, 2, 2]), np.array([1, 0, 0]), 2).tolist()
+    [1, 4, 6]
+    """
+    counts = np.asarray(counts, np.int64)
+    n = int(counts.sum())
+    nz = np.flatnonzero(counts)
+    own = np.asarray(block_owner, np.int64)[nz]
+    bounds = np.empty(size + 1, np.int64)
+    if nz.size and (own >= 0).all() and (np.diff(own) >= 0).all():
+        starts = np.append(np.asarray(offsets, np.int64)[nz], n)
+        bounds[:size] = starts[np.searchsorted(own, np.arange(size), side="left")] + 1
+    else:
+        bounds[:size] = -(-np.arange(size, dtype=np.int64) * n // size) + 1
+    bounds[size] = n + 1
+    return bounds
+
+
+def id_owner(ids: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Rank whose range (:func:`id_bounds`) holds each ID (nondecreasing for sorted IDs)."""
+    return np.searchsorted(bounds, np.asarray(ids, np.int64), side="right") - 1
+
+
+def block_of(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Block holding each provisional ID (ID ``offsets[b] + l``, ``1 <= l <= counts[b]``)."""
+    return np.searchsorted(offsets, np.asarray(ids, np.int64) - 1, side="right") - 1
+
+
+def split_rows(dest: np.ndarray, size: int, *cols) -> list:
+    """Per rank r, the tuple of ``cols`` rows with ``dest == r`` (kept in their order)."""
+    dest = np.asarray(dest, np.int64)
+    order = np.argsort(dest, kind="stable")
+    cut = np.searchsorted(dest[order], np.arange(size + 1))
+    cols = [np.asarray(c)[order] for c in cols]
+    return [tuple(c[cut[r]:cut[r + 1]] for c in cols) for r in range(size)]
+
+
+def lut_from_merged(offset: int, n: int, shift: int, away: np.ndarray, away_final: np.ndarray,
+                    dtype=np.uint32) -> np.ndarray:
+    """A block's lookup table (like :func:`block_lut`) from what its owner holds after the
+    distributed merge: ``shift`` merged-away IDs below the block's first ID, and the block's own
+    merged-away IDs (sorted) with their roots' final IDs.
+
+    Examples
+    --------
+    >>> lut_from_merged(3, 4, 1, np.array([5, 7]), np.array([1, 2])).tolist()
+    [0, 3, 1, 4, 2]
+    """
+    lut = np.zeros(n + 1, dtype=dtype)
+    if n:
+        ids = offset + np.arange(1, n + 1, dtype=np.int64)
+        k = np.searchsorted(away, ids)
+        fin = ids - shift - k
+        if away.size:
+            hit = away[np.minimum(k, away.size - 1)] == ids
+            fin[hit] = away_final[k[hit]]
+        lut[1:] = fin
+    return lut
+
+
 MAX_UINT32_LABEL = int(np.iinfo(np.uint32).max)
 
 

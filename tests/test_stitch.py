@@ -114,3 +114,24 @@ def test_record_views_read_once_and_dropped_after_last_use(tmp_path):
     tiny.get(0, okey((1, 0)))
     tiny.get(2, okey((1, 0)))
     assert list(tiny.cache) == [2]
+
+
+def test_lut_from_merged_equals_block_lut():
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        counts = rng.integers(0, 12, 9)
+        offsets = st.offsets_from_counts(counts)
+        n = int(counts.sum())
+        edges = rng.integers(1, n + 1, (rng.integers(0, 2 * n + 1), 2)) if n else np.zeros((0, 2), np.int64)
+        away, roots = st.merge_edges(edges)
+        before = st.offsets_from_counts(np.bincount(st.block_of(away, offsets), minlength=counts.size))
+        fin = st.final_ids(roots, away, roots)
+        for b in range(counts.size):
+            lo, hi = np.searchsorted(away, [offsets[b] + 1, offsets[b] + counts[b] + 1])
+            got = st.lut_from_merged(int(offsets[b]), int(counts[b]), int(before[b]), away[lo:hi], fin[lo:hi])
+            assert got.tolist() == st.block_lut(int(offsets[b]), int(counts[b]), away, roots).tolist()
+
+
+def test_split_rows_keeps_order():
+    parts = st.split_rows(np.array([2, 0, 2, 1, 0]), 4, np.array([10, 11, 12, 13, 14]))
+    assert [p[0].tolist() for p in parts] == [[11, 14], [13], [10, 12], []]

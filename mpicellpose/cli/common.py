@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 from ..errors import ConfigError, Interrupted, MpiCellposeError
@@ -250,10 +251,11 @@ def run_and_report(make_config, args, runner=None) -> int:
         return _settle(comm, EXIT_INTERRUPTED)
     except (MpiCellposeError, ValueError, FileNotFoundError, PermissionError) as exc:
         if rank == 0:
-            sys.stderr.write(f"mpicellpose: error: {_one_line(exc)}\n")
+            sys.stderr.write(f"mpicellpose: error: {cli_message(exc, args)}\n")
         return _settle(comm, EXIT_ERROR)
     if rank == 0 and result is not None and hasattr(result, "n_objects"):
-        sys.stdout.write(f"{result.n_objects} objects written to {result.output} (table: {result.table_path})\n")
+        done = "already in" if (getattr(result, "stats", None) or {}).get("already_complete") else "written to"
+        sys.stdout.write(f"{result.n_objects} objects {done} {result.output} (table: {result.table_path})\n")
     return 0
 
 
@@ -276,3 +278,52 @@ def _settle(comm, code: int) -> int:
 
 def _one_line(exc) -> str:
     return " | ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+
+
+# configuration keys a message may start with, and the flag that sets each
+_FLAGS = {k: "--" + k.replace("_", "-") for k in (
+    "blocksize", "overlap", "diameter", "anisotropy", "channel_axis", "iou_depth", "iou_threshold", "voxel_size",
+    "threads", "watchdog", "pyramid", "pyramid_method", "zarr_format", "normalize", "stitch", "backend",
+    "connectivity", "threshold", "eval_kwargs", "model_kwargs", "level", "channel", "timepoint", "tile_pattern",
+    "labels_name", "work_dir", "device", "mask", "dataset")}
+_RELATED = {"stitch": ("overlap",)}  # flags worth showing with the subject's ("stitch='iou' needs an overlap")
+_SUBJECT = re.compile(r"^(unknown )?(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")(?=[ =])")
+_LIBRARY_SPELLINGS = ((re.compile(r"\boverwrite=True\b"), "--overwrite"),
+                      (re.compile(r"\brestart=True\b"), "--restart"),
+                      (re.compile(r"\bpass channel_axis\b"), "pass --channel-axis"))
+
+
+def _typed(args, key) -> str | None:
+    """How the user gave option ``key`` on the command line, e.g. ``--blocksize 8,8``."""
+    if args is None or key not in vars(args):
+        return None
+    value = vars(args)[key]
+    if value is True:
+        return _FLAGS[key]
+    if isinstance(value, (dict, list)):
+        value = "'" + json.dumps(value) + "'"
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)  # argparse made -3 into -3.0
+    return f"{_FLAGS[key]} {value}"
+
+
+def cli_message(exc, args=None) -> str:
+    """The one-line message for the command line: the library's wording, with the flag to use
+    in place of a keyword spelling (``--blocksize must be ...``, ``--overwrite``) and what the
+    user typed (``(you typed --iou-threshold 2)``), or where the value came from (``--config``)."""
+    msg = _one_line(exc)
+    for pattern, flag in _LIBRARY_SPELLINGS:
+        msg = pattern.sub(flag, msg)
+    m = _SUBJECT.match(msg)
+    if m is None:
+        return msg
+    key = m.group(2)
+    if "_" not in key and msg[m.end(2)] == " ":  # the flag is the word itself: name it in place
+        msg = msg[:m.start(2)] + _FLAGS[key] + msg[m.end(2):]
+    typed = [t for t in (_typed(args, k) for k in (key,) + _RELATED.get(key, ())) if t]
+    if typed:
+        return f"{msg} (you typed {' '.join(typed)})"
+    config = getattr(args, "config", None) if args is not None else None
+    if config:
+        return f"{msg} (from the configuration file {config}; on the command line: {_FLAGS[key]})"
+    return msg if "_" not in key else f"{msg} (set with {_FLAGS[key]})"

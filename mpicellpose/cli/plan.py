@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -13,12 +14,37 @@ from .. import geometry as geo
 from .. import outputs
 from ..errors import MpiCellposeError
 from ..table import have_parquet
-from .common import _group, _one_line, add_input_output, add_run_arguments, config_from_args
+from .common import _group, _one_line, add_input_output, add_run_arguments, cli_message, config_from_args
 
-# bytes per voxel of a block's read region held at once, beyond the input itself:
-# float32 copy, backend labels, local labels (uint32), and for Cellpose 3D the flows and
-# cell probability of the three orientations (measured order of magnitude, see README)
-WORK_BYTES_PER_VOXEL = {"cellpose": 40, "threshold": 13, "custom": 16}
+# Peak resident memory of one rank (bytes): a constant (Python, numpy, zarr, the MPI library; for
+# Cellpose also torch, Cellpose and the model) plus bytes per voxel of the largest block's read
+# region (the block as read, its float copy, the backend's working arrays: for Cellpose 3D the
+# flows and probabilities of three orientations and the mask finding; the labels).  Fitted to the
+# peak RSS (/usr/bin/time -v) of one-rank `segment` runs of one block of a uint16 volume on the
+# CPU: the shipped model ('demo', Cellpose 3.1.1, torch 2.13 CPU) at 32^3, 64^3, 96^3, 128^3 and
+# 192^3 voxels measured 854, 933, 1051, 1275 and 1672 MiB (this fit: within 8% of each); the
+# threshold backend at 32^3 .. 192^3 measured 194 .. 387 MiB (within 3%).
+# tests/test_plan_estimate.py checks the estimate against a run.
+MEMORY_MODEL = {  # backend: (constant bytes, bytes per voxel of the read region)
+    "cellpose": (915 * 2**20, 132),
+    "threshold": (192 * 2**20, 29),
+    "labels": (192 * 2**20, 29),
+    "custom": (192 * 2**20, 40),
+}
+MEASURED_ITEMSIZE = 2  # the fits above are for one uint16 channel; other inputs add their difference
+MEASURED_WEIGHTS = 13_323_142  # bytes of the shipped model's weights, part of the constant above
+
+
+def memory_estimate(backend: str, read_voxels: int, itemsize: int = 2, channels: int = 1,
+                    weights: int | None = None) -> dict:
+    """Peak memory of one rank segmenting a block of ``read_voxels`` voxels (see MEMORY_MODEL);
+    ``weights``: size of another model's weights file (counted twice: the file read, the network)."""
+    const, per_voxel = MEMORY_MODEL.get(backend, MEMORY_MODEL["custom"])
+    per_voxel += max(itemsize * channels - MEASURED_ITEMSIZE, 0)
+    if backend == "cellpose" and weights:
+        const += 2 * max(int(weights) - MEASURED_WEIGHTS, 0)
+    return {"bytes": int(const + per_voxel * read_voxels), "constant": int(const), "per_voxel": int(per_voxel),
+            "read_voxels": int(read_voxels)}
 
 
 def _human(n: float) -> str:
@@ -43,7 +69,10 @@ def plan_report(cfg, plan, src, n_ranks: int) -> dict:
     per_rank = [len(p) for p in plan.segment_assignment]
     biggest_read = max((geo.box_size(grid.block(b).read) for b in kept), default=0)
     backend = cfg.backend if isinstance(cfg.backend, str) else "custom"
-    mem = biggest_read * (itemsize * nchan + WORK_BYTES_PER_VOXEL[backend])
+    model = plan.resolved_model or {}
+    weights = os.path.getsize(model["path"]) if model.get("path") and os.path.isfile(model["path"]) else None
+    memory = memory_estimate(backend, biggest_read, itemsize, nchan, weights)
+    mem = memory["bytes"]
     inflation = read_vox / core_vox if core_vox else 0.0
     out_bytes = nvox * 4
     report = {
@@ -53,12 +82,13 @@ def plan_report(cfg, plan, src, n_ranks: int) -> dict:
         "blocks_done_earlier": len(plan.done), "blocks_to_segment": len(todo), "ranks": n_ranks,
         "blocks_per_rank": {"min": min(per_rank), "max": max(per_rank), "mean": round(float(np.mean(per_rank)), 2)},
         "overlap_inflation": round(inflation, 3), "stitch": plan.stitch_rule,
-        "memory_per_rank_estimate_bytes": int(mem), "scratch_bytes_max": int(core_vox * 4),
+        "memory_per_rank_estimate_bytes": int(mem), "memory_model": memory, "scratch_bytes_max": int(core_vox * 4),
         "output_bytes_max": int(out_bytes), "work_dir": plan.work_dir, "model": plan.resolved_model,
         "output": plan.output.array, "voxel_size": plan.voxel_size,
         "writes": [[what, path] for what, path in
                    outputs.written_paths(plan.output, plan.work_dir, have_parquet())],
         "replaces": plan.replaces,
+        "already_complete": _already_complete(cfg, plan),
         "warnings": [],
     }
     w = report["warnings"]
@@ -68,8 +98,14 @@ def plan_report(cfg, plan, src, n_ranks: int) -> dict:
     if mem > 32 * 2**30:
         w.append(f"the largest block needs about {_human(mem)} per rank; smaller blocks lower the risk of "
                  "running out of memory")
+    if backend == "cellpose" and model.get("name") != "demo":
+        w.append("the memory estimate was measured with the shipped model (Cellpose 3); other models may need more "
+                 "(Cellpose 4's cpsam much more): check a first run's peak memory")
     if n_ranks > len(todo) and todo:
-        w.append(f"{n_ranks} ranks for {len(todo)} blocks: {n_ranks - len(todo)} rank(s) will idle")
+        w.append(f"more ranks than blocks: {n_ranks} ranks for {len(todo)} block(s) to segment, so "
+                 f"{n_ranks - len(todo)} rank(s) will idle (they wait for the others and the run finishes, but "
+                 f"their memory and GPUs are wasted); use at most {len(todo)} rank(s), or a smaller --blocksize "
+                 f"to give every rank work")
     chunks = getattr(src, "chunks", None)
     if chunks:
         sp = [c for i, c in enumerate(chunks) if i != plan.channel_axis]
@@ -77,6 +113,16 @@ def plan_report(cfg, plan, src, n_ranks: int) -> dict:
             w.append(f"blocksize {tuple(plan.blocksize)} is not a multiple of the input chunks {tuple(sp)}: "
                      "neighbouring blocks read the same chunks")
     return report
+
+
+def _already_complete(cfg, plan) -> bool:
+    """OUTPUT is the finished output of this very configuration: segment would do nothing."""
+    if cfg.restart:
+        return False
+    marker = outputs.output_marker(plan.output.array) or {}
+    return bool(marker.get("complete") is True and marker.get("run_id") == plan.run_id
+                and os.path.isfile(outputs.table_path(plan.output.stem))
+                and os.path.isfile(outputs.boxes_path(plan.output.stem)))
 
 
 def format_report(r: dict) -> str:
@@ -89,11 +135,18 @@ def format_report(r: dict) -> str:
         f"ranks {r['ranks']}: blocks per rank min {r['blocks_per_rank']['min']}, "
         f"mean {r['blocks_per_rank']['mean']}, max {r['blocks_per_rank']['max']}",
         f"overlap inflation {r['overlap_inflation']}x (voxels segmented / voxels written); stitching {r['stitch']}",
-        f"memory per rank (estimate) {_human(r['memory_per_rank_estimate_bytes'])}; scratch up to "
-        f"{_human(r['scratch_bytes_max'])}, output up to {_human(r['output_bytes_max'])} before compression",
+        f"memory per rank (estimate, CPU) {_human(r['memory_per_rank_estimate_bytes'])}: "
+        f"{_human(r['memory_model']['constant'])} for Python, the libraries and the model + "
+        f"{r['memory_model']['per_voxel']} B x {r['memory_model']['read_voxels']:,} voxels of the largest block "
+        f"with its overlap",
+        f"scratch up to {_human(r['scratch_bytes_max'])}, output up to {_human(r['output_bytes_max'])} before "
+        f"compression",
     ]
     lines.append("writes:")
     lines += [f"  {what}: {path}" for what, path in r["writes"]]
+    if r.get("already_complete"):
+        lines.append(f"{r['output']} is already complete with this configuration: segment would only say so "
+                     "(pass --restart to compute it again)")
     if r.get("replaces"):
         lines.append(f"replaces (--overwrite): {r['replaces']}")
     if r.get("model"):
@@ -111,7 +164,9 @@ def register(sub) -> None:
                        epilog="example: mpicellpose plan stack.tif labels.zarr --blocksize 256 --ranks 8 "
                               "(then run the same arguments with mpirun ... mpicellpose segment)")
     g = _group(p, "plan report")
-    g.add_argument("--ranks", type=int, default=1, metavar="N", help="number of ranks to plan for (default 1)")
+    g.add_argument("--ranks", type=int, default=None, metavar="N",
+                   help="number of ranks to plan for (default: the number of processes the launcher started, "
+                        "1 without mpirun/srun)")
     g.add_argument("--json", action="store_true", help="print the report as JSON")
     add_input_output(p, "the labels array segment would create")
     add_run_arguments(p)
@@ -119,19 +174,41 @@ def register(sub) -> None:
 
 
 def main(args) -> int:
+    """Plan once whatever the launcher: under mpirun/srun rank 0 plans and prints, the other
+    ranks wait (without spinning) and return its exit code."""
+    from .. import comm as mpi
+
+    world = mpi.world()
+    if world.Get_size() == 1:
+        return _plan_and_print(args, 1)
+    comm = mpi.dup(world)
+    try:
+        box = mpi.Mailbox(comm)
+        rc = _plan_and_print(args, box.size) if box.rank == 0 else None
+        return int(box.bcast(rc, "plan: rank 0's answer"))
+    finally:
+        mpi.free(comm)
+
+
+def _plan_and_print(args, launched: int) -> int:
     from ..phases.plan import make_plan, open_volume
 
-    ranks = args.ranks
+    ranks = args.ranks if args.ranks is not None else launched
+    ns = args
     try:
         if ranks < 1:
-            raise ValueError(f"--ranks must be >= 1, got {ranks}")
+            raise ValueError(f"--ranks must be >= 1, got --ranks {ranks}")
         ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("ranks", "json")})
         cfg = config_from_args(ns)
         vol = open_volume(cfg)
         plan = make_plan(cfg, vol, ranks, prepare=False)
         report = plan_report(cfg, plan, vol.array, ranks)
     except (MpiCellposeError, ValueError, FileNotFoundError, OSError) as exc:
-        sys.stderr.write(f"mpicellpose: error: {_one_line(exc)}\n")
+        sys.stderr.write(f"mpicellpose: error: {cli_message(exc, ns)}\n")
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the other ranks wait for rank 0's answer
+        sys.stderr.write(f"mpicellpose: error: {type(exc).__name__}: {_one_line(exc)}\n")
         return 1
     sys.stdout.write(json.dumps(report, indent=1, default=str) + "\n" if args.json else format_report(report))
+    sys.stdout.flush()
     return 0

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..errors import MpiCellposeError
-from .common import EXIT_ERROR, _one_line, add_input_output, add_run_arguments, config_from_args, run_and_report
+from .common import EXIT_ERROR, add_input_output, add_run_arguments, cli_message, config_from_args, run_and_report
 
 SEGMENT_EPILOG = """\
 examples:
@@ -49,7 +49,7 @@ def main(args) -> int:
         try:
             sys.stdout.write(to_toml(config_from_args(args)))
         except (MpiCellposeError, ValueError) as exc:
-            sys.stderr.write(f"mpicellpose: error: {_one_line(exc)}\n")
+            sys.stderr.write(f"mpicellpose: error: {cli_message(exc, args)}\n")
             return EXIT_ERROR
         return 0
     return run_and_report(lambda: config_from_args(args), args)

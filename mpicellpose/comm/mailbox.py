@@ -366,6 +366,57 @@ class Mailbox:
             exc.agreed = True
             raise exc
 
+    # -- bounded exchanges (issue 13) ------------------------------------------------
+    MESSAGE_BYTES = 64 << 20  # per rank and round of alltoall_arrays ($MPICELLPOSE_MESSAGE_BYTES)
+    largest_message = 0       # bytes: the largest payload this rank sent to one rank in alltoall_arrays
+    last_rounds = 0           # rounds of the last alltoall_arrays (0: nothing was sent by any rank)
+
+    def exscan_sum(self, value: int, label: str) -> tuple:
+        """``(sum of value over the ranks before this one, sum over all ranks)``: two reductions, no gather."""
+        self._enter(label)
+        if self.size == 1:
+            return 0, value
+        before = self.comm.exscan(value)
+        return (before if self.rank else 0), self.comm.allreduce(value)
+
+    def alltoall_arrays(self, per_dest: list, label: str, budget: int | None = None,
+                        rounds: int | None = None) -> list:
+        """Send ``per_dest[r]`` (a tuple of numpy arrays of equal length: rows) to rank r and
+        return, per source rank, the tuple of arrays it sent (dtype and trailing shape kept).
+
+        Sent in R agreed rounds, each dest getting a 1/R share of its rows per round, so that
+        no rank sends or receives much more than ``budget`` bytes in one round (nor any single
+        message): R = ceil(max over ranks of bytes sent or received / budget).  One reduction
+        of a 2 x ranks vector plans the rounds (no rank gathers anything from all others);
+        ``rounds`` skips it when the caller knows R (a reply of the same shape as the request
+        it answers).  R = 0 when no rank sends anything: then nothing is exchanged.  The R used
+        is left in ``self.last_rounds``."""
+        budget = budget or int(os.environ.get("MPICELLPOSE_MESSAGE_BYTES") or self.MESSAGE_BYTES)
+        per_dest = [tuple(np.asarray(a) for a in p) for p in per_dest]
+        nbytes = np.array([sum(a.nbytes for a in p) for p in per_dest], np.int64)
+        if self.size == 1:
+            self.last_rounds = int(nbytes.sum() > 0)
+            return per_dest
+        if rounds is None:
+            plan = np.zeros(2 * self.size, np.int64)
+            plan[:self.size] = nbytes
+            plan[self.size + self.rank] = nbytes.sum()
+            plan = self.allreduce_sum(plan, f"{label} (sizes)")  # bytes received by, and sent by, every rank
+            rounds = -(-int(plan.max()) // max(1, budget))
+        self.last_rounds = rounds
+        if rounds == 0:
+            return [tuple(a[:0] for a in per_dest[self.rank]) for _ in range(self.size)]
+        rows = [len(p[0]) if p else 0 for p in per_dest]
+        got = [[] for _ in range(self.size)]
+        for k in range(rounds):
+            out = [tuple(a[n * k // rounds: n * (k + 1) // rounds] for a in p) for p, n in zip(per_dest, rows)]
+            biggest = max(sum(a.nbytes for a in p) for i, p in enumerate(out) if i != self.rank)
+            self.largest_message = max(self.largest_message, int(biggest))
+            for src, part in enumerate(self.alltoall(out, label if rounds == 1 else f"{label} ({k + 1}/{rounds})")):
+                got[src].append(part)
+        return [tuple(np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))) if chunks[0] else ()
+                for chunks in got]
+
 
 def _ranks(rs) -> str:
     return ",".join(str(r) for r in rs[:16]) + (f",... ({len(rs)})" if len(rs) > 16 else "")

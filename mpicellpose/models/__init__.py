@@ -6,6 +6,12 @@ synthetic fluorescence nuclei (mean diameter 16 voxels, ``diam_mean`` 16) by
 in ``demo_nuclei_v1.json`` beside it. It exists so that the demo and the
 tests run offline, without downloading Cellpose's own weights.
 
+``demo_cp4_v1`` is its Cellpose 4 counterpart: a stand-in for ``cpsam`` built from
+Cellpose 4's own model class with a reduced encoder (0.9M parameters, fp16, 1.8 MB),
+trained by ``python -m mpicellpose.training_cp4``; ``--model demo`` picks it under
+Cellpose 4 and it loads through :func:`mpicellpose.training_cp4.load_standin` only
+(provenance in ``demo_cp4_v1.json``; see docs/cellpose4.md).
+
 Load it with::
 
     from cellpose import models

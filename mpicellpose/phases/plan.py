@@ -20,13 +20,21 @@ import numpy as np
 from .. import geometry as geo
 from .. import outputs, readers, storage
 from .._version import __version__
-from ..backends import DEFAULT_DIAMETER, check_eval_kwargs, resolve_model
+from ..backends import DEFAULT_DIAMETER, cellpose_version, check_bsize_v4, check_eval_kwargs, resolve_model
 from ..errors import ConfigError, InputError
 from ..outputs import OutputPlace
 from ..volume import anisotropy
 from ..workdir import WorkDir
 
 DEMO_DIAMETER = 16.0
+
+# Cellpose eval arguments that every supported Cellpose (3.1 and 4) accepts (or that the
+# backend translates): checking them needs no import of Cellpose, which takes 5-30 s
+KNOWN_EVAL_KEYS = frozenset({
+    "diameter", "anisotropy", "flow_threshold", "cellprob_threshold", "min_size", "do_3D", "batch_size",
+    "normalize", "invert", "stitch_threshold", "niter", "augment", "tile_overlap", "resample", "channel_axis",
+    "z_axis", "channels",
+})
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,10 @@ def resolve_settings(cfg, vol) -> Settings:
     eval_kwargs.pop("z_axis", None)
     diameter = cfg.diameter
     if cfg.backend == "cellpose":
-        check_eval_kwargs(cfg.eval_kwargs)
+        if set(cfg.eval_kwargs) - KNOWN_EVAL_KEYS:
+            check_eval_kwargs(cfg.eval_kwargs)  # imports Cellpose: only for keys not known here
+        if (cellpose_version()[0] or 0) >= 4:
+            check_bsize_v4(cfg.eval_kwargs.get("bsize"))  # from the installed metadata: no import
         resolved = resolve_model(cfg.model_kwargs)
         if diameter is None:
             diameter = DEMO_DIAMETER if resolved.get("name") == "demo" else DEFAULT_DIAMETER

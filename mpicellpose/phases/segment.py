@@ -1,17 +1,23 @@
 """Phase 2, every rank: start the backend once, then segment this rank's blocks.
 
 Each block goes through :mod:`mpicellpose.blocks` (read, check, preprocess, backend, number
-the core, scratch chunk + record).  Rank 0 prints progress while it works and while it waits;
-a failing rank tells the others at once (they stop after their block in progress), and the
-phase ends in one agreement, so an error or a stop request ends every rank alike.
+the core, scratch chunk + record).  Rank 0 shows the progress while it works and while it waits
+(:class:`Progress`); a failing rank tells the others at once (they stop after their block in
+progress), and the phase ends in one agreement, so an error or a stop request ends every rank
+alike.
 """
 from __future__ import annotations
 
+import contextvars
+import logging
 import math
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
 from .. import comm as mpi
+from .. import geometry as geo
 from .. import storage
 from ..blocks import build_backend, number_core, record_block, segment_image
 from ..errors import BackendError
@@ -20,7 +26,9 @@ from ..runlog import log
 from ..signals import StopNow
 from ..workdir import WorkDir
 
-PROGRESS_EVERY = 5.0  # seconds between rank 0's progress lines
+PROGRESS_EVERY = 5.0   # seconds between progress lines in a log at first (at most 30 s later on)
+REDRAW_EVERY = 0.5     # seconds between redraws of the progress line on a terminal
+BAR_WIDTH = 24
 
 
 @dataclass(frozen=True)
@@ -34,32 +42,180 @@ def fmt_eta(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _shows_info_on(stream) -> bool:
+    """True when the run's INFO messages are printed on ``stream`` (the CLI's rank 0)."""
+    lg = logging.getLogger("mpicellpose.run")
+    while lg is not None:
+        for h in lg.handlers:
+            if getattr(h, "stream", None) is stream and h.level <= logging.INFO:
+                return True
+        if not lg.propagate:
+            return False
+        lg = lg.parent
+    return False
+
+
 class Progress:
-    """Rank 0's progress line, at most every few seconds (also while it waits)."""
+    """Rank 0's progress display for the segmentation phase.
 
-    def __init__(self, box, total: int):
-        self.box, self.total = box, total
+    Work is counted in voxels of the blocks' read regions (what the backend is given).  Every
+    rank's block in progress counts for the time it has run so far at the rate of the blocks
+    finished (voxels per second per rank), see :func:`_share_done`, so the display moves
+    during a block and the ETA (the busiest rank's remaining voxels at that rate) falls between
+    blocks instead of jumping.  Before the first block finishes there is no rate: the line says
+    how long the first blocks have been running.
+
+    The main thread records what it hears (:meth:`__call__`: after each of rank 0's blocks and
+    while it waits for the others); a small thread draws, so the display also moves while rank 0
+    is itself inside the backend.  The thread makes no MPI call.  On a terminal (rank 0's stderr
+    is a tty and shows INFO) one line is redrawn in place; otherwise a plain log line is written
+    every few seconds (every 5 s at first, at most every 30 s in long runs).
+    """
+
+    def __init__(self, box, plan, stream=None):
+        self.box = box
+        grid = plan.grid
+        assign = [list(a) for a in plan.segment_assignment] + [[] for _ in range(box.size)]
+        self.sizes = [[geo.box_size(grid.block(b).read) for b in a] for a in assign[:box.size]]
+        self.total = sum(len(a) for a in self.sizes)
+        self.total_vox = sum(sum(a) for a in self.sizes)
         self.t0 = time.perf_counter()
-        self.last = 0.0
+        self.done = [0] * box.size               # blocks done per rank, as last heard
+        self.since = [self.t0] * box.size        # when rank 0 learnt that each rank began its current block
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = box.rank == 0 and _isatty(self.stream) and _shows_info_on(self.stream)
+        self.last_line = self.t0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
 
-    def __call__(self, force: bool = False) -> None:
+    # -- main thread ---------------------------------------------------------
+    def __call__(self) -> None:
+        """Receive and record the blocks each rank reported (rank 0; also called while it waits)."""
         if self.box.rank != 0:
             return
         self.box.poll()
+        self._record()
+
+    def _record(self) -> None:
         now = time.perf_counter()
-        if now - self.last < PROGRESS_EVERY and not force:
+        with self._lock:
+            for r, (d, _) in list(self.box.progress.items()):
+                if 0 <= r < len(self.done) and d != self.done[r]:
+                    self.done[r], self.since[r] = d, now
+
+    def start(self) -> "Progress":
+        if self.box.rank == 0 and self.total:
+            log.info("segment: %d block(s) on %d rank(s), %s voxels of read regions; the first estimate comes "
+                     "with the first finished block", self.total, self.box.size, f"{self.total_vox:,}")
+            self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,),
+                                            name="mpicellpose-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, finished: bool) -> None:
+        if self._thread is None:
             return
-        self.last = now
-        done = sum(d for d, _ in self.box.progress.values())
-        el = now - self.t0
-        rate = done / el if el > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else math.nan
-        log.info("segment: %d/%d blocks (%.0f%%), %.2f blocks/s, ETA %s", done, self.total,
-                 100.0 * done / max(self.total, 1), rate, fmt_eta(eta) if rate > 0 else "?")
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        self._thread = None
+        self._record()
+        now = time.perf_counter()
+        if self.tty:
+            self._draw(now)
+            self._write("\n")
+        if finished:
+            log.info("segment: %d/%d blocks done in %s", sum(self.done), self.total, fmt_eta(now - self.t0))
+        elif not self.tty:
+            self._line(now)
+
+    # -- the estimate (pure but for the clock) ---------------------------------
+    def estimate(self, now: float) -> dict:
+        """Blocks done, the fraction of the voxels done (finished + the share of the blocks in
+        progress), the rate (voxels per second per rank, None before a block finished), the ETA."""
+        with self._lock:
+            done, since = list(self.done), list(self.since)
+        finished = [sum(s[:d]) for s, d in zip(self.sizes, done)]
+        busy = sum(t - self.t0 for t, d in zip(since, done) if d)
+        rate = sum(finished) / busy if busy > 0 and sum(finished) > 0 else None
+        est, eta, running = 0.0, 0.0, 0
+        for s, d, t, fin in zip(self.sizes, done, since, finished):
+            left = sum(s[d:])
+            part = 0.0
+            if d < len(s):
+                running += 1
+                if rate:
+                    part = s[d] * _share_done((now - t) * rate / s[d])
+            est += fin + part
+            if rate:
+                eta = max(eta, (left - part) / rate)
+        return {"blocks": sum(done), "fraction": est / self.total_vox if self.total_vox else 1.0,
+                "rate": rate, "eta": eta if rate else None, "running": running, "elapsed": now - self.t0}
+
+    def text(self, now: float, bar: bool = False) -> str:
+        e = self.estimate(now)
+        pct = 100.0 * e["fraction"]
+        head = f"segment: {pct:3.0f}%"
+        if bar:
+            n = int(round(BAR_WIDTH * e["fraction"]))
+            head = f"segment [{'#' * n}{'.' * (BAR_WIDTH - n)}] {pct:3.0f}%"
+        body = f"{e['blocks']}/{self.total} blocks done"
+        if e["running"]:
+            body += f", {e['running']} in progress"
+        tail = f"elapsed {fmt_eta(e['elapsed'])}, "
+        tail += f"ETA {fmt_eta(e['eta'])}" if e["eta"] is not None else "ETA after the first block"
+        return f"{head} ({body}), {tail}"
+
+    # -- drawing (the thread) ----------------------------------------------------
+    def _loop(self):
+        while not self._stop.wait(REDRAW_EVERY):
+            try:
+                now = time.perf_counter()
+                if self.tty:
+                    self._draw(now)
+                if now - self.last_line >= min(30.0, max(PROGRESS_EVERY, (now - self.t0) / 20.0)):
+                    self._line(now)
+            except Exception:  # noqa: BLE001 - a display must never break a run
+                pass
+
+    def _line(self, now):
+        self.last_line = now
+        # on a terminal the redrawn line shows it already: the log files (DEBUG) still get it
+        (log.debug if self.tty else log.info)("%s", self.text(now))
+
+    def _draw(self, now):
+        self._write("\r" + self.text(now, bar=True) + "\x1b[K")
+
+    def _write(self, text):
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _share_done(x: float) -> float:
+    """The share of a block counted as done after ``x`` times the time the rate gives it: 95% of
+    ``x`` up to the expected time, then closer and closer to (never at) 100%, so that an ETA
+    keeps falling, ever more slowly, while a late block is still running."""
+    if x <= 1.0:
+        return 0.95 * max(x, 0.0)
+    return 1.0 - 0.05 * math.exp(-(x - 1.0))
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def start_backend(cfg, plan, box, my_blocks):
     """(backend or None, scratch array): every rank takes part, with or without blocks."""
+    model = plan.resolved_model
+    if box.rank == 0 and model and isinstance(cfg.backend, str) and cfg.backend == "cellpose":
+        log.info("loading model %s (%s) on the rank(s) with blocks", model.get("name"),
+                 model.get("path") or "downloaded by Cellpose")
     with box.step("backend start-up"):
         scratch = storage.open_array(WorkDir(plan.work_dir).scratch, mode="r+")
         backend = build_backend(cfg, plan.settings, plan.normalization, box, load=bool(my_blocks))
@@ -77,8 +233,21 @@ def _block_error(exc, blk):
 
 def segment_phase(cfg, plan, box, stop, src, my_blocks, backend, scratch) -> Segmented:
     t0 = time.perf_counter()
+    progress, agreed = Progress(box, plan).start(), False
+    try:
+        err = _segment_blocks(cfg, plan, box, stop, src, my_blocks, backend, scratch, progress)
+        if stop and err is None:
+            box.notify_abort("stop requested by signal")
+        box.agree(err, interrupted=bool(stop), where="segmentation", progress=progress)
+        agreed = True
+    finally:
+        progress.close(finished=agreed)
+    return Segmented(progress.total, time.perf_counter() - t0)
+
+
+def _segment_blocks(cfg, plan, box, stop, src, my_blocks, backend, scratch, progress):
+    """This rank's blocks, in order; returns the error to agree on (or None)."""
     grid, work = plan.grid, WorkDir(plan.work_dir)
-    progress = Progress(box, sum(len(a) for a in plan.segment_assignment))
     err, done = None, 0
     for linear in my_blocks:
         if box.poll() or stop:
@@ -99,8 +268,5 @@ def segment_phase(cfg, plan, box, stop, src, my_blocks, backend, scratch) -> Seg
             break
         done += 1
         box.send_progress(done, len(my_blocks), time.perf_counter() - t_block)
-        progress(force=done == 1)
-    if stop and err is None:
-        box.notify_abort("stop requested by signal")
-    box.agree(err, interrupted=bool(stop), where="segmentation", progress=progress)
-    return Segmented(progress.total, time.perf_counter() - t0)
+        progress()
+    return err

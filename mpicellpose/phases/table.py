@@ -1,13 +1,17 @@
 """Phase 6, every rank: the object table and the boxes, each rank the rows of its ID range.
 
 Every rank turns the statistics of its blocks' labels into pieces keyed by final ID, sends
-each piece to the rank owning that ID's range, reduces the pieces of an object (sort-based),
-and writes its rows: a CSV part (concatenated in rank order by rank 0), a Parquet part, and
-its rows of the boxes file.
+each piece to the rank owning that ID's range (in bounded rounds), reduces the pieces of an
+object (sort-based), and writes its rows: in place into the one CSV (at the offset an
+exclusive scan of the ranks' byte counts gives; rank 0 creates the file at its final size
+with the header, and renames it into place once every rank has written), a Parquet part,
+and its rows of the boxes file.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -41,15 +45,13 @@ def _pieces(plan, mine, merge):
             np.zeros((0, nd), np.float64), np.zeros(0, np.int64)]
 
 
-def _prepare(plan, csv_final, pq_dir, bpath, n_objects, parts_dir):
-    """Rank 0: empty part folders (ours: the work directory's, the Parquet table's) and the boxes file."""
-    if parts_dir.exists():
-        storage.remove_path(parts_dir)
-    parts_dir.mkdir(parents=True)
+def _prepare(plan, csv_tmp, rows_bytes, pq_dir, bpath, n_objects):
+    """Rank 0: the CSV at its final size with its header, an empty Parquet folder, the boxes file."""
     if pq_dir is not None:
         if pq_dir.exists():
             storage.remove_path(pq_dir)
         pq_dir.mkdir(parents=True)
+    tbl.create_csv(csv_tmp, len(plan.shape), rows_bytes)
     tbl.create_boxes_file(bpath, n_objects, len(plan.shape))
 
 
@@ -59,23 +61,27 @@ def table_phase(plan, box, mine, merge) -> TableSummary:
     with box.step("reading block statistics"):
         cols = _pieces(plan, mine, merge)
     dest = tbl.owner_of(cols[0], size, n_objects)
-    got = box.alltoall([tuple(c[dest == r] for c in cols) for r in range(size)], "routing object rows")
+    got = box.alltoall_arrays(st.split_rows(dest, size, *cols), "routing object rows")
     part = st.reduce_pieces(*(np.concatenate([g[i] for g in got]) for i in range(6)))
+    del got, cols
     lo, hi = tbl.id_range(rank, size, n_objects)
     csv_final, bpath = outputs.table_path(plan.output.stem), outputs.boxes_path(plan.output.stem)
+    csv_tmp = Path(str(csv_final) + ".tmp")
     pq_dir = tbl.parquet_dir(csv_final) if tbl.have_parquet() else None
-    parts_dir = WorkDir(plan.work_dir).table
-    box.on_root(lambda: _prepare(plan, csv_final, pq_dir, bpath, n_objects, parts_dir),
-                "preparing the object table")
-    with box.step("writing the object table"):
+    c, text = None, []
+    with box.step("formatting the object table"):
         if not np.array_equal(part["id"], np.arange(lo, hi)):
             raise RuntimeError(f"object table rows {part['id'][:5]}... do not cover IDs {lo}..{hi - 1}")
         c = tbl.columns(part, plan.voxel_size)
-        tbl.write_csv_part(parts_dir / f"part-{rank:05d}.csv", c)
+        text = tbl.csv_chunks(c)
+    before, total = box.exscan_sum(sum(len(t) for t in text), "placing the object table's rows")
+    box.on_root(lambda: _prepare(plan, csv_tmp, total, pq_dir, bpath, n_objects), "preparing the object table")
+    with box.step("writing the object table"):
+        tbl.write_at(csv_tmp, len(tbl.header_bytes(nd)) + before, text)
+        del text
         if pq_dir is not None and part["id"].size:
             tbl.write_parquet_part(pq_dir / f"part-{rank:05d}.parquet", c)
         tbl.write_boxes_rows(bpath, lo, part)
     stitched = box.allreduce_sum(int(np.count_nonzero(part["n_blocks"] > 1)), "counting stitched objects")
-    box.on_root(lambda: tbl.concat_csv(csv_final, [parts_dir / f"part-{r:05d}.csv" for r in range(size)], nd),
-                "joining the object table")
+    box.on_root(lambda: os.replace(csv_tmp, csv_final), "publishing the object table")
     return TableSummary(stitched, str(csv_final), str(pq_dir) if pq_dir is not None else None)

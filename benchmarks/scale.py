@@ -1,0 +1,242 @@
+"""Scale harness (issue 13): the same synthetic volume on 1, 8, 32 ... ranks (oversubscribed).
+
+    .venv/bin/python benchmarks/scale.py [--edge 240] [--blocksize 24] [--ranks 1 8 32]
+                                         [--backend labels|threshold] [--out DIR] [--json FILE]
+
+The volume holds 2x2x2 cubes on a period-3 lattice, ``(edge / 3)^3`` objects, placed so that
+(for a blocksize divisible by 3) a layer of cubes straddles every block face: those are cut
+and stitched (``labels``: each cube carries its own global
+label, as a per-block segmentation from another tool would; ``threshold``: a binary image).
+Each N runs under ``mpiexec -n N`` (this script's ``--worker`` mode, one library ``run`` per
+rank) and every rank reports:
+
+* ``VmHWM`` (peak RSS) after each phase: the phase that raised it is the one that set the peak;
+* the time per phase (``RunResult.timings``);
+* the largest payload it sent to one rank in a labelled collective of the MPI gateway
+  (``alltoall``, hence every round of the chunked ``alltoall_arrays``, ``gather``, ``allgather``,
+  ``bcast``, ``scatter``; numpy ``nbytes`` summed, small objects counted as their pickle).
+  The face-view stream between neighbours is bounded by ``MPICELLPOSE_EXCHANGE_BYTES``.
+
+Printed per N: objects, per-phase time (slowest rank), per-rank peak RSS (min / median / max,
+rank 0's excess over the median), the largest message, and whether the labels are
+byte-identical to the first N's.  Short runs only on a laptop: edge 240 with 24^3 blocks is
+512k objects and 1000 blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+from _bench_util import vm_hwm  # noqa: E402
+
+PHASES = ("block_counts", "match_faces", "merge", "relabel_phase", "table_phase", "finish_phase")
+
+
+def make_volume(path, edge, blocksize, backend):
+    from mpicellpose.storage import numpy_array_to_zarr
+
+    g = np.arange(edge) - (2 if blocksize % 3 == 0 else 0)   # then a cube straddles every block face
+    on = (g % 3) < 2
+    cube = g // 3 - g.min() // 3
+    side = int(cube.max()) + 1
+    if backend == "labels":
+        lab = ((cube[:, None, None] * side + cube[None, :, None]) * side + cube[None, None, :] + 1).astype(np.uint32)
+        arr = np.where(on[:, None, None] & on[None, :, None] & on[None, None, :], lab, 0).astype(np.uint32)
+    else:
+        arr = (on[:, None, None] & on[None, :, None] & on[None, None, :]).astype(np.uint8) * 200
+    numpy_array_to_zarr(path, arr, blocksize)
+    return int(np.unique(cube[on]).size) ** 3
+
+
+def _size(obj) -> int:
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, (list, tuple)):
+        return sum(_size(o) for o in obj)
+    if isinstance(obj, dict) and len(obj) > 64:
+        return sum(_size(k) + _size(v) for k, v in obj.items())
+    try:
+        return len(pickle.dumps(obj, protocol=5))
+    except Exception:  # noqa: BLE001 - not picklable here: not measured
+        return 0
+
+
+def _hooks(state):
+    """Measure the gateway's collectives and take VmHWM after each phase."""
+    from mpicellpose.comm.mailbox import Mailbox
+    from mpicellpose.phases import faces, finish, merge, relabel, table
+
+    def biggest(name, fn):
+        @functools.wraps(fn)
+        def wrapped(self, obj, *a, **kw):
+            if name == "alltoall":
+                n = max((_size(o) for i, o in enumerate(obj) if i != self.rank), default=0)
+            elif name == "bcast" or name == "scatter":
+                n = (max(_size(o) for o in obj) if name == "scatter" else _size(obj)) if self.rank == 0 else 0
+            else:
+                n = _size(obj)
+            state["calls"] += 1
+            label = f"{name}: {a[0] if a else kw.get('label')}"
+            if n > state["largest"][0]:
+                state["largest"] = (n, label)
+            if ("merge" in label or "merging" in label) and n > state["largest_merge"][0]:
+                state["largest_merge"] = (n, label)
+            return fn(self, obj, *a, **kw)
+        return wrapped
+
+    for name in ("alltoall", "gather", "allgather", "bcast", "scatter", "allreduce_sum"):
+        setattr(Mailbox, name, biggest(name, getattr(Mailbox, name)))
+    for mod in (merge, faces, relabel, table, finish):
+        for ph in PHASES:
+            fn = getattr(mod, ph, None)
+            if fn is None or getattr(fn, "_scaled", False):
+                continue
+
+            def timed(*a, _fn=fn, _ph=ph, **kw):
+                t0, c0 = time.perf_counter(), state["calls"]
+                out = _fn(*a, **kw)
+                state["hwm"][_ph] = vm_hwm()
+                state["fn_s"][_ph] = round(time.perf_counter() - t0, 3)
+                state["fn_collectives"][_ph] = state["calls"] - c0
+                return out
+            timed._scaled = True
+            setattr(mod, ph, timed)
+
+
+def worker(a) -> int:
+    from mpi4py import MPI
+
+    from mpicellpose.comm.mailbox import Mailbox
+    from mpicellpose.config import RunConfig
+    from mpicellpose.driver import run
+
+    state = {"largest": (0, ""), "largest_merge": (0, ""), "hwm": {}, "fn_s": {}, "fn_collectives": {}, "calls": 0}
+    _hooks(state)
+    comm = MPI.COMM_WORLD
+    hwm0 = vm_hwm()
+    t0 = time.perf_counter()
+    res = run(RunConfig(input=a.input, output=a.output, blocksize=a.blocksize, backend=a.backend,
+                        backend_kwargs={"threshold": 100} if a.backend == "threshold" else {},
+                        work_dir=a.output + ".work", normalize="none" if a.backend == "labels" else "global"), comm)
+    wall = time.perf_counter() - t0
+    rec = {"rank": comm.Get_rank(), "size": comm.Get_size(), "wall_s": round(wall, 3), "hwm_start": hwm0,
+           "hwm_end": vm_hwm(), "hwm_after": state["hwm"], "fn_s": state["fn_s"],
+           "fn_collectives": state["fn_collectives"], "timings": res.timings, "n_objects": res.n_objects,
+           "n_merged": res.n_merged, "largest_message": state["largest"][0], "largest_where": state["largest"][1],
+           "largest_merge_message": state["largest_merge"][0],
+           "message_budget": getattr(Mailbox, "MESSAGE_BYTES", None)}
+    with open(f"{a.output}.rank{comm.Get_rank():04d}.json", "w") as f:
+        json.dump(rec, f)
+    return 0
+
+
+def labels_hash(path) -> str:
+    import zarr
+
+    z = zarr.open(path, mode="r")
+    return hashlib.sha256(np.ascontiguousarray(z[...]).tobytes()).hexdigest()[:16]
+
+
+def launch(a, n, inp, out_dir) -> dict:
+    out = os.path.join(out_dir, f"out{n}.zarr")
+    for p in glob.glob(os.path.join(out_dir, f"out{n}.*")):   # a fresh run, not a resume of an earlier one
+        os.remove(p) if os.path.isfile(p) else shutil.rmtree(p, ignore_errors=True)
+    exe = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [exe if os.path.exists(exe) else "mpiexec", "-n", str(n), sys.executable, __file__, "--worker",
+           "--input", inp, "--output", out, "--blocksize", str(a.blocksize), "--backend", a.backend]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
+    wall = time.time() - t0
+    if proc.returncode:
+        return {"ranks": n, "rc": proc.returncode, "stderr": proc.stderr[-3000:]}
+    recs = [json.load(open(p)) for p in sorted(glob.glob(out + ".rank*.json"))]
+    hwm = np.array([r["hwm_end"] for r in recs], np.float64) / 2**20
+    phases = sorted({k for r in recs for k in r["timings"]}, key=list(recs[0]["timings"]).index)
+    res = {
+        "ranks": n, "rc": 0, "launch_wall_s": round(wall, 1), "objects": recs[0]["n_objects"],
+        "merged": recs[0]["n_merged"],
+        "phase_s_max": {k: round(max(r["timings"].get(k, 0) for r in recs), 2) for k in phases},
+        "step_s_max": {k: round(max(r["fn_s"].get(k, 0) for r in recs), 2) for k in recs[0]["fn_s"]},
+        "step_collectives": recs[0]["fn_collectives"],
+        "peak_rss_mib": {"min": round(hwm.min(), 1), "median": round(float(np.median(hwm)), 1),
+                         "max": round(hwm.max(), 1), "rank0": round(hwm[0], 1),
+                         "rank0_over_median": round(hwm[0] / np.median(hwm), 3)},
+        "per_rank_peak_rss_mib": [round(x, 1) for x in hwm],
+        "peak_set_in": _peak_phase(recs),
+        "largest_message_bytes": max(r["largest_message"] for r in recs),
+        "largest_message_where": max(recs, key=lambda r: r["largest_message"])["largest_where"],
+        "largest_merge_message_bytes": max(r.get("largest_merge_message", 0) for r in recs),
+        "labels_sha": labels_hash(out),
+    }
+    shutil.rmtree(out + ".work", ignore_errors=True)
+    return res
+
+
+def _peak_phase(recs):
+    """Per rank, the phase after which VmHWM had reached its final value."""
+    out = {}
+    for r in recs:
+        seen = [(ph, v) for ph, v in r["hwm_after"].items()]
+        where = next((ph for ph, v in seen if v >= r["hwm_end"]), "before stitching (segment)")
+        out[where] = out.get(where, 0) + 1
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--edge", type=int, default=240)
+    p.add_argument("--blocksize", type=int, default=24)
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--backend", choices=("labels", "threshold"), default="labels")
+    p.add_argument("--out", default=None, help="scratch folder (default: a temporary one, removed)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--input", help=argparse.SUPPRESS)
+    p.add_argument("--output", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        return worker(a)
+    out_dir = a.out or tempfile.mkdtemp(prefix="mpicellpose-scale-")
+    os.makedirs(out_dir, exist_ok=True)
+    inp = os.path.join(out_dir, "input.zarr")
+    n_obj = make_volume(inp, a.edge, a.blocksize, a.backend)
+    print(f"volume {a.edge}^3, blocks {a.blocksize}^3 ({-(-a.edge // a.blocksize) ** 3}), {n_obj} objects, "
+          f"backend {a.backend}", flush=True)
+    results, first = [], None
+    for n in a.ranks:
+        r = launch(a, n, inp, out_dir)
+        if r["rc"] == 0:
+            first = first or r["labels_sha"]
+            r["labels_identical"] = r["labels_sha"] == first
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"edge": a.edge, "blocksize": a.blocksize, "backend": a.backend, "results": results}, f, indent=1)
+    if a.out is None:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return 0 if all(r["rc"] == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

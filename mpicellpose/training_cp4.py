@@ -1,0 +1,415 @@
+"""Train the tiny Cellpose 4 stand-in model shipped as ``models/demo_cp4_v1``.
+
+Run as a script (needs Cellpose 4 and an importable torchvision, see docs/cellpose4.md)::
+
+    python -m mpicellpose.training_cp4 --out DIR [--steps 400] [--seed 0] [--lr 0.003]
+
+**What it is.** Cellpose 4's real model, ``cpsam`` (Cellpose-SAM), is a SAM ViT-L image encoder
+(24 blocks, width 1024, 305M parameters, a 1.2 GB download) inside ``cellpose.vit.CPSAM``.  It
+cannot be downloaded on offline machines and costs seconds per 256x256 tile on a CPU, so the
+demo and the tests under Cellpose 4 use a *stand-in*: the same ``CPSAM`` class, built while
+:func:`standin_encoder` replaces the ViT-L encoder by a reduced SAM ``ImageEncoderViT`` (width
+64, 2 blocks, 1 head: 0.88M parameters), trained here from seeded random weights on synthetic
+nuclei (:mod:`mpicellpose.synthetic`) with Cellpose 4's own ``cellpose.train.train_seg``.
+Everything else (256x256 tiling, 3D over YX/ZY/ZX planes, flow dynamics) is Cellpose 4's code.
+It segments the synthetic nuclei of the demo; it is **not** a substitute for ``cpsam`` on real
+data and is never used for any model name other than ``demo``.
+
+**How it loads.** ``CellposeModel(pretrained_model=PATH)`` always builds ViT-L, so the file
+stores its encoder size under the extra key ``standin.config``; :func:`load_standin` reads it
+and builds the ``CellposeModel`` inside :func:`standin_encoder`.  A plain
+``CellposeModel(pretrained_model=PATH)`` refuses the file (``size mismatch for
+encoder.pos_embed``); it never half-loads it.
+
+**Scale.** The stand-in is trained at native scale on nuclei of mean diameter 16 voxels (stored
+in the network's ``diam_mean``/``diam_labels``).  Cellpose 4 has no ``diam_mean`` argument: it
+resizes by ``30 / diameter``.  :class:`mpicellpose.backends.CellposeSegmenter` therefore passes
+``diameter * 30 / 16`` to ``eval`` for this model only, so that ``--diameter D`` means "objects
+are D voxels across", as for ``cpsam`` and for the Cellpose 3 demo model.
+
+Writes ``<out>/demo_cp4_v1`` (state dict, floating tensors in float16; Cellpose loads them into
+its float32 or bfloat16 network) and ``<out>/demo_cp4_v1.json`` (provenance: seeds, steps,
+learning rate, data, timings, versions, sha256, validation F1 and eval times).
+
+Only numpy is imported at module level; torch and cellpose are imported inside the functions.
+:func:`resolve_demo` (which shipped file ``--model demo`` means) lives here too, for both versions.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .metrics import match_objects
+from .storage import sha256_file
+from .synthetic import make_nuclei, split_disconnected
+
+logger = logging.getLogger(__name__)
+
+#: File name of the shipped stand-in inside ``mpicellpose/models``.
+MODEL_NAME = "demo_cp4_v1"
+#: Reduced SAM encoder of the stand-in (SAM ViT-L: 1024 wide, 24 blocks, 16 heads).
+ENCODER = {"embed_dim": 64, "depth": 2, "num_heads": 1}
+#: Extra state-dict key holding ``[embed_dim, depth, num_heads]``; ignored by Cellpose's loader.
+CONFIG_KEY = "standin.config"
+#: Mean nucleus diameter of the training data = the stand-in's native object size (voxels).
+NATIVE_DIAMETER = 16.0
+#: Cellpose 4 resizes by ``CP4_DIAMETER / diameter``.
+CP4_DIAMETER = 30.0
+
+DEFAULT_STEPS = 400
+DEFAULT_LR = 3e-3
+DEFAULT_BATCH = 4
+WEIGHT_DECAY = 1e-4
+#: Training volumes: the first two of the Cellpose 3 demo model's (clean; noisy and blurred).
+N_TRAIN_VOLUMES = 2
+SLICE_STRIDE = 14
+#: Extra full-size 256x256 tiles (CPSAM's tile size), ``make_nuclei`` seeds ``500 + seed + i``.
+N_TILES = 8
+
+#: Held-out data (the same seeds as the Cellpose 3 demo model's validation).
+VAL_2D = dict(shape=(256, 256), seed=9001)
+VAL_3D = (dict(shape=(32, 64, 64), seed=9002), dict(shape=(64, 128, 128), seed=9002))
+EVAL_NORMALIZE = {"normalize": True, "percentile": [1.0, 99.0]}
+
+
+def demo_cp4_model_path() -> Path:
+    """Path of the shipped stand-in weights (returned whether or not the file exists).
+
+    Examples
+    --------
+    >>> demo_cp4_model_path().name
+    'demo_cp4_v1'
+    """
+    return Path(__file__).resolve().parent / "models" / MODEL_NAME
+
+
+def demo_cp4_model_info() -> dict:
+    """The provenance record ``models/demo_cp4_v1.json``."""
+    with open(demo_cp4_model_path().with_name(MODEL_NAME + ".json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _import_cellpose():
+    """``cellpose.models`` (the backend imports it first, through
+    :func:`mpicellpose.backends.import_cellpose_models`, for a one-line install hint)."""
+    from cellpose import models
+
+    return models
+
+
+#: ``resolve_model()['loader']`` of the shipped stand-in: load it with :func:`load_standin`.
+CP4_STANDIN_LOADER = "cp4-demo-standin"
+
+
+def resolve_demo(name: str, major, full) -> dict:
+    """The shipped model behind ``--model demo`` for the installed Cellpose ``major`` (``full``
+    version): ``models/demo_nuclei_v1`` (a Cellpose 3 CPnet) under 3.x, this module's stand-in
+    under 4.x (with ``loader`` :data:`CP4_STANDIN_LOADER`).  The explicit names
+    ``demo_nuclei*``/``demo_cp4*`` are refused, with a hint, by the other major version.
+    Called by :func:`mpicellpose.backends.resolve_model`.
+    """
+    from .errors import ConfigError, ModelNotFoundError
+    from .models import demo_model_path
+
+    v4 = major is not None and major >= 4
+    if name.startswith("demo_nuclei") and v4:
+        raise ConfigError(
+            f"{name!r} is a Cellpose 3 model and the installed Cellpose {full} cannot load Cellpose 3 weights; "
+            "use --model demo (the Cellpose 4 stand-in) or install 'cellpose>=3.1.1,<4' "
+            "(pip install 'mpicellpose[cellpose]')")
+    if name.startswith("demo_cp4") and not v4:
+        raise ConfigError(
+            f"{name!r} is a Cellpose 4 model and the installed Cellpose is {full or 'missing'}; use --model demo "
+            "(the Cellpose 3 demo model) or install 'cellpose>=4,<5' (pip install 'mpicellpose[cellpose4]')")
+    path = demo_cp4_model_path() if v4 else demo_model_path()
+    if not path.exists():
+        raise ModelNotFoundError(f"the shipped demo model is missing from the installation: {path}")
+    res = {"kind": "path", "name": "demo", "path": str(path), "sha256": sha256_file(path)}
+    if v4:
+        res["loader"] = CP4_STANDIN_LOADER
+    return res
+
+
+@contextlib.contextmanager
+def standin_encoder(embed_dim: int, depth: int, num_heads: int):
+    """While active, ``cellpose.vit.CPSAM()`` builds a reduced SAM encoder instead of ViT-L.
+
+    ``CPSAM.__init__`` calls ``sam_model_registry["vit_l"](None).image_encoder``; that
+    module-level registry entry is swapped and restored.  Image size (1024) and patch size (16)
+    stay as in SAM because CPSAM derives its 8x8-patch, 32x32-token position embedding from them.
+    """
+    from functools import partial
+    from types import SimpleNamespace
+
+    _import_cellpose()
+    import torch
+    import cellpose.vit as cvit
+    from segment_anything.modeling import ImageEncoderViT
+
+    def build(checkpoint=None):
+        enc = ImageEncoderViT(
+            depth=int(depth), embed_dim=int(embed_dim), img_size=1024, mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=int(num_heads),
+            patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(),
+            window_size=14, out_chans=256)
+        return SimpleNamespace(image_encoder=enc)
+
+    reg = cvit.sam_model_registry
+    old = reg["vit_l"]
+    reg["vit_l"] = build
+    try:
+        yield
+    finally:
+        reg["vit_l"] = old
+
+
+def read_standin_config(path) -> Optional[dict]:
+    """The encoder size stored in a stand-in file, or None for any other file."""
+    import torch
+
+    sd = torch.load(os.fspath(path), map_location="cpu", mmap=True, weights_only=True)
+    if not isinstance(sd, dict) or CONFIG_KEY not in sd:
+        return None
+    e, d, h = (int(v) for v in sd[CONFIG_KEY].tolist())
+    return {"embed_dim": e, "depth": d, "num_heads": h}
+
+
+def load_standin(path, **model_kwargs):
+    """``cellpose.models.CellposeModel`` for a stand-in file written by :func:`save_net`.
+
+    ``model_kwargs`` go to ``CellposeModel`` (``gpu``, ``device``, ``use_bfloat16``; the
+    default here is ``use_bfloat16=False``, i.e. float32, unlike Cellpose's).
+    """
+    models = _import_cellpose()
+    path = os.fspath(path)
+    if not os.path.isfile(path):  # Cellpose would silently try to download cpsam_v2
+        raise FileNotFoundError(f"Cellpose 4 stand-in weights not found: {path}")
+    cfg = read_standin_config(path)
+    if cfg is None:
+        raise ValueError(f"{path} is not a Cellpose 4 stand-in file (no {CONFIG_KEY!r} entry)")
+    mk = dict(model_kwargs)
+    mk.setdefault("use_bfloat16", False)
+    mk["pretrained_model"] = path
+    with standin_encoder(**cfg):
+        return models.CellposeModel(**mk)
+
+
+def native_diameter(model) -> float:
+    """Object diameter the (stand-in) network was trained at, from its ``diam_mean``."""
+    try:
+        return float(model.net.diam_mean.item())
+    except (AttributeError, RuntimeError, ValueError):
+        return CP4_DIAMETER
+
+
+def build_net(config: Optional[dict] = None, seed: int = 0):
+    """A seeded float32 ``cellpose.vit.CPSAM`` with the reduced encoder ``config``."""
+    _import_cellpose()
+    import torch
+    from cellpose.vit import CPSAM
+
+    torch.manual_seed(int(seed))
+    with standin_encoder(**dict(config or ENCODER)):
+        return CPSAM(dtype=torch.float32)
+
+
+def save_net(net, path, config: Optional[dict] = None, half: bool = True,
+             diameter: float = NATIVE_DIAMETER) -> None:
+    """Save the state dict (+ ``standin.config``); floats in float16 when ``half``."""
+    import torch
+
+    config = dict(config or ENCODER)
+    net.diam_mean.data = torch.full_like(net.diam_mean.data, float(diameter))
+    net.diam_labels.data = torch.full_like(net.diam_labels.data, float(diameter))
+    sd = {k: (v.detach().half() if half and v.is_floating_point() and k not in ("W2", "diam_mean", "diam_labels")
+              else v.detach()) for k, v in net.state_dict().items()}
+    sd[CONFIG_KEY] = torch.tensor([config["embed_dim"], config["depth"], config["num_heads"]])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, os.fspath(path))
+
+
+def training_set(seed: int = 0) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """2D training images: slices of the first :data:`N_TRAIN_VOLUMES` Cellpose 3 demo training
+    volumes along all three axes, plus :data:`N_TILES` synthetic 256x256 images."""
+    from .training import TRAIN_VOLUMES, training_slices
+
+    images, labels = training_slices(TRAIN_VOLUMES[:N_TRAIN_VOLUMES], seed=seed, stride=SLICE_STRIDE)
+    for i in range(N_TILES):
+        img, lab = make_nuclei((256, 256), seed=500 + seed + i, density=0.15 + 0.03 * i,
+                               touching_fraction=0.3)
+        images.append(img.astype(np.float32))
+        labels.append(split_disconnected(lab))
+    return images, labels
+
+
+def train_net(net, steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = DEFAULT_BATCH,
+              lr: float = DEFAULT_LR) -> Dict:
+    """Train ``net`` in place with ``cellpose.train.train_seg``; returns a record of the run."""
+    _import_cellpose()
+    import torch
+    from cellpose import train
+
+    t0 = time.perf_counter()
+    images, labels = training_set(seed)
+    t_data = time.perf_counter() - t0
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    net.rdrop = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        t0, c0 = time.perf_counter(), time.process_time()
+        _, losses, _ = train.train_seg(
+            net, train_data=images, train_labels=labels, normalize=dict(EVAL_NORMALIZE),
+            batch_size=batch_size, nimg_per_epoch=batch_size, n_epochs=int(steps),
+            learning_rate=lr, weight_decay=WEIGHT_DECAY, rescale=False, scale_range=0.4,
+            min_train_masks=1, save_path=tmp, save_every=10 ** 9, model_name="standin")
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    losses = np.asarray(losses, dtype=float)
+    return {"steps": int(steps), "batch_size": int(batch_size), "nimg_per_epoch": int(batch_size),
+            "n_epochs_cellpose": int(steps), "optimizer": "AdamW (cellpose.train.train_seg default)",
+            "learning_rate": lr, "weight_decay": WEIGHT_DECAY, "rescale": False, "scale_range": 0.4,
+            "rdrop": 0.0, "normalize": dict(EVAL_NORMALIZE),
+            "n_images": len(images), "n_volume_slices": len(images) - N_TILES, "slice_stride": SLICE_STRIDE,
+            "data_s": round(t_data, 1), "train_s": round(dt, 1), "train_cpu_s": round(dc, 1),
+            "first_loss": float(np.mean(losses[:5])), "final_loss": float(np.mean(losses[-10:]))}
+
+
+def segment(model, image: np.ndarray, *, batch_size: int = 8, **eval_kwargs) -> np.ndarray:
+    """Whole-image ``eval`` of a stand-in at its native scale (2D, or 3D with ``do_3D``)."""
+    ek = dict(normalize=dict(EVAL_NORMALIZE), batch_size=batch_size, diameter=CP4_DIAMETER)
+    if image.ndim == 3:
+        ek.update(do_3D=True, z_axis=0)
+    ek.update(eval_kwargs)
+    return np.asarray(model.eval(image, **ek)[0])
+
+
+def validate(model, sizes3d: Sequence[dict] = VAL_3D) -> Dict:
+    """F1 (IoU 0.5) and eval times on held-out synthetic 2D and 3D images."""
+    out = {}
+    img, gt = make_nuclei(**VAL_2D)
+    t0 = time.perf_counter()
+    lab = segment(model, img)
+    out["val_2d"] = {"generator": dict(VAL_2D), "eval_s": round(time.perf_counter() - t0, 2),
+                     "scores": match_objects(lab, gt, 0.5)}
+    out["val_3d"] = []
+    for spec in sizes3d:
+        img, gt = make_nuclei(**spec)
+        t0 = time.perf_counter()
+        lab = segment(model, img)
+        out["val_3d"].append({"generator": dict(spec), "eval_s": round(time.perf_counter() - t0, 2),
+                              "scores": match_objects(lab, gt, 0.5)})
+    return out
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, lr: float = DEFAULT_LR,
+                         batch_size: int = DEFAULT_BATCH, threads: int = 2, name: str = MODEL_NAME,
+                         validate_bf16: bool = True) -> Dict:
+    """Build, train, save (fp16), reload through :func:`load_standin`, validate, write the JSON."""
+    from importlib.metadata import version
+
+    _import_cellpose()  # fails early with the install hint
+    import torch
+
+    torch.set_num_threads(int(threads))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net = build_net(ENCODER, seed)
+    n_params = int(sum(p.numel() for p in net.parameters()))
+    training = train_net(net, steps, seed=seed, batch_size=batch_size, lr=lr)
+    path = out_dir / name
+    save_net(net, path, ENCODER, half=True)
+    logger.info("saved %s; validating", path)
+    val = {"float32": validate(load_standin(path))}
+    if validate_bf16:
+        val["bfloat16"] = validate(load_standin(path, use_bfloat16=True), sizes3d=VAL_3D[:1])
+    from . import training as cp3_training
+
+    info = {
+        "name": name, "file": name,
+        "format": "Cellpose 4 CPSAM state dict (torch.save) with a reduced SAM encoder; float16 tensors "
+                  "(W2, diam_mean, diam_labels float32); extra key 'standin.config' = [embed_dim, depth, num_heads]",
+        "what": "offline stand-in for Cellpose 4's cpsam: cellpose.vit.CPSAM with a tiny SAM ImageEncoderViT, "
+                "trained on synthetic nuclei; for the demo and tests only, not for real data",
+        "load_with": "mpicellpose.training_cp4.load_standin(path[, use_bfloat16=False, gpu=False, device=None])",
+        "eval_with": "model.eval(img, diameter=30, normalize={'normalize': True, 'percentile': [1, 99]}"
+                     "[, do_3D=True, z_axis=0]) for 16-voxel nuclei (Cellpose 4 resizes by 30/diameter)",
+        "encoder": dict(ENCODER, img_size=1024, patch_size=16, use_rel_pos=True, out_chans=256),
+        "params": n_params, "native_diameter": NATIVE_DIAMETER,
+        "sha256": sha256_file(path), "size_bytes": os.path.getsize(path),
+        "training": dict(training, command=f"python -m mpicellpose.training_cp4 --out DIR --steps {steps} "
+                                           f"--seed {seed} --lr {lr}",
+                         seed=seed, torch_threads=int(threads),
+                         volumes=_jsonable([dict(v, seed=v["seed"] + seed)
+                                            for v in cp3_training.TRAIN_VOLUMES[:N_TRAIN_VOLUMES]]),
+                         tiles={"shape": [256, 256], "n": N_TILES, "seeds": f"500+seed+i, i<{N_TILES}",
+                                "density": "0.15+0.03*i", "touching_fraction": 0.3},
+                         load_average_after=[round(v, 2) for v in os.getloadavg()]),
+        "validation": _jsonable(val),
+        "versions": {"cellpose": version("cellpose"), "torch": torch.__version__,
+                     "torchvision": _version_or_none("torchvision"),
+                     "segment_anything": _version_or_none("segment_anything"),
+                     "numpy": np.__version__, "python": platform.python_version()},
+        "host": {"cpu_count": os.cpu_count(), "machine": platform.machine()},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (out_dir / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _version_or_none(dist):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point (``python -m mpicellpose.training_cp4``)."""
+    p = argparse.ArgumentParser(prog="python -m mpicellpose.training_cp4",
+                                description="Train the tiny Cellpose 4 stand-in demo model on CPU.")
+    p.add_argument("--out", required=True, help="output folder (the shipped copy is mpicellpose/models)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimiser steps (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak AdamW learning rate (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--name", default=MODEL_NAME)
+    p.add_argument("--no-bf16-check", action="store_true", help="skip the bfloat16 validation")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    info = train_demo_cp4_model(args.out, steps=args.steps, seed=args.seed, lr=args.lr,
+                                batch_size=args.batch_size, threads=args.threads, name=args.name,
+                                validate_bf16=not args.no_bf16_check)
+    val = info["validation"]["float32"]
+    print(f"weights: {Path(args.out) / info['file']} ({info['size_bytes'] / 1e6:.2f} MB), "
+          f"train {info['training']['train_s']} s, loss {info['training']['first_loss']:.3f} -> "
+          f"{info['training']['final_loss']:.3f}")
+    print(f"F1 2D {val['val_2d']['scores']['f1']:.3f}; 3D " + ", ".join(
+        f"{'x'.join(map(str, v['generator']['shape']))} {v['scores']['f1']:.3f} ({v['eval_s']} s)"
+        for v in val["val_3d"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
