@@ -193,6 +193,11 @@ def json_default(o):
     return repr(o)
 
 
+def plain_json(obj):
+    """``obj`` with numpy scalars, arrays and tuples turned into plain JSON values."""
+    return json.loads(json.dumps(obj, default=json_default))
+
+
 # --------------------------------------------------------------------------- helpers
 def numpy_array_to_zarr(write_path, array, chunks, *, zarr_format: int = 2, overwrite: bool = True):
     """Store a numpy array as a zarr array on disk and return it.

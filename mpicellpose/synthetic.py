@@ -288,7 +288,34 @@ def make_nuclei(
     """
     shape = tuple(int(s) for s in shape)
     ndim = len(shape)
-    if ndim not in (2, 3):
+    _check_args(shape, mean_diameter, density, touching_fraction, anisotropy)
+    rng = np.random.default_rng(seed)
+    spacing = np.ones(ndim)
+    if ndim == 3:
+        spacing[0] = float(anisotropy)
+    extent = np.asarray(shape, dtype=float) * spacing  # physical size
+    mean_r = 0.5 * float(mean_diameter)
+    unit_ball = math.pi if ndim == 2 else 4.0 / 3.0 * math.pi
+    mean_volume = unit_ball * mean_r ** ndim  # physical units
+    n_target = int(round(density * float(np.prod(extent)) / mean_volume))
+    if min_size is None:
+        min_size = max(4, int(0.05 * mean_volume / float(np.prod(spacing))))
+    placer = _Placer(rng, extent, spacing, mean_diameter, diameter_jitter, elongation, min_gap, n_target)
+    placer.place(touching_fraction)
+    labels, best = _rasterise(placer, shape, spacing)
+    # ---- clean-up: one connected component per label, min size, 1..N ------
+    labels = split_disconnected(labels, min_size=min_size)
+    n_obj = int(labels.max())
+    best[labels == 0] = 1.0
+    img = _form_image(rng, labels, best, n_obj, shape, anisotropy, intensity_jitter, rim_falloff, background,
+                      gradient, blur_sigma, photons, noise, dtype)
+    logger.debug("make_nuclei %s seed=%d: %d objects (%d touching placements)",
+                 shape, seed, n_obj, placer.n_touching)
+    return img, labels
+
+
+def _check_args(shape, mean_diameter, density, touching_fraction, anisotropy):
+    if len(shape) not in (2, 3):
         raise ValueError(f"shape must be 2D or 3D, got {shape}")
     if min(shape) < 1:
         raise ValueError(f"shape must be positive, got {shape}")
@@ -301,62 +328,61 @@ def make_nuclei(
     if anisotropy <= 0:
         raise ValueError(f"anisotropy must be > 0, got {anisotropy}")
 
-    rng = np.random.default_rng(seed)
-    spacing = np.ones(ndim)
-    if ndim == 3:
-        spacing[0] = float(anisotropy)
-    extent = np.asarray(shape, dtype=float) * spacing  # physical size
 
-    mean_r = 0.5 * float(mean_diameter)
-    unit_ball = math.pi if ndim == 2 else 4.0 / 3.0 * math.pi
-    mean_volume = unit_ball * mean_r ** ndim  # physical units
-    n_target = int(round(density * float(np.prod(extent)) / mean_volume))
-    if min_size is None:
-        min_size = max(4, int(0.05 * mean_volume / float(np.prod(spacing))))
+class _Placer:
+    """Placement of ellipsoids without overlap (or touching on purpose).
 
-    # ---- placement -----------------------------------------------------
-    # Each object is an ellipsoid x: |M (x - c)| <= 1 with M = diag(1/a) R^T.
-    # Its extent along a unit vector u (support function) is |S u| with
-    # S = diag(a) R^T. Two objects whose projections on the line joining
-    # their centres are separated by min_gap are at least min_gap apart
-    # (separating plane), which is the test used for non-touching objects.
-    gap = max(float(min_gap), float(spacing.max()) + 1e-3)
-    cap = max(n_target, 1) + 16
-    centers = np.zeros((cap, ndim))
-    inv_axes = np.zeros((cap, ndim, ndim))   # M per object
-    supp = np.zeros((cap, ndim, ndim))       # S per object
-    rmax = np.zeros(cap)                     # largest semi-axis per object
-    n_placed = 0
-    rmax_seen = 0.0
-    grid = _CellGrid(extent, cell=max(mean_r, 1.0))
+    Each object is an ellipsoid x: |M (x - c)| <= 1 with M = diag(1/a) R^T.  Its extent
+    along a unit vector u (support function) is |S u| with S = diag(a) R^T.  Two objects
+    whose projections on the line joining their centres are separated by min_gap are at
+    least min_gap apart (separating plane), which is the test used for non-touching objects.
+    """
 
-    batch = 512
-    pool: list = []
+    BATCH = 512
 
-    def draw_shape():
-        # shapes are drawn in vectorised batches (deterministic for a seed)
-        if not pool:
-            d = mean_diameter * np.exp(
-                diameter_jitter * np.clip(rng.standard_normal(batch), -2.0, 2.0)
-                - 0.5 * diameter_jitter ** 2)
-            ratios = np.exp(elongation * np.clip(rng.standard_normal((batch, ndim)), -2.0, 2.0))
+    def __init__(self, rng, extent, spacing, mean_diameter, diameter_jitter, elongation, min_gap, n_target):
+        self.rng, self.extent, self.ndim = rng, extent, len(extent)
+        self.mean_diameter, self.diameter_jitter, self.elongation = mean_diameter, diameter_jitter, elongation
+        self.n_target = n_target
+        self.gap = max(float(min_gap), float(spacing.max()) + 1e-3)
+        cap = max(n_target, 1) + 16
+        self.centers = np.zeros((cap, self.ndim))
+        self.inv_axes = np.zeros((cap, self.ndim, self.ndim))   # M per object
+        self.supp = np.zeros((cap, self.ndim, self.ndim))       # S per object
+        self.rmax = np.zeros(cap)                               # largest semi-axis per object
+        self.n_placed = 0
+        self.n_touching = 0
+        self.rmax_seen = 0.0
+        self.grid = _CellGrid(extent, cell=max(0.5 * float(mean_diameter), 1.0))
+        self.pool = []
+
+    def draw_shape(self):
+        """(largest semi-axis, M, S) of the next shape; drawn in vectorised batches
+        (deterministic for a seed)."""
+        if not self.pool:
+            rng, ndim, batch = self.rng, self.ndim, self.BATCH
+            d = self.mean_diameter * np.exp(
+                self.diameter_jitter * np.clip(rng.standard_normal(batch), -2.0, 2.0)
+                - 0.5 * self.diameter_jitter ** 2)
+            ratios = np.exp(self.elongation * np.clip(rng.standard_normal((batch, ndim)), -2.0, 2.0))
             ratios /= np.prod(ratios, axis=1, keepdims=True) ** (1.0 / ndim)  # keep volume
             axes = 0.5 * d[:, None] * ratios
             rot_t = np.swapaxes(_random_rotations(rng, ndim, batch), 1, 2)
             m_all = rot_t / axes[:, :, None]        # diag(1/a) @ R^T
             s_all = rot_t * axes[:, :, None]        # diag(a) @ R^T
-            pool.extend(zip(axes.max(axis=1)[::-1], m_all[::-1], s_all[::-1]))
-        return pool.pop()
+            self.pool.extend(zip(axes.max(axis=1)[::-1], m_all[::-1], s_all[::-1]))
+        return self.pool.pop()
 
-    def free(c, rm, s_new, skip=-1):
-        cand = grid.near(c, rm + rmax_seen + gap)
+    def free(self, c, rm, s_new, skip=-1):
+        gap = self.gap
+        cand = self.grid.near(c, rm + self.rmax_seen + gap)
         if skip >= 0:
             cand = cand[cand != skip]
         if cand.size == 0:
             return True
-        diff = centers[cand] - c
+        diff = self.centers[cand] - c
         dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-        close = dist < rm + rmax[cand] + gap
+        close = dist < rm + self.rmax[cand] + gap
         if not close.any():
             return True
         cand, diff, dist = cand[close], diff[close], dist[close]
@@ -364,53 +390,62 @@ def make_nuclei(
             return False
         u = diff / dist[:, None]
         h_new = np.linalg.norm(u @ s_new.T, axis=1)
-        h_old = np.linalg.norm(np.einsum("kij,kj->ki", supp[cand], u), axis=1)
+        h_old = np.linalg.norm(np.einsum("kij,kj->ki", self.supp[cand], u), axis=1)
         return bool(np.all(dist >= h_new + h_old + gap))
 
-    n_touching = 0
-    attempts = 0
-    retries = 0
-    max_attempts = 25 * max(n_target, 1) + 200
-    while n_placed < n_target and attempts < max_attempts:
-        attempts += 1
-        if retries == 0:
-            rm, m, s_new = draw_shape()
-        # keep the running share of touching placements at touching_fraction
-        want_touch = n_placed > 0 and n_touching < touching_fraction * (n_placed + 1)
-        if want_touch:
-            j = int(rng.integers(n_placed))
-            u = rng.standard_normal(ndim)
-            u /= np.linalg.norm(u)
-            # slight interpenetration; the shared face is cut where the
-            # normalised distances of the two objects are equal
-            dist = (_radius_along(inv_axes[j], u) + _radius_along(m, -u)) * rng.uniform(0.85, 0.95)
-            c = centers[j] + u * dist
-            if np.any(c < 0) or np.any(c > extent):
-                continue
-            if not free(c, rm, s_new, skip=j):
-                continue
-            n_touching += 1
-        else:
-            c = rng.uniform(0.0, 1.0, ndim) * extent
-            if not free(c, rm, s_new):
-                retries = (retries + 1) % 4  # retry the same shape elsewhere
-                continue
-        retries = 0
-        centers[n_placed] = c
-        inv_axes[n_placed] = m
-        supp[n_placed] = s_new
-        rmax[n_placed] = float(rm)
-        grid.add(n_placed, c)
-        n_placed += 1
-        rmax_seen = max(rmax_seen, rm)
-    if n_placed < n_target:
-        logger.debug("placed %d of %d objects (no more free room)", n_placed, n_target)
+    def _touching_centre(self, m):
+        """A centre that makes the new shape touch a placed one (or None when outside)."""
+        rng = self.rng
+        j = int(rng.integers(self.n_placed))
+        u = rng.standard_normal(self.ndim)
+        u /= np.linalg.norm(u)
+        # slight interpenetration; the shared face is cut where the normalised distances of
+        # the two objects are equal
+        dist = (_radius_along(self.inv_axes[j], u) + _radius_along(m, -u)) * rng.uniform(0.85, 0.95)
+        c = self.centers[j] + u * dist
+        if np.any(c < 0) or np.any(c > self.extent):
+            return None, j
+        return c, j
 
-    # ---- rasterisation in local boxes ------------------------------------
+    def _add(self, c, rm, m, s_new):
+        k = self.n_placed
+        self.centers[k], self.inv_axes[k], self.supp[k], self.rmax[k] = c, m, s_new, float(rm)
+        self.grid.add(k, c)
+        self.n_placed += 1
+        self.rmax_seen = max(self.rmax_seen, rm)
+
+    def place(self, touching_fraction):
+        attempts = retries = 0
+        max_attempts = 25 * max(self.n_target, 1) + 200
+        while self.n_placed < self.n_target and attempts < max_attempts:
+            attempts += 1
+            if retries == 0:
+                rm, m, s_new = self.draw_shape()
+            # keep the running share of touching placements at touching_fraction
+            if self.n_placed > 0 and self.n_touching < touching_fraction * (self.n_placed + 1):
+                c, j = self._touching_centre(m)
+                if c is None or not self.free(c, rm, s_new, skip=j):
+                    continue
+                self.n_touching += 1
+            else:
+                c = self.rng.uniform(0.0, 1.0, self.ndim) * self.extent
+                if not self.free(c, rm, s_new):
+                    retries = (retries + 1) % 4  # retry the same shape elsewhere
+                    continue
+            retries = 0
+            self._add(c, rm, m, s_new)
+        if self.n_placed < self.n_target:
+            logger.debug("placed %d of %d objects (no more free room)", self.n_placed, self.n_target)
+
+
+def _rasterise(placer, shape, spacing):
+    """Labels 1..n of the placed objects, rasterised in local boxes, and the squared
+    normalised distance of every voxel to the object that claims it."""
+    ndim = len(shape)
     labels = np.zeros(shape, dtype=np.uint32)
-    best = np.full(shape, np.inf, dtype=np.float32)  # squared normalised distance
-    for k in range(1, n_placed + 1):
-        c, m, rm = centers[k - 1], inv_axes[k - 1], rmax[k - 1]
+    best = np.full(shape, np.inf, dtype=np.float32)
+    for k in range(1, placer.n_placed + 1):
+        c, m, rm = placer.centers[k - 1], placer.inv_axes[k - 1], placer.rmax[k - 1]
         cv = c / spacing  # centre in voxel units
         half = rm / spacing + 1.0
         lo = np.maximum(np.floor(cv - half).astype(int), 0)
@@ -419,8 +454,7 @@ def make_nuclei(
             continue
         sl = tuple(slice(a, b) for a, b in zip(lo, hi))
         # physical offsets of voxel centres from the object centre, per axis
-        offs = [((np.arange(a, b) + 0.5) * s - cc)
-                for a, b, s, cc in zip(lo, hi, spacing, c)]
+        offs = [((np.arange(a, b) + 0.5) * s - cc) for a, b, s, cc in zip(lo, hi, spacing, c)]
         d2 = None
         for i in range(ndim):
             yi = None
@@ -434,20 +468,18 @@ def make_nuclei(
         claim = (d2 < 1.0) & (d2 < bbox)
         bbox[claim] = d2[claim]
         labels[sl][claim] = k
+    return labels, best
 
-    # ---- clean-up: one connected component per label, min size, 1..N ------
-    labels = split_disconnected(labels, min_size=min_size)
-    n_obj = int(labels.max())
-    best[labels == 0] = 1.0
 
-    # ---- image formation --------------------------------------------------
+def _form_image(rng, labels, best, n_obj, shape, anisotropy, intensity_jitter, rim_falloff, background, gradient,
+                blur_sigma, photons, noise, dtype):
+    """Fluorescence image of the labels: brightness, rim, background, gradient, blur, noise."""
+    ndim = len(shape)
     brightness = np.clip(
         1.0 + intensity_jitter * rng.standard_normal(n_obj + 1), 0.3, None).astype(np.float32)
     brightness[0] = 0.0
-    obj = brightness[labels]
-    obj *= 1.0 - float(rim_falloff) * np.minimum(best, 1.0)
-    del best
-    img = obj
+    img = brightness[labels]
+    img *= 1.0 - float(rim_falloff) * np.minimum(best, 1.0)
     img += np.float32(background)
     prof = _gradient_profile(shape, gradient)
     if prof is not None:
@@ -468,13 +500,8 @@ def make_nuclei(
         img /= np.float32(photons)
     if noise and noise > 0:
         img += rng.standard_normal(shape, dtype=np.float32) * np.float32(noise)
-
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        img = np.clip(np.rint(100.0 + 1000.0 * img), info.min, info.max).astype(dtype)
-    else:
-        img = img.astype(dtype, copy=False)
-    logger.debug("make_nuclei %s seed=%d: %d objects (%d touching placements)",
-                 shape, seed, n_obj, n_touching)
-    return img, labels
+        return np.clip(np.rint(100.0 + 1000.0 * img), info.min, info.max).astype(dtype)
+    return img.astype(dtype, copy=False)

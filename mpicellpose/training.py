@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .metrics import match_objects
-from .storage import sha256_file
+from .storage import plain_json, sha256_file
 from .synthetic import make_nuclei, split_disconnected
 
 logger = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def validate(model, *, timing_sizes: Sequence[int] = TIMING_SIZES) -> Dict:
         dt = time.perf_counter() - t0
         res = match_objects(pred, gt, 0.5)
         res["eval_s"] = round(dt, 2)
-        out[key] = {"generator": _jsonable(spec), "scores": res}
+        out[key] = {"generator": plain_json(spec), "scores": res}
         logger.info("%s %s: F1 %.4f (tp %d fp %d fn %d) in %.1f s", key,
                     spec["shape"], res["f1"], res["tp"], res["fp"], res["fn"], dt)
 
@@ -263,16 +263,6 @@ def time_3d_eval(model, sizes: Sequence[int] = TIMING_SIZES) -> List[Dict]:
                         "f1": res["f1"], "n_gt": res["n_gt"], "n_pred": res["n_pred"]})
         logger.info("3D eval %d^3: %.1f s, F1 %.4f", n, dt, res["f1"])
     return timings
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def train_demo_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0,
@@ -366,7 +356,7 @@ def train_demo_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0,
             "crop_px": crop, "scale_range": 0.4, "rescale": False,
             "n_slices": len(images), "slice_stride": SLICE_STRIDE,
             "slice_axes": [0, 1, 2],
-            "volumes": _jsonable([dict(v, seed=v["seed"] + seed) for v in TRAIN_VOLUMES]),
+            "volumes": plain_json([dict(v, seed=v["seed"] + seed) for v in TRAIN_VOLUMES]),
             "mean_diameter": MEAN_DIAMETER,
             "final_train_loss": float(np.mean(train_losses[-10:])),
             "data_s": round(t_data, 1), "train_s": round(t_train, 1),

@@ -50,7 +50,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .metrics import match_objects
-from .storage import sha256_file
+from .storage import plain_json, sha256_file
 from .synthetic import make_nuclei, split_disconnected
 
 logger = logging.getLogger(__name__)
@@ -310,16 +310,6 @@ def validate(model, sizes3d: Sequence[dict] = VAL_3D) -> Dict:
     return out
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
 def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, lr: float = DEFAULT_LR,
                          batch_size: int = DEFAULT_BATCH, threads: int = 2, name: str = MODEL_NAME,
                          validate_bf16: bool = True) -> Dict:
@@ -358,12 +348,12 @@ def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, 
         "training": dict(training, command=f"python -m mpicellpose.training_cp4 --out DIR --steps {steps} "
                                            f"--seed {seed} --lr {lr}",
                          seed=seed, torch_threads=int(threads),
-                         volumes=_jsonable([dict(v, seed=v["seed"] + seed)
+                         volumes=plain_json([dict(v, seed=v["seed"] + seed)
                                             for v in cp3_training.TRAIN_VOLUMES[:N_TRAIN_VOLUMES]]),
                          tiles={"shape": [256, 256], "n": N_TILES, "seeds": f"500+seed+i, i<{N_TILES}",
                                 "density": "0.15+0.03*i", "touching_fraction": 0.3},
                          load_average_after=[round(v, 2) for v in os.getloadavg()]),
-        "validation": _jsonable(val),
+        "validation": plain_json(val),
         "versions": {"cellpose": version("cellpose"), "torch": torch.__version__,
                      "torchvision": _version_or_none("torchvision"),
                      "segment_anything": _version_or_none("segment_anything"),

@@ -191,7 +191,7 @@ class Mailbox:
             state = f"last at '{where}'" + (f", {done[0]}/{done[1]} blocks done" if done else "")
             parts.append(f"rank {r} ({state}, silent for {now - self.last_seen[r]:.0f} s)")
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-        return f"{len(missing)} rank(s) " + "; ".join(parts) + more
+        return ("" if len(missing) == 1 else f"{len(missing)} ranks: ") + "; ".join(parts) + more
 
     def _watch(self, label, t0):
         if not self.watchdog or self.size == 1:
@@ -212,9 +212,11 @@ class Mailbox:
     def abort(self, code: int, message: str) -> None:
         """End the whole job now (``MPI_Abort``) after printing ``message`` on this rank."""
         with self._abort_lock:
-            try:
+            try:  # one line: the CLI's handler (or logging's last resort) puts it on stderr
                 log.error("rank %d: %s", self.rank, message)
-                sys.stderr.write(f"mpicellpose: rank {self.rank}: {message}\n")
+                for h in logging.getLogger("mpicellpose").handlers + [logging.lastResort]:
+                    if h is not None and hasattr(h, "flush"):
+                        h.flush()
                 sys.stderr.flush()
             finally:
                 if self.size == 1:
