@@ -1,6 +1,6 @@
 """Scale harness (issue 13): the same synthetic volume on 1, 8, 32 ... ranks (oversubscribed).
 
-    .venv/bin/python benchmarks/scale.py [--edge 240] [--blocksize 24] [--ranks 1 8 32]
+    .venv/bin/python benchmarks/scale.py [--edge 240 | --shape Z Y X] [--blocksize 24] [--ranks 1 8 32 64]
                                          [--backend labels|threshold] [--out DIR] [--json FILE]
 
 The volume holds 2x2x2 cubes on a period-3 lattice, ``(edge / 3)^3`` objects, placed so that
@@ -49,19 +49,25 @@ PHASES = ("block_counts", "match_faces", "merge", "relabel_phase", "table_phase"
 
 
 def make_volume(path, edge, blocksize, backend):
+    """The lattice of 2x2x2 cubes over ``edge`` (an int: a cube of that side, or a (z, y, x) shape);
+    returns the number of objects."""
     from mpicellpose.storage import numpy_array_to_zarr
 
-    g = np.arange(edge) - (2 if blocksize % 3 == 0 else 0)   # then a cube straddles every block face
-    on = (g % 3) < 2
-    cube = g // 3 - g.min() // 3
-    side = int(cube.max()) + 1
+    shape = (edge,) * 3 if np.isscalar(edge) else tuple(int(e) for e in edge)
+    axes = []
+    for n in shape:
+        g = np.arange(n) - (2 if blocksize % 3 == 0 else 0)   # then a cube straddles every block face
+        axes.append(((g % 3) < 2, g // 3 - g.min() // 3))
+    (on_z, cz), (on_y, cy), (on_x, cx) = axes
+    ny, nx = int(cy.max()) + 1, int(cx.max()) + 1
+    on = on_z[:, None, None] & on_y[None, :, None] & on_x[None, None, :]
     if backend == "labels":
-        lab = ((cube[:, None, None] * side + cube[None, :, None]) * side + cube[None, None, :] + 1).astype(np.uint32)
-        arr = np.where(on[:, None, None] & on[None, :, None] & on[None, None, :], lab, 0).astype(np.uint32)
+        lab = (cz[:, None, None] * ny + cy[None, :, None]) * nx + cx[None, None, :] + 1
+        arr = np.where(on, lab, 0).astype(np.uint32)
     else:
-        arr = (on[:, None, None] & on[None, :, None] & on[None, None, :]).astype(np.uint8) * 200
+        arr = on.astype(np.uint8) * 200
     numpy_array_to_zarr(path, arr, blocksize)
-    return int(np.unique(cube[on]).size) ** 3
+    return int(np.prod([np.unique(c[o]).size for o, c in axes]))
 
 
 def _size(obj) -> int:
@@ -86,11 +92,15 @@ def _hooks(state):
         @functools.wraps(fn)
         def wrapped(self, obj, *a, **kw):
             if name == "alltoall":
-                n = max((_size(o) for i, o in enumerate(obj) if i != self.rank), default=0)
+                sizes = [_size(o) for i, o in enumerate(obj) if i != self.rank]
+                n = max(sizes, default=0)
+                state["bytes"] += sum(sizes)
             elif name == "bcast" or name == "scatter":
                 n = (max(_size(o) for o in obj) if name == "scatter" else _size(obj)) if self.rank == 0 else 0
             else:
                 n = _size(obj)
+            if name != "alltoall":
+                state["bytes"] += n
             state["calls"] += 1
             label = f"{name}: {a[0] if a else kw.get('label')}"
             if n > state["largest"][0]:
@@ -109,10 +119,11 @@ def _hooks(state):
                 continue
 
             def timed(*a, _fn=fn, _ph=ph, **kw):
-                t0, c0 = time.perf_counter(), state["calls"]
+                t0, c0, cpu0 = time.perf_counter(), state["calls"], time.process_time()
                 out = _fn(*a, **kw)
                 state["hwm"][_ph] = vm_hwm()
                 state["fn_s"][_ph] = round(time.perf_counter() - t0, 3)
+                state["fn_cpu"][_ph] = round(time.process_time() - cpu0, 3)
                 state["fn_collectives"][_ph] = state["calls"] - c0
                 return out
             timed._scaled = True
@@ -126,7 +137,8 @@ def worker(a) -> int:
     from mpicellpose.config import RunConfig
     from mpicellpose.driver import run
 
-    state = {"largest": (0, ""), "largest_merge": (0, ""), "hwm": {}, "fn_s": {}, "fn_collectives": {}, "calls": 0}
+    state = {"largest": (0, ""), "largest_merge": (0, ""), "hwm": {}, "fn_s": {}, "fn_cpu": {}, "fn_collectives": {},
+             "calls": 0, "bytes": 0}
     _hooks(state)
     comm = MPI.COMM_WORLD
     hwm0 = vm_hwm()
@@ -136,10 +148,11 @@ def worker(a) -> int:
                         work_dir=a.output + ".work", normalize="none" if a.backend == "labels" else "global"), comm)
     wall = time.perf_counter() - t0
     rec = {"rank": comm.Get_rank(), "size": comm.Get_size(), "wall_s": round(wall, 3), "hwm_start": hwm0,
-           "hwm_end": vm_hwm(), "hwm_after": state["hwm"], "fn_s": state["fn_s"],
+           "hwm_end": vm_hwm(), "hwm_after": state["hwm"], "fn_s": state["fn_s"], "fn_cpu": state["fn_cpu"],
+           "cpu_s": round(time.process_time(), 2),
            "fn_collectives": state["fn_collectives"], "timings": res.timings, "n_objects": res.n_objects,
            "n_merged": res.n_merged, "largest_message": state["largest"][0], "largest_where": state["largest"][1],
-           "largest_merge_message": state["largest_merge"][0],
+           "largest_merge_message": state["largest_merge"][0], "bytes_sent": state["bytes"],
            "message_budget": getattr(Mailbox, "MESSAGE_BYTES", None)}
     with open(f"{a.output}.rank{comm.Get_rank():04d}.json", "w") as f:
         json.dump(rec, f)
@@ -186,9 +199,33 @@ def launch(a, n, inp, out_dir) -> dict:
         "largest_message_where": max(recs, key=lambda r: r["largest_message"])["largest_where"],
         "largest_merge_message_bytes": max(r.get("largest_merge_message", 0) for r in recs),
         "labels_sha": labels_hash(out),
+        "rss_start_mib_median": round(float(np.median([r["hwm_start"] for r in recs])) / 2**20, 1),
+        "step_s": _spread({k: [r["fn_s"].get(k, 0.0) for r in recs] for k in recs[0]["fn_s"]}, 3),
+        "rss_after_step_mib": _spread({k: [r["hwm_after"].get(k, 0) / 2**20 for r in recs]
+                                       for k in recs[0]["hwm_after"]}, 1),
+        "bytes_sent_per_rank": _spread({"all": [r["bytes_sent"] for r in recs]}, 0)["all"],
+        # CPU seconds per rank: what each rank computes (on 2 cores the wall of many ranks is the sum)
+        "step_cpu_s": _spread({k: [r["fn_cpu"].get(k, 0.0) for r in recs] for k in recs[0]["fn_cpu"]}, 3),
+        "run_cpu_s": _spread({"all": [r["cpu_s"] for r in recs]}, 2)["all"],
+        "merge_relabel_table_cpu_s": round(max(sum(r["fn_cpu"].get(k, 0) for k in ("merge", "relabel_phase",
+                                                                                   "table_phase")) for r in recs), 2),
+        "merge_relabel_table_s": round(max(sum(r["fn_s"].get(k, 0) for k in ("merge", "relabel_phase", "table_phase"))
+                                           for r in recs), 2),
     }
     shutil.rmtree(out + ".work", ignore_errors=True)
     return res
+
+
+def _spread(per_step: dict, digits: int) -> dict:
+    """Per step: median, max and rank 0's value over the ranks, and rank 0 over the median."""
+    out = {}
+    for k, v in per_step.items():
+        v = np.asarray(v, np.float64)
+        med = float(np.median(v))
+        out[k] = {"median": round(med, digits), "max": round(float(v.max()), digits),
+                  "rank0": round(float(v[0]), digits),
+                  "rank0_over_median": round(float(v[0]) / med, 2) if med > 0 else None}
+    return out
 
 
 def _peak_phase(recs):
@@ -204,6 +241,8 @@ def _peak_phase(recs):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--edge", type=int, default=240)
+    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="a box instead of the --edge cube")
     p.add_argument("--blocksize", type=int, default=24)
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--backend", choices=("labels", "threshold"), default="labels")
@@ -219,9 +258,10 @@ def main(argv=None) -> int:
     out_dir = a.out or tempfile.mkdtemp(prefix="mpicellpose-scale-")
     os.makedirs(out_dir, exist_ok=True)
     inp = os.path.join(out_dir, "input.zarr")
-    n_obj = make_volume(inp, a.edge, a.blocksize, a.backend)
-    print(f"volume {a.edge}^3, blocks {a.blocksize}^3 ({-(-a.edge // a.blocksize) ** 3}), {n_obj} objects, "
-          f"backend {a.backend}", flush=True)
+    shape = tuple(a.shape) if a.shape else (a.edge,) * 3
+    n_obj = make_volume(inp, shape, a.blocksize, a.backend)
+    n_blocks = int(np.prod([-(-e // a.blocksize) for e in shape]))
+    print(f"volume {shape}, blocks {a.blocksize}^3 ({n_blocks}), {n_obj} objects, backend {a.backend}", flush=True)
     results, first = [], None
     for n in a.ranks:
         r = launch(a, n, inp, out_dir)
@@ -232,7 +272,8 @@ def main(argv=None) -> int:
         print(json.dumps(r), flush=True)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"edge": a.edge, "blocksize": a.blocksize, "backend": a.backend, "results": results}, f, indent=1)
+            json.dump({"shape": shape, "blocks": n_blocks, "blocksize": a.blocksize, "backend": a.backend,
+                       "objects": n_obj, "results": results}, f, indent=1)
     if a.out is None:
         shutil.rmtree(out_dir, ignore_errors=True)
     return 0 if all(r["rc"] == 0 for r in results) else 1

@@ -11,6 +11,7 @@ from . import stitch as st
 from .blocks import build_backend, number_core, segment_image
 from .config import RunConfig
 from .errors import ConfigError
+from .phases.flows import LocalFlowMasks
 from .phases.plan import kept_blocks, open_volume, resolve_settings
 from .quiet import quiet_libraries
 
@@ -143,6 +144,9 @@ def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, bloc
         # the same global bounds as the run: sampled from the blocks in the mask, whatever the rank count
         norm = normalization.global_normalization(cfg, settings, kept_blocks(cfg, grid), vol.array, box)
         segmenter = build_backend(cfg, settings, norm, box, load=True)
+    if settings.pipeline == "flows" and not getattr(segmenter, "from_flows", False):
+        # the flows of every core the read region touches, as the run computes them
+        segmenter = LocalFlowMasks(segmenter, settings, kept_blocks(cfg, grid), vol.array, cfg.preprocessing_steps)
     with quiet_libraries():  # the warnings a run hides say nothing to a user here either
         labels = segment_image(vol.array, blk, settings, cfg.preprocessing_steps, segmenter)
     _, n, core = number_core(labels, blk)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .channels import CHANNEL_BOUNDS
+from .cellpose4 import CP4_NORMALIZE_DEFAULTS, check_bsize_v4, cp4_normalize, load_shipped  # noqa: F401
 from .errors import BackendError, ConfigError, DependencyError, ModelNotFoundError, needs
 from .storage import sha256_file
 
@@ -166,6 +168,10 @@ def resolve_model(model_kwargs: dict) -> dict:
             return {"kind": "random", "name": None, "path": None, "sha256": None}
         name = "cyto3" if (cellpose_version()[0] or 3) < 4 else "cpsam"
     name = os.fspath(name)
+    if name.startswith("demo_cyto2ch"):  # the shipped two-channel (cytoplasm + nucleus) Cellpose 3 model
+        from .training_2ch import resolve
+
+        return resolve(name, *cellpose_version())
     if name == "demo" or name.startswith(("demo_nuclei", "demo_cp4")):
         from .training_cp4 import resolve_demo  # demo_nuclei_v1 under 3.x, the stand-in under 4.x
 
@@ -249,20 +255,6 @@ _V3_ONLY_EVAL = {"channels", "interp"}
 _V3_TRANSLATED_EVAL = {"invert"}  # Cellpose 4 takes it as normalize["invert"]
 _V3_ONLY_MODEL = {"model_type", "nchan", "diam_mean", "backbone", "pretrained_model_ortho", "mkldnn"}
 _V4_ONLY_MODEL = {"use_bfloat16"}
-#: Cellpose 4.2.1.1's ``models.normalize_default``.  Cellpose 4 writes a *bool* ``normalize`` into
-#: that module-level dict (it leaks into later calls) and merges a dict into a copy: pass full dicts.
-CP4_NORMALIZE_DEFAULTS = {"lowhigh": None, "percentile": None, "normalize": True, "norm3D": True,
-                          "sharpen_radius": 0, "smooth_radius": 0, "tile_norm_blocksize": 0,
-                          "tile_norm_smooth3D": 1, "invert": False}
-
-
-def check_bsize_v4(bsize) -> None:
-    """Cellpose 4's Cellpose-SAM runs on 256x256 tiles only (4.2.1.1 raises deep inside eval)."""
-    if bsize is not None and not (isinstance(bsize, (int, float)) and bsize == 256):
-        raise ConfigError(f"eval_kwargs bsize={bsize!r}: Cellpose 4 (Cellpose-SAM) networks work on 256x256 tiles "
-                          f"only; leave bsize unset or pass 256 (batch_size sets how many tiles run at once)")
-
-
 def translate_kwargs(model_kwargs: dict, eval_kwargs: dict, major: int):
     """Adapt reference-style (Cellpose 3) kwargs to the installed Cellpose major version.
 
@@ -293,25 +285,6 @@ def translate_kwargs(model_kwargs: dict, eval_kwargs: dict, major: int):
     return mk, ek, ignored
 
 
-def cp4_normalize(ek: dict, keys=None) -> dict:
-    """``ek`` with ``normalize`` as a full Cellpose 4 dict (never a bool, ``"normalize"`` explicit)
-    and a Cellpose 3 style ``invert`` moved into it; ``keys``: the installed defaults' keys.
-
-    >>> n = cp4_normalize({"normalize": {"lowhigh": [0, 9]}, "invert": True})["normalize"]
-    >>> n["normalize"], n["lowhigh"], n["invert"], n["percentile"]
-    (True, [0, 9], True, None)
-    """
-    ek, user = dict(ek), ek.get("normalize", True)
-    norm = dict(CP4_NORMALIZE_DEFAULTS, **(user if isinstance(user, dict) else {}))
-    norm["normalize"] = bool(user.get("normalize", True) if isinstance(user, dict) else user)
-    if "invert" in ek:
-        norm["invert"] = bool(ek.pop("invert")) or bool(norm.get("invert"))
-    if keys is not None:
-        norm = {k: v for k, v in norm.items() if k in keys or (isinstance(user, dict) and k in user)}
-    ek["normalize"] = norm
-    return ek
-
-
 class CellposeSegmenter(Segmenter):
     """Cellpose (3.1.1.x or 4.x) model, loaded once per rank.
 
@@ -338,6 +311,7 @@ class CellposeSegmenter(Segmenter):
         self.ndim = ndim
         self.resolved = resolved or resolve_model(model_kwargs or {})
         mk, ek, self.ignored = translate_kwargs(model_kwargs, eval_kwargs, major)
+        self._user_channels = "channels" in (eval_kwargs or {})
         models = import_cellpose_models()
         import torch
 
@@ -360,18 +334,8 @@ class CellposeSegmenter(Segmenter):
             else:
                 mk["model_type"] = res["name"]
         self._diameter_factor, self._norm_keys = 1.0, None
-        if res.get("loader"):  # only the shipped Cellpose 4 stand-in ('demo' under 4.x) has a loader
-            from .training_cp4 import CP4_DIAMETER, CP4_STANDIN_LOADER, load_standin, native_diameter
-
-            if res["loader"] != CP4_STANDIN_LOADER:
-                raise BackendError(f"unknown model loader {res['loader']!r}")
-            try:
-                self.model = load_standin(res["path"], **{k: v for k, v in mk.items() if k != "pretrained_model"})
-            except Exception as exc:
-                raise BackendError(f"could not load the Cellpose 4 stand-in demo model {res['path']}: {exc}") from exc
-            # Cellpose 4 resizes by 30 / diameter; the stand-in was trained on 16-voxel objects, unresized
-            self.diam_mean = native_diameter(self.model)
-            self._diameter_factor = CP4_DIAMETER / self.diam_mean
+        if res.get("loader"):  # shipped small models: the Cellpose 4 stand-in, the two-channel demo
+            self.model, self.diam_mean, self._diameter_factor = load_shipped(res, mk)
         else:
             try:
                 self.model = models.CellposeModel(**mk)
@@ -389,12 +353,17 @@ class CellposeSegmenter(Segmenter):
             ek.setdefault("do_3D", True)
         self.eval_kwargs = ek
 
-    def segment(self, image, ndim=None):
+    def prepare(self, image, ndim=None):
+        """(image, eval kwargs) exactly as :meth:`segment` hands them to ``eval``."""
         ndim = self.ndim if ndim is None else ndim
         image = np.asarray(image)
+        if image.ndim == ndim + 1 and image.shape[-1] == 1:
+            image = image[..., 0]  # one chosen channel kept as a channel axis: a one-channel block
         ek = dict(self.eval_kwargs)
         if image.ndim > ndim:
             ek["channel_axis"] = image.ndim - 1
+            if self.major < 4 and not getattr(self, "_user_channels", True):
+                ek["channels"] = [1, 2]  # Cellpose 3: channels in order, to segment (cytoplasm) then nucleus
         if ndim == 3:
             ek["z_axis"] = 0
         image, ek = apply_fixed_bounds(image, ek, ndim)
@@ -402,6 +371,11 @@ class CellposeSegmenter(Segmenter):
             ek = cp4_normalize(ek, self._norm_keys)
             if ek.get("diameter"):
                 ek["diameter"] = float(ek["diameter"]) * self._diameter_factor
+        return image, ek
+
+    def segment(self, image, ndim=None):
+        ndim = self.ndim if ndim is None else ndim
+        image, ek = self.prepare(image, ndim)
         out = self._eval_with_retry(image, ek)
         masks = out[0] if isinstance(out, (tuple, list)) else out
         masks = np.asarray(masks)
@@ -433,28 +407,46 @@ class CellposeSegmenter(Segmenter):
 
 
 def apply_fixed_bounds(image, ek, ndim):
-    """Apply a single ``[low, high]`` normalisation to a single-channel block ourselves.
+    """Apply fixed ``[low, high]`` bounds (global normalisation) to a block ourselves: one pair for
+    a one-channel block, one pair per channel (``normalize[CHANNEL_BOUNDS]`` or a ``lowhigh`` of
+    shape (channels, 2)) for a block with a channel axis (last).
 
     Cellpose converts a one-channel image to ``model.nchan`` channels (the extra ones are zero)
     and then applies a ``lowhigh`` of shape (2,) to *every* channel, so the empty channels become
     ``-low / (high - low)`` instead of 0: the network then sees an input it never saw in training
     (its percentile path leaves empty channels at 0).  Measured on the shipped model: the same
     bounds as the block's own percentiles gave different labels through ``lowhigh`` and matched
-    only when applied here.  So for one channel we scale (and invert) the image here and call
-    Cellpose with normalisation off, which is exactly its percentile path with fixed bounds.
+    only when applied here.  So we scale (and invert) the image here and call Cellpose with
+    normalisation off, which is exactly its percentile path with fixed bounds.  With several
+    channels, each gets its own bounds (Cellpose 3's per-channel ``lowhigh`` arithmetic), in the
+    block's channel order, before Cellpose picks channels (``channels=[1, 2]``).
+
+    >>> x, ek = apply_fixed_bounds(np.array([[[0., 10], [10, 30]]]), {"normalize": {"lowhigh": [0, 10],
+    ...     CHANNEL_BOUNDS: [[0, 10], [10, 30]]}}, 2)
+    >>> x.tolist(), ek["normalize"]["normalize"]
+    ([[[0.0, 0.0], [1.0, 1.0]]], False)
     """
     norm = ek.get("normalize")
-    if not isinstance(norm, dict) or norm.get("lowhigh") is None or image.ndim != ndim:
+    if not isinstance(norm, dict):
         return image, ek
-    if norm.get("normalize") is False:
+    if CHANNEL_BOUNDS in norm:  # ours: never handed to Cellpose
+        ek = dict(ek, normalize={k: v for k, v in norm.items() if k != CHANNEL_BOUNDS})
+    multi = image.ndim == ndim + 1
+    bounds = norm.get(CHANNEL_BOUNDS) if multi and norm.get(CHANNEL_BOUNDS) is not None else norm.get("lowhigh")
+    if bounds is None or norm.get("normalize") is False or image.ndim not in (ndim, ndim + 1):
         return image, ek
-    lh = np.asarray(norm["lowhigh"], dtype=np.float64).reshape(-1)
-    if lh.shape != (2,):
-        return image, ek
-    lo, hi = float(lh[0]), float(lh[1])
+    lh = np.asarray(bounds, dtype=np.float64)
+    nchan = image.shape[-1] if multi else 1
+    if lh.shape == (2,):
+        lh = np.tile(lh, (nchan, 1))
+    if lh.shape != (nchan, 2):
+        raise BackendError(f"normalisation bounds of shape {lh.shape} for a block with {nchan} channel(s); "
+                           f"give one [low, high] or one per channel")
     x = np.array(image, dtype=np.float32)  # a copy: the caller's block stays as read
-    x -= np.float64(lo)  # the same float32 arithmetic as cellpose.transforms.normalize99
-    x /= np.float64(hi - lo)
+    view = x if multi else x[..., None]
+    for c, (lo, hi) in enumerate(lh):  # the same float32 arithmetic as cellpose.transforms.normalize_img
+        view[..., c] -= np.float64(lo)
+        view[..., c] /= np.float64(hi - lo)
     if norm.get("invert") or ek.get("invert"):
         x *= -1
         x += 1

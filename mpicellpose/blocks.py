@@ -58,10 +58,8 @@ def _about(exc, blk):
     return exc
 
 
-def segment_image(src, blk: geo.Block, settings, preprocessing_steps, backend, stop=None) -> np.ndarray:
-    """Labels of the block's read region (``stop``: a StopFlag whose SIGTERM abandons the
-    backend call; nothing of the block is recorded then).  Errors raised here name the
-    block (their attribute ``block`` says so); others come from the libraries called."""
+def block_image(src, blk: geo.Block, settings, preprocessing_steps) -> np.ndarray:
+    """The block's read region, read, checked (NaN) and preprocessed; channel axis last."""
     img = read_block_image(src, blk, settings.channel_axis)
     if img.dtype.kind == "f" and not np.all(np.isfinite(img)):
         bad = int(np.count_nonzero(~np.isfinite(img)))
@@ -75,18 +73,38 @@ def segment_image(src, blk: geo.Block, settings, preprocessing_steps, backend, s
             raise _about(ConfigError(
                 f"preprocessing step {getattr(fn, '__name__', fn)!r} changed the block shape from {spatial} "
                 f"to {tuple(np.shape(img))}; steps must keep the shape"), blk)
+    return img
+
+
+def call_backend(backend, blk: geo.Block, call, stop=None):
+    """``call()`` (a backend's work on block ``blk``), abandoned on SIGTERM when ``stop`` is
+    given; an error that is not ours becomes a :class:`BackendError` naming the block."""
     try:
         if stop is None:
-            labels = backend.segment(img, ndim)
-        else:
-            with stop.interruptible_section():
-                labels = backend.segment(img, ndim)
+            return call()
+        with stop.interruptible_section():
+            return call()
     except MpiCellposeError:
         raise
     except Exception as exc:
         name = getattr(backend, "name", type(backend).__name__)
         raise _about(BackendError(f"{name} backend failed on block {blk.index}: {type(exc).__name__}: {exc}"),
                      blk) from exc
+
+
+def segment_image(src, blk: geo.Block, settings, preprocessing_steps, backend, stop=None) -> np.ndarray:
+    """Labels of the block's read region (``stop``: a StopFlag whose SIGTERM abandons the
+    backend call; nothing of the block is recorded then).  Errors raised here name the
+    block (their attribute ``block`` says so); others come from the libraries called.
+
+    A backend with ``from_flows`` (``--pipeline flows``, :mod:`mpicellpose.phases.flows`)
+    builds the masks from the flow field already computed: it reads no image."""
+    ndim = len(settings.shape)
+    if getattr(backend, "from_flows", False):
+        labels = call_backend(backend, blk, lambda: backend.segment_block(blk), stop)
+    else:
+        img = block_image(src, blk, settings, preprocessing_steps)
+        labels = call_backend(backend, blk, lambda: backend.segment(img, ndim), stop)
     labels = np.asarray(labels)
     if labels.shape != tuple(b - a for a, b in blk.read):
         raise _about(BackendError(f"backend returned labels of shape {labels.shape} for block {blk.index} "

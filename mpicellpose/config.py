@@ -55,6 +55,10 @@ class RunConfig:
     pyramid: int | None = None
     pyramid_method: str = "mode"
     watchdog: float | None = None
+    schedule: str = "dynamic"  # how blocks are handed out: 'dynamic' (at run time, costliest first) or 'static'
+    pipeline: str | None = None  # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block); None: flows for Cellpose
+    flow_halo: int | None = None  # in-plane context of the flow step (voxels); None: 16 x diameter / 30, at least 16
+    masks_during_flows: str = "auto"  # 'flows': build masks in a CPU thread while the GPU computes flows (auto: on a GPU)
     config_file: str | None = None  # the --config file (never overwritten by an output)
 
     def __post_init__(self):
@@ -94,6 +98,14 @@ class RunConfig:
             if not (wd >= 0 and math.isfinite(wd)):
                 raise ConfigError(f"watchdog must be >= 0 seconds (0 turns it off), got {self.watchdog!r}")
             object.__setattr__(self, "watchdog", wd)
+        if self.schedule not in ("dynamic", "static"):
+            raise ConfigError(f"schedule must be 'dynamic' or 'static', got {self.schedule!r}")
+        if self.pipeline not in (None, "flows", "blocks"):
+            raise ConfigError(f"pipeline must be 'flows' or 'blocks', got {self.pipeline!r}")
+        if self.masks_during_flows not in ("auto", "on", "off"):
+            raise ConfigError(f"masks_during_flows must be 'auto', 'on' or 'off', got {self.masks_during_flows!r}")
+        if self.flow_halo is not None and (isinstance(self.flow_halo, bool) or int(self.flow_halo) < 0):
+            raise ConfigError(f"flow_halo must be a number of voxels >= 0, got {self.flow_halo!r}")
         if self.threads is not None and int(self.threads) < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         for name in ("model_kwargs", "eval_kwargs", "backend_kwargs"):
@@ -112,6 +124,7 @@ class RunConfig:
                     f"preprocessing_steps[{i}] must be a (function, kwargs dict) pair, got {step!r}"
                 )
         object.__setattr__(self, "preprocessing_steps", tuple((f, dict(k)) for f, k in steps))
+        object.__setattr__(self, "channel", channel_selection(self.channel, self.channel_axis, self.eval_kwargs))
         conn = self.backend_kwargs.get("connectivity", 1)
         if conn != "full" and (isinstance(conn, bool) or not isinstance(conn, int) or conn < 1):
             raise ConfigError(f"connectivity must be 1..ndim or 'full', got {conn!r}")
@@ -161,6 +174,78 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
+class Channels(tuple):
+    """Channels to segment, in this order (for Cellpose: the channel to segment, e.g. the
+    cytoplasm, then the optional nuclear channel), kept as a channel axis of the input.
+
+    A tuple in every respect (equality, JSON, TOML); ``axis`` carries ``channel_axis``
+    (the axis of an input whose axes have no names) to the reader, None for the input's own
+    ``c`` axis.
+
+    >>> c = Channels((1, 0), axis=0)
+    >>> c == (1, 0), c.axis, list(c)
+    (True, 0, [1, 0])
+    """
+
+    def __new__(cls, items, axis=None):
+        self = super().__new__(cls, items)
+        self.axis = axis
+        return self
+
+    def __reduce__(self):
+        return (Channels, (tuple(self), self.axis))
+
+    def __repr__(self):  # as written in the fingerprint and the messages that compare runs
+        return repr(list(self))
+
+
+def _one_channel(v, given):
+    if isinstance(v, bool) or not (isinstance(v, (int, str)) or hasattr(v, "__index__")):
+        raise ConfigError(f"channel must be an index, an OME-Zarr channel name or a list of them (e.g. 1,0 for "
+                          f"cytoplasm 1 and nucleus 0), got {given!r}")
+    if isinstance(v, str):
+        v = v.strip()
+        if not v:
+            raise ConfigError(f"channel {given!r} has an empty entry; write e.g. 1,0 (cytoplasm, nucleus)")
+        return int(v) if v.lstrip("-").isdigit() else v
+    return int(v)
+
+
+def channel_selection(channel, channel_axis=None, eval_kwargs=None):
+    """The ``channel`` option as given (``1``, ``"DAPI"``, ``"1,0"``, ``[1, 0]``), checked.
+
+    One channel without a channel axis given stays a plain index or name (the reader then
+    drops the channel axis); a list, or any channel with ``channel_axis``, becomes
+    :class:`Channels` (the reader keeps a channel axis holding the chosen channels in order).
+
+    >>> channel_selection("1,0"), channel_selection(2), channel_selection("GFP")
+    ([1, 0], 2, 'GFP')
+    >>> c = channel_selection(1, channel_axis=3)
+    >>> type(c).__name__, c, c.axis
+    ('Channels', [1], 3)
+    """
+    if channel is None:
+        return None
+    if isinstance(channel, str) and "," in channel:
+        items = channel.split(",")
+    elif isinstance(channel, (list, tuple)):
+        items = list(channel)
+        if not items:
+            raise ConfigError("channel is an empty list; give one channel or e.g. 1,0 (cytoplasm, nucleus)")
+    else:
+        items = None
+    axis = channel_axis
+    if axis is None and isinstance(eval_kwargs, dict):
+        axis = eval_kwargs.get("channel_axis")
+    if items is None:
+        one = _one_channel(channel, channel)
+        return one if axis is None else Channels((one,), axis)
+    chosen = tuple(_one_channel(v, channel) for v in items)
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(f"channel {channel!r} names a channel twice; give each channel once (e.g. 1,0)")
+    return Channels(chosen, axis)
+
+
 def _qualname(fn) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
@@ -168,7 +253,7 @@ def _qualname(fn) -> str:
 # --------------------------------------------------------------------------- config files
 # convenience keys (as on the command line) that land inside the kwargs dicts
 _EVAL_KEYS = {"diameter": "diameter", "anisotropy": "anisotropy"}
-_BACKEND_KEYS = {"threshold": "threshold", "connectivity": "connectivity", "channel": "channel"}
+_BACKEND_KEYS = {"threshold": "threshold", "connectivity": "connectivity"}
 
 
 def field_names() -> list:
@@ -178,7 +263,8 @@ def field_names() -> list:
 def from_mapping(d: dict) -> "RunConfig":
     """Build a RunConfig from a flat mapping of RunConfig fields and command-line style
     convenience keys (``model``, ``diameter``, ``anisotropy``, ``threshold``,
-    ``connectivity``, ``channel``).  The mapping is not modified.
+    ``connectivity``).  ``channel`` (one channel, or e.g. ``"1,0"``: cytoplasm, nucleus) is the
+    input's channel selection for every backend.  The mapping is not modified.
 
     Examples
     --------

@@ -9,9 +9,10 @@ where it stopped.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -19,7 +20,8 @@ from . import comm as mpi
 from . import normalization, outputs, storage
 from .config import RunConfig
 from .errors import DistributedError, MpiCellposeError, OutputExistsError, agreed
-from .phases import faces, finish, merge, relabel, segment, table
+from .cost import cost_summary
+from .phases import faces, finish, flows, maskahead, merge, relabel, segment, table
 from .phases.plan import Plan, make_plan, open_volume, resolve_settings, spatial_shape, validate_input  # noqa: F401
 from .phases.plan import fingerprint_of, output_format
 from .quiet import quiet_libraries
@@ -122,9 +124,23 @@ def _run(cfg: RunConfig, box, stop, held) -> RunResult:
         import_backend(cfg, box)
         clock.lap("import")
     my_blocks = box.scatter(plan.segment_assignment if box.rank == 0 else None, "handing out the blocks")
-    backend, scratch = segment.start_backend(cfg, plan, box, my_blocks)
+    flows_pipeline = plan.settings.pipeline == "flows"  # every rank may compute flows: every rank loads the model
+    backend, scratch = segment.start_backend(cfg, plan, box, plan.to_segment if flows_pipeline else my_blocks)
     clock.lap("model_load")
+    flowed = None
+    if flows_pipeline:
+        ahead = None
+        if maskahead.wanted(cfg.masks_during_flows, backend):
+            ahead = functools.partial(maskahead.MaskAhead, cfg, plan, backend, scratch)
+        flowed = flows.flows_phase(cfg, plan, box, stop, vol.array, backend, plan.to_segment, ahead)
+        clock.lap("flows")
+        backend = flows.FlowMasks(backend, plan) if backend is not None else None
+        if flowed.masked:  # the segmentation phase does the others
+            plan = plan.without_blocks(flowed.masked, box.size)
+            my_blocks = plan.segment_assignment[box.rank]
     segmented = segment.segment_phase(cfg, plan, box, stop, vol.array, my_blocks, backend, scratch)
+    if flowed is not None and flowed.masked:
+        segmented = replace(segmented, blocks_now=segmented.blocks_now + len(flowed.masked))
     del backend
     clock.lap("segment")
     mine = plan.owners(box.size)[box.rank]  # the blocks this rank stitches, relabels and reports
@@ -140,7 +156,8 @@ def _run(cfg: RunConfig, box, stop, held) -> RunResult:
     if plan.output.group is not None:
         clock.lap("pyramid")
     clock.timings["total"] = time.perf_counter() - clock.t0
-    summary = finish.finish_phase(cfg, plan, box, _summary(box, plan, merged, tabled, levels, clock.timings))
+    summary = finish.finish_phase(cfg, plan, box, _summary(box, plan, merged, tabled, levels, clock.timings,
+                                                             flowed))
     reused = box.allreduce_sum(relabelled.reused, "counting reused blocks")
     _log_done(box, plan, merged, segmented, summary)
     summary["comm_bytes_sent"] = edges.bytes_sent
@@ -280,9 +297,9 @@ def _already_complete(box, done: Complete, clock) -> RunResult:
                      len(plan.kept), stats, plan.output.array)
 
 
-def _summary(box, plan, merged, tabled, levels, timings) -> dict:
+def _summary(box, plan, merged, tabled, levels, timings, flowed=None) -> dict:
     summary = {"n_stitched_objects": tabled.n_stitched_objects, "table": tabled.table,
-               "table_parquet": tabled.table_parquet}
+               "table_parquet": tabled.table_parquet, "cost": cost_summary(plan, flowed)}
     if plan.output.group is not None:
         summary["pyramid_levels"] = None if levels is None else [list(x) for x in levels]
     summary.update({"n_objects": merged.n_objects, "n_provisional": merged.n_provisional,

@@ -1,7 +1,8 @@
 """Fault injection for the restart, watchdog and signal tests (never set it in production).
 
 ``MPICELLPOSE_FAULT="PHASE:RANK:ACTION[:N]"`` (comma separated for several) fires when rank
-RANK reaches PHASE (segment, stitch, relabel) with N blocks done there.  ACTION is
+RANK reaches PHASE (segment, stitch, relabel: with N blocks done there; merge: at the start
+of hooking round N of the distributed union-find).  ACTION is
 
 * ``kill``: SIGKILL itself (a node crash);
 * ``raise``: a RuntimeError; ``enospc``: a disk-full OSError;

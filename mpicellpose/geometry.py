@@ -281,14 +281,21 @@ def blocks_in_mask(grid: BlockGrid, mask) -> np.ndarray:
     """Boolean array (one per block, linear order): does the block's core hold foreground?"""
     if mask is None:
         return np.ones(len(grid), dtype=bool)
+    return mask_fractions(grid, mask) > 0
+
+
+def mask_fractions(grid: BlockGrid, mask) -> np.ndarray:
+    """Float array (one per block, linear order): the fraction of the mask's voxels over the
+    block's core that are foreground (the mask may be at a lower resolution)."""
     check_mask_shape(mask.shape, grid.shape)
     nbytes = int(np.prod(mask.shape, dtype=np.int64)) * np.dtype(getattr(mask, "dtype", np.uint8)).itemsize
     if nbytes <= 1 << 29:
         mask = np.asarray(mask[...])
-    keep = np.zeros(len(grid), dtype=bool)
+    out = np.zeros(len(grid), dtype=np.float64)
     for blk in grid:
-        keep[blk.linear] = bool(np.any(mask[mask_region(blk.core, grid.shape, mask.shape)]))
-    return keep
+        region = np.asarray(mask[mask_region(blk.core, grid.shape, mask.shape)])
+        out[blk.linear] = np.count_nonzero(region) / max(region.size, 1)
+    return out
 
 
 def contiguous_owner(position, total, n_parts: int):
@@ -361,6 +368,82 @@ def assign_contiguous(items: Sequence[int], weights: Sequence[float], n_ranks: i
     for item, r in zip(items, ranks):
         out[int(r)].append(item)
     return out
+
+
+def block_sizes(grid: BlockGrid, blocks, region: str = "core") -> np.ndarray:
+    """Voxels of the ``core`` (or ``read`` region) of each of ``blocks`` (int64, vectorised: the
+    same as ``box_size(grid.block(b).core)`` per block, without building the blocks).
+
+    Examples
+    --------
+    >>> g = BlockGrid((100, 70), (64, 32), (8, 8))
+    >>> block_sizes(g, [0, 5]).tolist(), block_sizes(g, [0, 5], "read").tolist()
+    ([2048, 216], [2880, 616])
+    """
+    blocks = np.asarray(blocks, np.int64).reshape(-1)
+    out = np.ones(blocks.size, np.int64)
+    if not blocks.size:
+        return out
+    grow = region == "read"
+    for i, b, s, o in zip(np.unravel_index(blocks, grid.grid_shape), grid.blocksize, grid.shape, grid.overlap):
+        lo, hi = i * b, np.minimum((i + 1) * b, s)
+        if grow:
+            lo, hi = np.maximum(lo - o, 0), np.minimum(hi + o, s)
+        out *= hi - lo
+    return out
+
+
+def face_pairs_of(grid: BlockGrid, blocks, kept, offsets) -> list:
+    """``[(a, b, offset)]`` for the neighbouring kept blocks ``a < b`` (``b`` at ``offset`` from
+    ``a``, ``offset`` among the positive ones of ``offsets``) of which ``a`` or ``b`` is in
+    ``blocks``: the faces a rank owning ``blocks`` deals with, sorted by ``a`` then by offset, without
+    looking at the rest of the grid (vectorised; ``kept`` sorted).
+
+    Examples
+    --------
+    >>> g = BlockGrid((4, 6), (2, 2), (0, 0))
+    >>> face_pairs_of(g, [4], range(6), g.neighbour_offsets(1))
+    [(1, 4, (1, 0)), (3, 4, (0, 1)), (4, 5, (0, 1))]
+    """
+    blocks = np.unique(np.asarray(blocks, np.int64).reshape(-1))
+    kept = np.asarray(kept, np.int64).reshape(-1)
+    gshape = np.array(grid.grid_shape, np.int64)
+    idx = np.stack(np.unravel_index(blocks, grid.grid_shape), axis=1).reshape(-1, grid.ndim)
+    positive = [o for o in offsets if next(v for v in o if v) > 0]
+    a_all, b_all, k_all = [], [], []
+    for k, o in enumerate(positive):
+        for sign in (1, -1):   # this block as the lower (a) or the upper (b) end of the pair
+            n = idx + sign * np.asarray(o, np.int64)
+            ok = np.all((n >= 0) & (n < gshape), axis=1)
+            other = np.ravel_multi_index(tuple(n[ok].T), grid.grid_shape) if ok.any() else np.zeros(0, np.int64)
+            mine = blocks[ok]
+            pos = np.searchsorted(kept, other)
+            found = (pos < kept.size) & (kept[np.minimum(pos, kept.size - 1)] == other) if kept.size else other < 0
+            mine, other = mine[found], other[found]
+            if sign < 0:   # both ends among ``blocks``: already found from the lower end
+                keep = ~np.isin(other, blocks)
+                mine, other = mine[keep], other[keep]
+            a_all.append(mine if sign > 0 else other)
+            b_all.append(other if sign > 0 else mine)
+            k_all.append(np.full(mine.size, k, np.int64))
+    if not a_all:
+        return []
+    a, b, k = np.concatenate(a_all), np.concatenate(b_all), np.concatenate(k_all)
+    order = np.lexsort((k, a))
+    return [(int(a[i]), int(b[i]), positive[int(k[i])]) for i in order]
+
+
+class RunOwners:
+    """The rank owning a block when ranks own contiguous runs, in grid order, of the blocks
+    (``assignment[r]`` ascending, runs in rank order): ``owner[b]`` without a table of all blocks."""
+
+    def __init__(self, assignment: Sequence[Sequence[int]]):
+        runs = [(int(run[0]), r) for r, run in enumerate(assignment) if len(run)]
+        self.firsts = np.array([f for f, _ in runs], np.int64)
+        self.ranks = np.array([r for _, r in runs], np.int64)
+
+    def __getitem__(self, block) -> int:
+        return int(self.ranks[np.searchsorted(self.firsts, int(block), side="right") - 1])
 
 
 def owner_map(assignment: Sequence[Sequence[int]]) -> dict:

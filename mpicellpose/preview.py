@@ -317,6 +317,10 @@ def render_preview(labels, out=None, *, image=None, dataset=None, level=None, ch
         img = None
         img_vol = None
         if image:
+            from .config import channel_selection
+
+            channel = channel_selection(channel)  # "1" -> 1; of "1,0" (segment's syntax) the first is shown
+            channel = channel[0] if isinstance(channel, tuple) else channel
             img_vol = _open(image, "image", dataset, level=level, channel=channel,
                             timepoint=timepoint, tile_pattern=tile_pattern)
             vols.append(img_vol)

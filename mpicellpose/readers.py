@@ -195,7 +195,9 @@ def open_volume_spec(spec, dataset: str | None = None, **ome_options):
     dataset : str, optional
         Array inside a zarr group or HDF5 file.
     **ome_options
-        ``level``, ``channel``, ``timepoint`` (see :func:`mpicellpose.ngff_io.open_volume`),
+        ``level``, ``channel``, ``timepoint`` (see :func:`mpicellpose.ngff_io.open_volume`;
+        ``channel`` may also be a list, e.g. ``[1, 0]`` for cytoplasm 1 and nucleus 0, kept as a
+        channel axis in that order, see :func:`mpicellpose.channels.select_channels`),
         ``axes`` (names for an array without any) and ``tile_pattern`` (regular
         expression for TIFF tile indices).
 
@@ -230,6 +232,11 @@ def open_volume_spec(spec, dataset: str | None = None, **ome_options):
         raise InputError(f"unknown input option(s) {unknown}; valid: {sorted(allowed)}")
     level = ome_options.get("level", 0)
     channel = ome_options.get("channel")
+    if isinstance(channel, (list, tuple)):  # several channels, or one kept as a channel axis: lazily chosen
+        from .channels import select_channels
+
+        vol = open_volume_spec(spec, dataset, **dict(ome_options, channel=None))
+        return select_channels(vol, channel, getattr(channel, "axis", None))
     timepoint = ome_options.get("timepoint")
     axes = ome_options.get("axes")
     sel = {"channel": channel, "timepoint": timepoint}

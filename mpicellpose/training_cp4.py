@@ -310,10 +310,20 @@ def validate(model, sizes3d: Sequence[dict] = VAL_3D) -> Dict:
     return out
 
 
+def load_weights(net, path) -> None:
+    """Put a stand-in file's weights (float16 on disk) into the float32 network ``net``."""
+    import torch
+
+    sd = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    sd.pop(CONFIG_KEY, None)
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+
+
 def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, lr: float = DEFAULT_LR,
                          batch_size: int = DEFAULT_BATCH, threads: int = 2, name: str = MODEL_NAME,
-                         validate_bf16: bool = True) -> Dict:
-    """Build, train, save (fp16), reload through :func:`load_standin`, validate, write the JSON."""
+                         validate_bf16: bool = True, init=None) -> Dict:
+    """Build (or start from the weights ``init``), train, save (fp16), reload through
+    :func:`load_standin`, validate, write the JSON."""
     from importlib.metadata import version
 
     _import_cellpose()  # fails early with the install hint
@@ -323,6 +333,8 @@ def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     net = build_net(ENCODER, seed)
+    if init is not None:
+        load_weights(net, init)
     n_params = int(sum(p.numel() for p in net.parameters()))
     training = train_net(net, steps, seed=seed, batch_size=batch_size, lr=lr)
     path = out_dir / name
@@ -346,7 +358,9 @@ def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, 
         "params": n_params, "native_diameter": NATIVE_DIAMETER,
         "sha256": sha256_file(path), "size_bytes": os.path.getsize(path),
         "training": dict(training, command=f"python -m mpicellpose.training_cp4 --out DIR --steps {steps} "
-                                           f"--seed {seed} --lr {lr}",
+                                           f"--seed {seed} --lr {lr}" + (f" --init {init}" if init else ""),
+                         init=None if init is None else {"file": os.path.basename(os.fspath(init)),
+                                                         "sha256": sha256_file(init)},
                          seed=seed, torch_threads=int(threads),
                          volumes=plain_json([dict(v, seed=v["seed"] + seed)
                                             for v in cp3_training.TRAIN_VOLUMES[:N_TRAIN_VOLUMES]]),
@@ -386,11 +400,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--name", default=MODEL_NAME)
     p.add_argument("--no-bf16-check", action="store_true", help="skip the bfloat16 validation")
+    p.add_argument("--init", default=None, metavar="PATH",
+                   help="start from these stand-in weights (fine-tuning) instead of seeded random ones")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     info = train_demo_cp4_model(args.out, steps=args.steps, seed=args.seed, lr=args.lr,
                                 batch_size=args.batch_size, threads=args.threads, name=args.name,
-                                validate_bf16=not args.no_bf16_check)
+                                validate_bf16=not args.no_bf16_check, init=args.init)
     val = info["validation"]["float32"]
     print(f"weights: {Path(args.out) / info['file']} ({info['size_bytes'] / 1e6:.2f} MB), "
           f"train {info['training']['train_s']} s, loss {info['training']['first_loss']:.3f} -> "

@@ -1,13 +1,25 @@
 """The work directory of a run: every path, record, done-marker and the clean-up.
 
-Layout (``<output stem>.mpicellpose-work`` unless ``--work-dir`` names another)::
+Layout 2 (``<output stem>.mpicellpose-work`` unless ``--work-dir`` names another), for block
+``i`` (linear index in the grid, ``k = i // 1000``) at grid index ``(z, y, x)``::
 
-    run.json            fingerprint of the configuration (refuses a changed one)
-    scratch.zarr        block-local labels (uint32), one chunk per block
-    blocks/<i>.npz      per-block record = done marker: label count, per-label stats,
-                        the views of its faces that stitching needs
-    relabel/<i>.done    output chunk i written with final IDs
-    table/              the object table's parts, one per rank
+    run.json               fingerprint of the configuration (refuses a changed one), "layout": 2
+    scratch.zarr/z/y/x     block-local labels (uint32), one chunk per block, nested per grid axis
+                           (a chunk of zeros only is not written)
+    blocks/<k>/<i>.npz     per-block record = done marker: label count, per-label stats, the
+                           views of its faces that stitching needs
+    relabel/<k>/<i>.done   output chunk i written with final IDs
+    table/                 the object table's parts, one per rank
+
+So a block has at most 3 files here (record, scratch chunk, relabel marker; ``--pipeline
+flows`` adds its flow chunk and marker), and no directory holds more than 1000 records or
+markers, nor more scratch chunks than the grid has blocks along its last axis.  The scratch
+chunk is fsynced (with its directory) before the record is written, and the record is
+written atomically (fsync, rename): a record on disk means the block's data is on disk, also
+after a node crash.  The resume scan lists the ``blocks/<k>`` directories (one read per
+1000 blocks, no ``stat`` per block); at the end every rank removes its own blocks' files,
+then rank 0 the rest.  A work directory of the older flat layout (``blocks/<i>.npz``, no
+"layout" in run.json) is refused with a message (``--restart`` starts over), never resumed.
 
 Only these entries are ever removed: a user's file put into the folder survives.
 """
@@ -26,6 +38,8 @@ from .errors import InputError, ResumeMismatchError
 log = logging.getLogger(__name__)
 
 VIEW_PREFIX = "v_"  # record entries holding face views (the rest are per-label statistics)
+FANOUT = 1000       # records (and relabel markers) per directory: blocks/<i // FANOUT>/<i>.npz
+LAYOUT = 2          # run.json's "layout"; older versions wrote none (flat blocks/<i>.npz)
 
 
 def fingerprint_diff(old: dict, new: dict, prefix="") -> list:
@@ -43,7 +57,7 @@ def fingerprint_diff(old: dict, new: dict, prefix="") -> list:
 class WorkDir:
     """Owns one run's work directory (all ranks build one from the same path)."""
 
-    OWN = ("run.json", "scratch.zarr", "blocks", "relabel", "table", "stitch.npz")
+    OWN = ("run.json", "scratch.zarr", "blocks", "relabel", "table", "stitch.npz", "flows.zarr", "flows")
 
     def __init__(self, path):
         self.path = Path(path)
@@ -52,20 +66,48 @@ class WorkDir:
         self.blocks = self.path / "blocks"
         self.relabel = self.path / "relabel"
         self.table = self.path / "table"
+        self._chunks = None   # (grid shape, dimension separator) of the scratch array, read once
+        self.layout_mismatch = False  # set by check(): this run's directory has an older layout
 
     def __repr__(self):
         return f"WorkDir({str(self.path)!r})"
 
     # -- per block ---------------------------------------------------------------
     def record(self, linear) -> Path:
-        return self.blocks / f"{int(linear)}.npz"
+        return self.blocks / str(int(linear) // FANOUT) / f"{int(linear)}.npz"
 
     def relabel_done(self, linear) -> Path:
-        return self.relabel / f"{int(linear)}.done"
+        return self.relabel / str(int(linear) // FANOUT) / f"{int(linear)}.done"
+
+    def chunk(self, linear) -> Path:
+        """The scratch array's chunk file of block ``linear`` (one chunk per block)."""
+        if self._chunks is None:
+            meta = storage.read_json(self.scratch / ".zarray")
+            grid = tuple(-(-int(s) // int(c)) for s, c in zip(meta["shape"], meta["chunks"]))
+            self._chunks = (grid, meta.get("dimension_separator") or ".")
+        grid, sep = self._chunks
+        return self.scratch.joinpath(sep.join(str(int(i)) for i in np.unravel_index(int(linear), grid)))
 
     def save_record(self, linear, **arrays) -> None:
-        """Write a block's record atomically: from then on the block counts as done."""
+        """Make the block's scratch chunk durable, then write its record atomically: from then on
+        the block counts as done."""
+        self.sync_chunk(linear)
         storage.save_npz(self.record(linear), **arrays)
+
+    def sync_chunk(self, linear) -> None:
+        """fsync the block's scratch chunk (when written: a chunk of zeros is not) and its directory."""
+        path = self.chunk(linear)
+        for p in ((path, path.parent) if path.exists() else (path.parent,)):
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:   # a file system that cannot fsync a directory
+                pass
+            finally:
+                os.close(fd)
 
     def load_stats(self, linear, name=None) -> dict:
         """A block's label count and per-label statistics (not its face views); ``name``
@@ -88,11 +130,30 @@ class WorkDir:
                              f"{type(exc).__name__}: {exc}; re-run with --restart") from exc
 
     def done_blocks(self, kept) -> list:
-        return [b for b in kept if self.record(b).exists()]
+        """The blocks of ``kept`` that have a record: one directory listing per 1000 blocks."""
+        if self.layout_mismatch:
+            return []   # never trusted (see check); a dry run reports nothing done
+        found = set()
+        for k in ({int(b) // FANOUT for b in kept} if self.blocks.is_dir() else ()):
+            try:
+                names = os.listdir(self.blocks / str(k))
+            except FileNotFoundError:
+                continue
+            found.update(int(n[:-4]) for n in names if n.endswith(".npz") and n[:-4].isdigit())
+        return [b for b in kept if int(b) in found]
 
     def clear_relabel_markers(self) -> None:
-        for p in self.relabel.glob("*.done"):
+        for p in self.relabel.glob("**/*.done"):
             p.unlink()
+
+    def remove_blocks(self, blocks) -> None:
+        """Remove the files of ``blocks`` (record, relabel marker, scratch chunk): every rank its own."""
+        for b in blocks:
+            for p in (self.record(b), self.relabel_done(b), self.chunk(b)):
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
 
     # -- the whole directory -------------------------------------------------------
     def read_run(self) -> dict | None:
@@ -103,6 +164,9 @@ class WorkDir:
         one (without ``restart``) or something that is not a run at all."""
         old = self.read_run()
         if old is not None:
+            if old.get("run_id") == run_id and old.get("layout") != LAYOUT:
+                self.layout_mismatch = True   # prepare() refuses to resume it
+                return not restart
             if old.get("run_id") == run_id:
                 return True
             if not restart:
@@ -121,16 +185,24 @@ class WorkDir:
     def prepare(self, run_id: str, fingerprint: dict, shape, blocksize, reuse: bool) -> None:
         """Create the directory for this run (after :meth:`check`); ``reuse``: keep the
         state of the same run (resume), else start over."""
+        if reuse and self.layout_mismatch:
+            raise ResumeMismatchError(
+                f"work directory {str(self.path)!r} was written by an older mpicellpose in the flat layout "
+                f"(blocks/<i>.npz); this version keeps its records in blocks/<i // {FANOUT}>/ and makes every "
+                f"block's data durable before its record, so it does not resume that directory: re-run with "
+                f"--restart to start over, or finish the run with the version that started it")
         if self.run_json.exists() and not reuse:
             self.remove()
         self.path.mkdir(parents=True, exist_ok=True)
-        self.blocks.mkdir(exist_ok=True)
-        self.relabel.mkdir(exist_ok=True)
+        n_blocks = int(np.prod([-(-int(s) // int(b)) for s, b in zip(shape, blocksize)], dtype=np.int64))
+        for k in range(-(-n_blocks // FANOUT)):
+            (self.blocks / str(k)).mkdir(parents=True, exist_ok=True)
+            (self.relabel / str(k)).mkdir(parents=True, exist_ok=True)
         if not self.run_json.exists():
-            storage.write_json(self.run_json, {"run_id": run_id, "fingerprint": fingerprint,
+            storage.write_json(self.run_json, {"run_id": run_id, "fingerprint": fingerprint, "layout": LAYOUT,
                                                "created": datetime.datetime.now().isoformat(timespec="seconds")})
         if not self.scratch.exists():
-            storage.create_array(self.scratch, shape, blocksize, np.uint32, zarr_format=2)
+            storage.create_array(self.scratch, shape, blocksize, np.uint32, zarr_format=2, dimension_separator="/")
 
     def remove(self) -> None:
         """Remove what a run made here, then the directory if that left it empty (a user's

@@ -10,7 +10,7 @@ from mpicellpose import distributed_eval
 
 comm = MPI.COMM_WORLD
 img = np.zeros((48, 48), np.uint8)
-img[17:19, 1:3] = 77  # in block (2, 0) of the 8x6-voxel grid: the first of rank 1 at 3 ranks
+img[1:3, 7:9] = 77  # in block (0, 1) of the 8x6-voxel grid: the first of rank 1 at 3 ranks (dynamic hand-out)
 seg = FailOnMarker(77, sleep=0.25)
 seen = []
 orig = seg.segment

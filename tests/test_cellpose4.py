@@ -4,10 +4,13 @@
 Plus the Cellpose 3 -> 4 argument translation against the installed Cellpose 4.
 
 Needs Cellpose 4 (CI: ``.ci/cellpose4-venv.sh`` builds ``.venv-cp4``); skipped under Cellpose 3.
-Agreement thresholds (object F1 at IoU 0.5, block-wise vs whole-image) were measured on these
-settings, see docs/cellpose4.md: 0.949 (2D) and 0.938 (3D) for the stand-in, where Cellpose 3's demo
-model gives 1.0 and 1.0; asserted with margin.  The stand-in is a weak network whose ViT output
-depends on where a tile is padded, so blocks and whole image differ more than with Cellpose 3.
+Agreement (object F1 at IoU 0.5, block-wise vs whole-image), measured on these settings (see
+docs/cellpose4.md): 0.967 (2D, the default flows pipeline) and 0.938 (3D, --pipeline blocks) for the
+stand-in, where Cellpose 3's demo model gives 1.0 and 1.0.  The objects that differ are ones the weak
+stand-in finds only with some context (its ViT attends to the whole 256x256 tile, padding included):
+they flip with a little more training (0.935 / 1.0).  So the multi-block thresholds keep a margin,
+and the check that fails on any regression of ours is exact: one block covering the image gives the
+labels of whole-image ``eval`` (same normalisation, diameter, tiling, arguments).
 """
 import json
 import os
@@ -40,7 +43,7 @@ pytestmark = pytest.mark.cellpose
 THREADS = 2
 ARGS = ["--model", "demo", "--threads", str(THREADS), "--log-level", "WARNING"]
 # measured block-wise vs whole-image F1: see docs/cellpose4.md; thresholds leave margin
-MIN_F1_VS_WHOLE = {2: 0.85, 3: 0.85}  # measured 0.949 (2D) and 0.938 (3D); Cellpose 3's demo model: 1.0, 1.0
+MIN_F1_VS_WHOLE = {2: 0.93, 3: 0.9}  # measured 0.967 (2D) and 0.938 (3D); Cellpose 3's demo model: 1.0, 1.0
 MIN_F1_VS_TRUTH = {2: 0.65, 3: 0.65}  # measured 0.814 and 0.857
 TIMES = {}
 
@@ -66,7 +69,7 @@ def model_bf16():
     return training_cp4.load_standin(training_cp4.demo_cp4_model_path(), use_bfloat16=True)
 
 
-def _run(tmp, img, blocksize, overlap, ndim, model_kwargs=None):
+def _run(tmp, img, blocksize, overlap, ndim, model_kwargs=None, pipeline=None):
     """mpiexec -n 2 segment, then a 1-rank run in this process; returns both labels and the meta."""
     from mpicellpose import distributed_eval
 
@@ -74,6 +77,7 @@ def _run(tmp, img, blocksize, overlap, ndim, model_kwargs=None):
     numpy_array_to_zarr(tmp / "in.zarr", img, chunks)
     out2, out1 = tmp / "n2.zarr", tmp / "n1.zarr"
     extra = ["--model-kwargs", json.dumps(model_kwargs)] if model_kwargs else []
+    extra += ["--pipeline", pipeline] if pipeline else []
     t0 = time.perf_counter()
     run_mpi(2, ["-m", "mpicellpose", "segment", tmp / "in.zarr", out2, "--blocksize", blocksize,
                 "--overlap", str(overlap)] + ARGS + extra, timeout=400)
@@ -81,7 +85,7 @@ def _run(tmp, img, blocksize, overlap, ndim, model_kwargs=None):
     t0 = time.perf_counter()
     distributed_eval(str(tmp / "in.zarr"), tuple(int(b) for b in blocksize.split(",")), str(out1),
                      model_kwargs=dict(model_kwargs or {}, pretrained_model="demo"), overlap=overlap,
-                     threads=THREADS, device="cpu")
+                     threads=THREADS, device="cpu", **({"pipeline": pipeline} if pipeline else {}))
     _record(f"{ndim}d_one_rank_in_process_s", time.perf_counter() - t0)
     lab2 = zarr.open(str(out2), mode="r")
     return lab2[...], zarr.open(str(out1), mode="r")[...], lab2.attrs["mpicellpose"]
@@ -111,6 +115,13 @@ def test_2d_two_ranks_equal_one_rank_and_agree_with_whole_image(tmp_path, model)
           f"{match_objects(whole, gt, 0.5)['f1']:.3f}, times {TIMES}")
     assert vs_whole["f1"] >= MIN_F1_VS_WHOLE[2], vs_whole
     assert vs_truth["f1"] >= MIN_F1_VS_TRUTH[2], vs_truth
+    # exact: one block covering the image is whole-image eval (nothing of ours changes the labels)
+    from mpicellpose import distributed_eval
+    from mpicellpose.metrics import label_equivalent
+
+    one, _ = distributed_eval(str(tmp_path / "in.zarr"), 256, str(tmp_path / "one.zarr"), overlap=1,
+                              model_kwargs={"pretrained_model": "demo"}, threads=THREADS, device="cpu")
+    assert label_equivalent(one[...], whole)
 
 
 @pytest.mark.mpi
@@ -118,7 +129,10 @@ def test_3d_two_ranks_equal_one_rank_and_agree_with_whole_volume(tmp_path, model
     """In bfloat16 (Cellpose 4's default precision, passed through --model-kwargs; half the CPU time)."""
     # the Cellpose 3 analogue (tests/test_cellpose_run.py): 40x64x64, blocks 20x64x64, overlap 10
     img, gt = make_nuclei((40, 64, 64), seed=7, touching_fraction=0.4)
-    lab2, lab1, meta = _run(tmp_path, img, "20,64,64", 10, 3, {"use_bfloat16": True})
+    # --pipeline blocks: with the default flows pipeline (in-plane flow halo 16: a block's ZX/ZY planes see
+    # 36 of the 40 z rows) the stand-in gives 0.839 (0.938 after 150 more training steps; 1.0 with
+    # --flow-halo 20, when the planes see all 40 rows), see docs/cellpose4.md
+    lab2, lab1, meta = _run(tmp_path, img, "20,64,64", 10, 3, {"use_bfloat16": True}, pipeline="blocks")
     assert np.array_equal(lab1, lab2), "labels differ between 1 and 2 ranks"
     assert meta["n_stitched_objects"] > 0  # objects cut by the z face were rejoined
     whole = _whole(model_bf16, img, meta)
@@ -212,3 +226,23 @@ def test_demo_without_torchvision_says_what_to_install(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
     assert len(errors) == 1, proc.stderr
     assert "needs torchvision" in errors[0] and "pip install 'torchvision==0." in errors[0], errors[0]
+
+
+def test_two_channel_blocks_reach_cellpose4_in_order_normalised_per_channel(model):
+    """``--channel C,N`` under Cellpose 4: the block (channels last, in the chosen order) goes to ``eval``
+    with ``channel_axis``, each channel scaled by its own global bounds, Cellpose's normalisation off and
+    no Cellpose 3 ``channels`` argument (Cellpose 4 takes the first three channels in order)."""
+    from mpicellpose.channels import CHANNEL_BOUNDS
+    from mpicellpose.synthetic_cells import make_cells
+
+    img, _, _ = make_cells((64, 64), seed=2, channel_axis=-1)  # Y,X,C: cytoplasm, nuclei (8x brighter)
+    bounds = [[float(v) for v in np.percentile(img[..., c], [1, 99])] for c in range(2)]
+    seg = bk.CellposeSegmenter({"pretrained_model": "demo"}, {"normalize": {"normalize": True, "lowhigh": bounds[0],
+                                                                            CHANNEL_BOUNDS: bounds}},
+                               ndim=2, threads=1)
+    x, ek = seg.prepare(img, 2)
+    assert x.shape == (64, 64, 2) and ek["channel_axis"] == 2 and "channels" not in ek
+    for c, (lo, hi) in enumerate(bounds):
+        np.testing.assert_allclose(x[..., c], (img[..., c].astype(np.float32) - lo) / (hi - lo), rtol=1e-6)
+    assert ek["normalize"]["normalize"] is False and CHANNEL_BOUNDS not in ek["normalize"]
+    assert seg.segment(img, 2).shape == (64, 64)  # Cellpose 4 accepts the two-channel block

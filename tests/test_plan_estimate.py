@@ -102,3 +102,58 @@ def test_plan_says_when_the_output_is_already_complete(tmp_path, capsys):
     assert planned(args, capsys)["already_complete"] is True
     assert cli.main(["plan"] + [str(a) for a in args]) == 0
     assert "already complete with this configuration" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- Cellpose 4 (cpsam) on a GPU
+def test_cpsam_gpu_estimate_from_the_network_size():
+    from mpicellpose.cellpose4 import CPSAM_NET, STANDIN_NET, gpu_memory_estimate, tile_activation_bytes
+
+    bf16, fp32 = gpu_memory_estimate(CPSAM_NET, 128 ** 3), gpu_memory_estimate(CPSAM_NET, 128 ** 3, bf16=False)
+    assert bf16["weights"] == 2 * 305_000_000 and fp32["weights"] == 4 * 305_000_000  # 0.61 / 1.22 GB
+    # one 256x256 tile: 16 heads x 1024^2 attention scores held ~3x, plus the stream: ~114 MiB in bf16
+    assert 100 * 2**20 < tile_activation_bytes(CPSAM_NET) < 130 * 2**20
+    assert tile_activation_bytes(CPSAM_NET, bf16=False) == 2 * tile_activation_bytes(CPSAM_NET)
+    small_batch = gpu_memory_estimate(CPSAM_NET, 128 ** 3, batch_size=2)
+    assert bf16["peak_step"] == "network" and small_batch["bytes"] < bf16["bytes"] - 600 * 2**20
+    big = gpu_memory_estimate(CPSAM_NET, 1024 ** 3)  # the mask step grows with the block
+    assert big["peak_step"] == "masks" and big["bytes"] > 48 * 2**30 > gpu_memory_estimate(CPSAM_NET, 512 ** 3)["bytes"]
+    assert gpu_memory_estimate(STANDIN_NET, 128 ** 3)["weights"] < 2 * 2**20
+
+
+def _cpsam_plan(tmp_path, capsys, monkeypatch, *extra):
+    models = tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    with open(models / "cpsam", "wb") as f:  # the cached weights, as big as cpsam's (sparse: no disk used)
+        f.truncate(4 * 305_000_000)
+    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(models))
+    monkeypatch.setattr("mpicellpose.backends.sha256_file", lambda path: "0" * 64)  # not 1.2 GB of hashing
+    if not (tmp_path / "in.zarr").exists():
+        import numpy as np
+
+        numpy_array_to_zarr(tmp_path / "in.zarr", np.zeros((64, 320, 320), np.uint16), (64, 160, 160))
+    return planned([tmp_path / "in.zarr", tmp_path / "out.zarr", "--model", "cpsam", "--blocksize", "64,160,160",
+                    "--overlap", "16"] + list(extra), capsys)
+
+
+def test_plan_reports_cpsam_gpu_memory_and_warns_above_the_gpu(tmp_path, capsys, monkeypatch):
+    r = _cpsam_plan(tmp_path, capsys, monkeypatch)
+    g = r["gpu_memory_estimate"]
+    assert g["network"] == "cpsam" and g["precision"] == "bfloat16" and g["batch_size"] == 8
+    assert g["device_bytes"] == 16 * 2**30 and g["device_bytes_assumed"] is True
+    assert not any("GPU memory per rank" in w for w in r["warnings"])
+    assert r["memory_model"]["constant"] > 2 * 4 * 305_000_000  # the host also reads the fp32 weights
+    fp32 = _cpsam_plan(tmp_path, capsys, monkeypatch, "--model-kwargs", '{"use_bfloat16": false}',
+                       "--eval-kwargs", '{"batch_size": 2}', "--gpu-memory", "2")
+    g2 = fp32["gpu_memory_estimate"]
+    assert g2["precision"] == "float32" and g2["batch_size"] == 2 and g2["weights"] == 2 * g["weights"]
+    assert g2["bytes"] > 2 * 2**30 and g2["device_bytes_assumed"] is False
+    warn = [w for w in fp32["warnings"] if "of GPU memory per rank" in w]
+    assert len(warn) == 1 and "but a GPU has 2 GiB (--gpu-memory)" in warn[0], fp32["warnings"]
+    assert cli.main(["plan", str(tmp_path / "in.zarr"), str(tmp_path / "o.zarr"), "--model", "cpsam"]) == 0
+    assert "GPU memory per rank (estimate, Cellpose 4 cpsam, bfloat16, batch_size 8)" in capsys.readouterr().out
+
+
+def test_no_gpu_estimate_for_cellpose3_models(tmp_path, capsys):
+    r = planned([volume(tmp_path, 32), tmp_path / "out.zarr", "--blocksize", "32", "--backend", "threshold",
+                 "--threshold", "1"], capsys)
+    assert "gpu_memory_estimate" not in r

@@ -1,4 +1,6 @@
 """mpicellpose preview: a PNG a person can look at, with outlines and block faces."""
+import re
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -86,3 +88,68 @@ def test_outlines_keep_their_colour_on_bright_nuclei():
     halo = ndimage.binary_dilation(edge) & ~edge
     assert halo.any() and (rgb[halo].max(axis=1) <= 0.2).all()  # dark rim around each outline
     assert not np.array_equal(rgb[3, 2], rgb[3, 9])  # neighbouring labels: different colours
+
+
+def test_preview_image_shows_the_raw_image_under_the_outlines(tmp_path, monkeypatch):
+    """``preview --image``: every slice panel shows the raw image's own plane in grey (R = G = B,
+    brightness following the image) and the outlines in colour on top; without it, label colours."""
+    pytest.importorskip("matplotlib")
+    from mpicellpose import preview
+
+    from mpicellpose.synthetic import make_nuclei
+
+    img, _ = make_nuclei((20, 32, 30), seed=82, mean_diameter=10)  # textured: the grey levels must follow it
+    numpy_array_to_zarr(tmp_path / "in.zarr", img, 10)
+    distributed_eval(str(tmp_path / "in.zarr"), 10, tmp_path / "lab.zarr", backend="threshold",
+                     backend_kwargs={"threshold": 600})
+    seen = []
+    real = preview.panel
+    monkeypatch.setattr(preview, "panel", lambda l2, im=None, faces=None: seen.append((l2, im, real(l2, im, faces)))
+                        or seen[-1][2])
+    assert cli.main(["preview", str(tmp_path / "lab.zarr"), "--image", str(tmp_path / "in.zarr")]) == 0
+    planes = [img[10], img[:, 16], img[:, :, 15]]  # the mid planes YX, ZX, ZY
+    assert len(seen) == 4 and seen[3][1] is None  # + the max projection of the labels, without image
+    for (lab2, im2, rgb), want in zip(seen[:3], planes):
+        np.testing.assert_array_equal(im2, want)
+        yy, xx = np.indices(lab2.shape)
+        off_faces = (yy % 10 != 0) & (xx % 10 != 0)  # the block faces (blocks of 10) are drawn in yellow
+        under = ~ndimage.binary_dilation(outlines(lab2)) & off_faces  # away from outlines and their dark rim
+        grey = rgb[under]
+        assert np.allclose(grey[:, 0], grey[:, 1]) and np.allclose(grey[:, 1], grey[:, 2])
+        assert np.corrcoef(grey[:, 0], np.clip(want[under], *np.percentile(want, [1, 99.5])))[0, 1] > 0.99
+        assert (rgb[outlines(lab2) & off_faces].max(axis=1) >= 0.8).all()  # coloured outlines on top
+    seen.clear()
+    assert cli.main(["preview", str(tmp_path / "lab.zarr"), "--out", str(tmp_path / "no-image.png")]) == 0
+    lab2, im2, rgb = seen[0]
+    yy, xx = np.indices(lab2.shape)
+    under = ~ndimage.binary_dilation(outlines(lab2)) & (yy % 10 != 0) & (xx % 10 != 0)
+    assert im2 is None and (rgb[under & (lab2 == 0)] == 0).all()  # black background
+    inside = rgb[under & (lab2 > 0)]
+    assert len(inside) and (inside.max(axis=1) - inside.min(axis=1) > 0.1).all()  # label colours, not grey
+
+
+# Python's warning lines ("file.py:12: UserWarning: ..."), the source line it echoes, Cellpose's own
+# logger (">>>> ..." stage messages, tqdm bars) and torch's TorchScript deprecations
+LIBRARY_NOISE = re.compile(r"(User|Deprecation|Future|Runtime)Warning:|warnings\.warn\(|^\s*coo = torch|>>>>|"
+                           r"torch\.jit|\d+%\|")
+
+
+@pytest.mark.mpi
+@pytest.mark.cellpose
+def test_demo_runs_and_its_log_has_no_library_warnings(tmp_path):
+    """What a first run shows a person (issue 14): ``mpiexec -n 2 mpicellpose demo`` reports its
+    result, writes the preview, and prints nothing from the libraries (each of Cellpose's torch
+    warnings used to appear once per rank)."""
+    pytest.importorskip("cellpose")
+    from conftest import run_mpi
+
+    proc = run_mpi(2, ["-m", "mpicellpose", "demo", "--size", "32", "--out", tmp_path / "demo", "--threads", "1"],
+                   timeout=400)
+    log = proc.stdout + proc.stderr
+    noise = [ln for ln in log.splitlines() if LIBRARY_NOISE.search(ln)]
+    assert not noise, "\n".join(noise)
+    assert re.search(r"F1 \(IoU 0\.5\) = [01]\.\d{3}", proc.stdout), proc.stdout
+    assert (tmp_path / "demo" / "preview.png").read_bytes()[:4] == b"\x89PNG"
+    # our own messages appear once, from rank 0 (rank-specific ones may name another rank)
+    starts = [ln for ln in proc.stderr.splitlines() if "planning;" in ln]
+    assert len(starts) == 1 and "[rank 0]" in starts[0]

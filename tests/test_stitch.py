@@ -95,7 +95,7 @@ def test_record_views_read_once_and_dropped_after_last_use(tmp_path):
     from mpicellpose.workdir import WorkDir
 
     paths = WorkDir(tmp_path)
-    paths.blocks.mkdir()
+    paths.record(0).parent.mkdir(parents=True)   # blocks/0/: records fanned out by 1000s
     for b in range(3):
         np.savez(paths.record(b), n=np.int64(1), **{okey((1, 0)): np.full((4, 4), b, np.uint32),
                                                     okey((-1, 0)): np.full((4, 4), 10 + b, np.uint32)})

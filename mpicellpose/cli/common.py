@@ -72,13 +72,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = _group(p, "input")
     g.add_argument("--level", default=argparse.SUPPRESS, metavar="N|PATH",
                    help="OME-Zarr resolution level to segment (index or path; default 0, the full resolution)")
-    g.add_argument("--channel", default=argparse.SUPPRESS, metavar="N|NAME",
-                   help="channel to segment when the input has a channel axis (index, or OME-Zarr omero label); "
-                        "default: all channels go to the model")
+    g.add_argument("--channel", default=argparse.SUPPRESS, metavar="C[,N]",
+                   help="channel(s) of an input with a channel axis (index, or OME-Zarr omero label): one channel, "
+                        "or the channel to segment then the nuclear channel, e.g. 1,0 = cytoplasm 1, nucleus 0 "
+                        "(Cellpose 3 channels=[cyto, nuc]; Cellpose 4 takes them in this order); default: all "
+                        "channels, in file order")
     g.add_argument("--timepoint", type=int, default=argparse.SUPPRESS, metavar="T",
                    help="time point of an input with a time axis")
     g.add_argument("--channel-axis", type=int, default=argparse.SUPPRESS, metavar="AXIS",
-                   help="axis of a plain array that holds channels, e.g. 0 for C,Z,Y,X (not treated as spatial)")
+                   help="axis of a plain array that holds channels, e.g. 0 for C,Z,Y,X or C,Y,X, -1 for Z,Y,X,C "
+                        "(not treated as spatial; OME-Zarr/OME-TIFF/ImageJ inputs name their own)")
     g.add_argument("--tile-pattern", default=argparse.SUPPRESS, metavar="REGEX",
                    help=r"regular expression giving the grid position of TIFF tiles (default _(Z)(\d+)(Y)(\d+)(X)(\d+))")
     g.add_argument("--voxel-size", default=argparse.SUPPRESS, metavar="Z,Y,X",
@@ -149,6 +152,21 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(stuck I/O, a dead GPU); default 3600, or 4x the slowest block if longer; 0 turns it "
                         "off (also MPICELLPOSE_WATCHDOG)")
     g = _group(p, "performance and devices")
+    g.add_argument("--schedule", choices=("dynamic", "static"), default=argparse.SUPPRESS,
+                   help="how blocks go to ranks: dynamic (default) hands them out at run time, costliest first, "
+                        "so a fast rank takes more; static gives each rank a fixed contiguous run (for debugging)")
+    g.add_argument("--pipeline", choices=("flows", "blocks"), default=argparse.SUPPRESS,
+                   help="Cellpose: 'flows' (default) runs the network once per voxel (planes through each block's "
+                        "core plus --flow-halo), stores the flow field in the work directory, then builds masks per "
+                        "block with the full overlap; 'blocks' runs Cellpose's eval on each block with its overlap "
+                        "(the network sees overlapping voxels several times)")
+    g.add_argument("--flow-halo", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="--pipeline flows: in-plane context around a block's core for the network, in voxels "
+                        "(default 16 x diameter / 30, at least 16)")
+    g.add_argument("--masks-during-flows", choices=("auto", "on", "off"), default=argparse.SUPPRESS,
+                   help="--pipeline flows: build masks in a CPU thread while the GPU computes the next blocks' flows "
+                        "(default auto: on for ranks with a GPU, off on CPU-only ranks, where both would share the "
+                        "same cores); the labels are the same either way")
     g.add_argument("--device", default=argparse.SUPPRESS, metavar="auto|cpu|cuda|cuda:K",
                    help="where each rank runs the model (default auto: one GPU per rank, round-robin, else CPU)")
     g.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",

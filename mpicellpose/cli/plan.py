@@ -12,6 +12,8 @@ import numpy as np
 
 from .. import geometry as geo
 from .. import outputs
+from ..cellpose4 import CPSAM_NET, STANDIN_NET, gpu_memory_estimate
+from ..cost import free_bytes, network_cost
 from ..errors import MpiCellposeError
 from ..table import have_parquet
 from .common import _group, _one_line, add_input_output, add_run_arguments, cli_message, config_from_args
@@ -47,6 +49,45 @@ def memory_estimate(backend: str, read_voxels: int, itemsize: int = 2, channels:
             "read_voxels": int(read_voxels)}
 
 
+#: GPU memory assumed when ``--gpu-memory`` is not given (GiB): the smallest common data-centre GPU.
+ASSUMED_GPU_GIB = 16.0
+
+
+def cellpose4_network(cfg, model: dict):
+    """The Cellpose 4 network a run loads (:data:`CPSAM_NET` or the stand-in's), None otherwise."""
+    from ..backends import BUILTIN_V4, cellpose_version
+    from ..training_cp4 import CP4_STANDIN_LOADER
+
+    if cfg.backend != "cellpose":
+        return None
+    if model.get("loader") == CP4_STANDIN_LOADER:
+        return STANDIN_NET
+    if model.get("name") in BUILTIN_V4 or ((cellpose_version()[0] or 0) >= 4 and not model.get("loader")):
+        return CPSAM_NET
+    return None
+
+
+def cellpose4_memory(cfg, plan, net, read_voxels: int, gpu_gib) -> tuple:
+    """(GPU estimate, warning or None) for a Cellpose 4 network at the run's batch size and precision."""
+    bf16 = bool(cfg.model_kwargs.get("use_bfloat16", net is not STANDIN_NET))  # the stand-in loads in fp32
+    batch = int(plan.eval_kwargs.get("batch_size") or 8)
+    gpu = gpu_memory_estimate(net, read_voxels, batch, bf16)
+    limit = float(gpu_gib if gpu_gib is not None else ASSUMED_GPU_GIB) * 2**30
+    gpu["device_bytes"] = int(limit)
+    gpu["device_bytes_assumed"] = gpu_gib is None
+    if gpu["bytes"] <= limit:
+        return gpu, None
+    said = f"{gpu_gib:g} GiB (--gpu-memory)" if gpu_gib is not None else \
+        f"{ASSUMED_GPU_GIB:g} GiB (assumed; give --gpu-memory)"
+    fix = ("smaller blocks (the mask step needs ~28-54 B per voxel of a block with its overlap)"
+           if gpu["peak_step"] == "masks" else
+           f"a smaller batch_size (--eval-kwargs '{{\"batch_size\": {max(1, batch // 2)}}}')")
+    return gpu, (f"Cellpose 4 {net['name']} needs about {_human(gpu['bytes'])} of GPU memory per rank "
+                 f"({gpu['precision']} weights {_human(gpu['weights'])}, {batch} tiles per batch "
+                 f"{_human(gpu['tiles'])}, mask step of the largest block {_human(gpu['masks'])}, CUDA "
+                 f"{_human(gpu['cuda_overhead'])}) but a GPU has {said}: use {fix}")
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
         if abs(n) < 1024 or unit == "PB":
@@ -55,8 +96,9 @@ def _human(n: float) -> str:
     return f"{n:.1f} PB"
 
 
-def plan_report(cfg, plan, src, n_ranks: int) -> dict:
-    """Facts and warnings about a planned run (pure; reads nothing but metadata)."""
+def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None) -> dict:
+    """Facts and warnings about a planned run (pure; reads nothing but metadata).  ``gpu_memory``:
+    GiB per GPU, for the Cellpose 4 GPU estimate (default :data:`ASSUMED_GPU_GIB`)."""
     grid = plan.grid
     shape = plan.shape
     nvox = int(np.prod(shape, dtype=np.int64))
@@ -71,6 +113,9 @@ def plan_report(cfg, plan, src, n_ranks: int) -> dict:
     backend = cfg.backend if isinstance(cfg.backend, str) else "custom"
     model = plan.resolved_model or {}
     weights = os.path.getsize(model["path"]) if model.get("path") and os.path.isfile(model["path"]) else None
+    net4 = cellpose4_network(cfg, model)
+    if net4 is CPSAM_NET and weights is None:  # to be downloaded: the fp32 file
+        weights = 4 * CPSAM_NET["parameters"]
     memory = memory_estimate(backend, biggest_read, itemsize, nchan, weights)
     mem = memory["bytes"]
     inflation = read_vox / core_vox if core_vox else 0.0
@@ -89,16 +134,24 @@ def plan_report(cfg, plan, src, n_ranks: int) -> dict:
                    outputs.written_paths(plan.output, plan.work_dir, have_parquet())],
         "replaces": plan.replaces,
         "already_complete": _already_complete(cfg, plan),
+        "network": network_cost(plan.settings, kept, cellpose=backend == "cellpose"),
+        "work_dir_free_bytes": free_bytes(plan.work_dir),
         "warnings": [],
     }
     w = report["warnings"]
+    if net4 is not None:
+        report["gpu_memory_estimate"], warning = cellpose4_memory(cfg, plan, net4, biggest_read, gpu_memory)
+        if warning:
+            w.append(warning)
     if inflation > 2.5:
-        w.append(f"blocks are small relative to the overlap: {inflation:.1f}x the output voxels are segmented; "
-                 f"larger blocks (or a smaller overlap) waste less")
+        what = (f"the mask step works on {inflation:.1f}x the output voxels (the network on "
+                f"{report['network']['flows_per_voxel']}x)" if plan.pipeline == "flows" else
+                f"{inflation:.1f}x the output voxels are segmented")
+        w.append(f"blocks are small relative to the overlap: {what}; larger blocks (or a smaller overlap) waste less")
     if mem > 32 * 2**30:
         w.append(f"the largest block needs about {_human(mem)} per rank; smaller blocks lower the risk of "
                  "running out of memory")
-    if backend == "cellpose" and model.get("name") != "demo":
+    if backend == "cellpose" and model.get("name") != "demo" and net4 is None:
         w.append("the memory estimate was measured with the shipped model (Cellpose 3); other models may need more "
                  "(Cellpose 4's cpsam much more): check a first run's peak memory")
     if n_ranks > len(todo) and todo:
@@ -106,6 +159,12 @@ def plan_report(cfg, plan, src, n_ranks: int) -> dict:
                  f"{n_ranks - len(todo)} rank(s) will idle (they wait for the others and the run finishes, but "
                  f"their memory and GPUs are wasted); use at most {len(todo)} rank(s), or a smaller --blocksize "
                  f"to give every rank work")
+    net = report["network"]
+    free = report["work_dir_free_bytes"]
+    if plan.pipeline == "flows" and free is not None and net["flow_scratch_bytes"] > free:
+        w.append(f"the flow field needs {_human(net['flow_scratch_bytes'])} in the work directory but its file "
+                 f"system has {_human(free)} free: segment will refuse; choose --work-dir elsewhere or --pipeline "
+                 f"blocks")
     chunks = getattr(src, "chunks", None)
     if chunks:
         sp = [c for i, c in enumerate(chunks) if i != plan.channel_axis]
@@ -142,6 +201,8 @@ def format_report(r: dict) -> str:
         f"scratch up to {_human(r['scratch_bytes_max'])}, output up to {_human(r['output_bytes_max'])} before "
         f"compression",
     ]
+    lines += _gpu_lines(r)
+    lines += _network_lines(r)
     lines.append("writes:")
     lines += [f"  {what}: {path}" for what, path in r["writes"]]
     if r.get("already_complete"):
@@ -156,6 +217,31 @@ def format_report(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _gpu_lines(r: dict) -> list:
+    g = r.get("gpu_memory_estimate")
+    if not g:
+        return []
+    assumed = " (assumed)" if g["device_bytes_assumed"] else ""
+    return [f"GPU memory per rank (estimate, Cellpose 4 {g['network']}, {g['precision']}, batch_size "
+            f"{g['batch_size']}) {_human(g['bytes'])}: weights {_human(g['weights'])} + max(network "
+            f"{_human(g['tiles'])}, mask step {_human(g['masks'])}) + CUDA {_human(g['cuda_overhead'])}; GPU "
+            f"{_human(g['device_bytes'])}{assumed}"]
+
+
+def _network_lines(r: dict) -> list:
+    """What the network costs under each pipeline, and the flow field's size."""
+    net = r.get("network") or {}
+    if "flows_per_voxel" not in net:
+        return []
+    mark = {"flows": "", "blocks": ""}
+    mark[net["pipeline"]] = " <- this run"
+    free = r.get("work_dir_free_bytes")
+    return [f"network evaluations per output voxel: {net['flows_per_voxel']} with --pipeline flows (in-plane halo "
+            f"{net['flow_halo']}){mark['flows']}, {net['blocks_per_voxel']} with --pipeline blocks{mark['blocks']}",
+            f"flow field (--pipeline flows, half precision): {_human(net['flow_scratch_bytes'])} in the work "
+            f"directory" + (f" ({_human(free)} free there)" if free is not None else "")]
+
+
 def register(sub) -> None:
     p = sub.add_parser("plan", help="dry run: show the block grid, blocks per rank, memory and sizes",
                        description="Validate a segment command and report its plan without running it or "
@@ -168,6 +254,9 @@ def register(sub) -> None:
                    help="number of ranks to plan for (default: the number of processes the launcher started, "
                         "1 without mpirun/srun)")
     g.add_argument("--json", action="store_true", help="print the report as JSON")
+    g.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+                   help=f"memory of one GPU, for the Cellpose 4 (cpsam) GPU estimate and its warning (default: "
+                        f"{ASSUMED_GPU_GIB:g}, assumed)")
     add_input_output(p, "the labels array segment would create")
     add_run_arguments(p)
     p.set_defaults(func=main)
@@ -198,11 +287,11 @@ def _plan_and_print(args, launched: int) -> int:
     try:
         if ranks < 1:
             raise ValueError(f"--ranks must be >= 1, got --ranks {ranks}")
-        ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("ranks", "json")})
+        ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("ranks", "json", "gpu_memory")})
         cfg = config_from_args(ns)
         vol = open_volume(cfg)
         plan = make_plan(cfg, vol, ranks, prepare=False)
-        report = plan_report(cfg, plan, vol.array, ranks)
+        report = plan_report(cfg, plan, vol.array, ranks, getattr(args, "gpu_memory", None))
     except (MpiCellposeError, ValueError, FileNotFoundError, OSError) as exc:
         sys.stderr.write(f"mpicellpose: error: {cli_message(exc, ns)}\n")
         return 1

@@ -15,6 +15,9 @@ examples:
   # labels written inside an OME-Zarr image as labels/nuclei, shipped model
   mpirun -n 4 python -m mpi4py -m mpicellpose segment embryo.ome.zarr \\
       --labels-name nuclei --model demo
+  # a cytoplasm model with a nuclear channel: C,Z,Y,X zarr, cytoplasm in channel 1, nuclei in 0
+  mpirun -n 4 python -m mpi4py -m mpicellpose segment cells.zarr labels.zarr \\
+      --channel-axis 0 --channel 1,0 --model cyto3 --diameter 30
   # connected components of a probability map stored in HDF5
   mpicellpose segment probs.h5:/predictions labels.zarr \\
       --backend threshold --threshold 0.5

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 from .mailbox import (EXIT_ERROR, EXIT_INTERRUPTED, STOP_GRACE_SECONDS, WATCHDOG_SECONDS, Mailbox, describe,
                       stop_grace_seconds, watchdog_seconds)
+from .queue import Handout
 from .streams import exchange
 from .world import (SelfComm, block_inside_mpi, check_world, dup, free, launched_size, library_version,
                     mpi_import_error, mpi_standard, processor_name, query_cuda_support, quiet_barrier,
                     thread_level_name, world)
 
-__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "STOP_GRACE_SECONDS", "WATCHDOG_SECONDS", "Mailbox", "SelfComm",
-           "block_inside_mpi", "check_world", "describe", "dup", "exchange", "free", "launched_size",
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "STOP_GRACE_SECONDS", "WATCHDOG_SECONDS", "Handout", "Mailbox",
+           "SelfComm", "block_inside_mpi", "check_world", "describe", "dup", "exchange", "free", "launched_size",
            "library_version", "mpi_import_error", "mpi_standard", "processor_name", "query_cuda_support",
            "quiet_barrier", "stop_grace_seconds", "thread_level_name", "watchdog_seconds", "world"]

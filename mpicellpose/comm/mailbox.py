@@ -27,10 +27,15 @@ _TAGS = (TAG_NOTICE_ABORT, TAG_NOTICE_PROGRESS, TAG_NOTICE_ARRIVAL)  # notice ki
 ABORT, PROGRESS, ARRIVAL = 0, 1, 2
 
 OK, INTERRUPTED, FAILED = 0, 1, 2
+MESSAGE_CHARS = 2000   # of one rank's error in an agreement's report
+MESSAGE_RANKS = 32     # failing ranks named one by one in that report (then a count)
 
 WATCHDOG_SECONDS = 3600.0   # default: a rank silent this long while others wait ends the job
 STOP_GRACE_SECONDS = 10.0   # after SIGTERM/SIGINT, how long a waiting rank waits for the others
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 3
+# a waiting rank sleeps 2 ms, then longer, up to this, between tests: a collective completes only as its
+# ranks test it (log2(ranks) steps for an allreduce), so a long sleep adds up at scale; a test costs ~20 us
+WAIT_MAX_SLEEP = 0.01
 
 
 def _label_hash(label: str) -> int:
@@ -80,6 +85,8 @@ class Mailbox:
         self._requests = []
         self.abort_seen = None  # (rank, message) of the first abort notice received
         self.progress = {}  # rank -> (blocks done, blocks total), on rank 0
+        self.progress_phase = "segment"  # the phase whose progress is counted (see start_progress)
+        self.work = {}  # rank -> (voxels done, voxels of the block in progress), on rank 0 (run-time hand-out)
         self.notified = False
         self.watchdog = watchdog_seconds(watchdog)
         self.stop = stop  # an object with .signum/.t (see mpicellpose.signals.StopFlag) or None
@@ -108,25 +115,43 @@ class Mailbox:
             if r != self.rank:
                 self._send(ABORT, r, (self.rank, message))
 
-    def send_progress(self, done: int, total: int, seconds: float = 0.0) -> None:
-        """Report blocks done (to rank 0); ``seconds`` is how long the last block took."""
+    def send_progress(self, done: int, total: int, seconds: float = 0.0, work=None) -> None:
+        """Report blocks done (to rank 0); ``seconds`` is how long the last block took; ``work``:
+        (voxels done, voxels of the block now in progress), when blocks are handed out at run time."""
         if self.rank == 0 or self.size == 1:
             self.progress[self.rank] = (done, total)
+            if work is not None:
+                self.work[self.rank] = tuple(work)
             self.slowest_block = max(self.slowest_block, float(seconds))
         else:
-            self._send(PROGRESS, 0, (self.rank, done, total, float(seconds)))
+            self._send(PROGRESS, 0, (self.rank, done, total, float(seconds), work, self.progress_phase))
+
+    def start_progress(self, phase: str) -> None:
+        """Count progress afresh for ``phase`` (reports of an earlier phase arriving late are ignored)."""
+        self.progress_phase = phase
+        self.progress.clear()
+        self.work.clear()
 
     def _receive(self, kind, source):
-        payload = self.comm.recv(source=source, tag=_TAGS[kind])
+        """Receive one notice of ``kind`` from ``source`` (None: from any rank)."""
+        if source is None:
+            status = _mpi().Status()
+            payload = self.comm.recv(source=_mpi().ANY_SOURCE, tag=_TAGS[kind], status=status)
+            source = status.Get_source()
+        else:
+            payload = self.comm.recv(source=source, tag=_TAGS[kind])
         self._received[kind, source] += 1
         self.last_seen[source] = time.monotonic()
         if kind == ABORT:
             if self.abort_seen is None:
                 self.abort_seen = payload
         elif kind == PROGRESS:
-            r, done, total, seconds = payload
-            self.progress[r] = (done, total)
+            r, done, total, seconds, work, phase = payload
             self.slowest_block = max(self.slowest_block, seconds)
+            if phase == self.progress_phase:
+                self.progress[r] = (done, total)
+                if work is not None:
+                    self.work[r] = tuple(work)
         else:
             r, seq, label = payload
             self.arrived[r] = (seq, label)
@@ -156,7 +181,7 @@ class Mailbox:
             if self.rank == 0:
                 self._watch(label, t0)
             time.sleep(delay)
-            delay = min(delay * 1.5, 0.05)
+            delay = min(delay * 1.5, WAIT_MAX_SLEEP)
 
     def check_stop(self, label: str, missing=None) -> None:
         """After SIGTERM/SIGINT, tell the others; past the grace period, end the job (exit 3)."""
@@ -188,7 +213,8 @@ class Mailbox:
         for r in missing[:8]:
             seq, where = self.arrived[r]
             done = self.progress.get(r)
-            state = f"last at '{where}'" + (f", {done[0]}/{done[1]} blocks done" if done else "")
+            state = f"last at '{where}'" + ("" if not done else f", {done[0]}/{done[1]} blocks done"
+                                            if done[1] >= 0 else f", {done[0]} blocks done")
             parts.append(f"rank {r} ({state}, silent for {now - self.last_seen[r]:.0f} s)")
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         return ("" if len(missing) == 1 else f"{len(missing)} ranks: ") + "; ".join(parts) + more
@@ -336,31 +362,43 @@ class Mailbox:
         label = f"end of {where}" if where else "end of a phase"
         if self.size == 1:
             self.seq += 1
-            self._finish_state([(state, _describe(error) if error else "", self._sent)], where, error)
+            self._finish_state([(0, state, _describe(error) if error else "")], where, error)
             return
-        self._enter(label, state, progress)
-        # everyone is here: settle the notice counts, so nothing stays in flight
-        info = self.comm.allgather((state, _describe(error) if error else "", self._sent))
-        for src, (_, _, sent) in enumerate(info):
-            for kind in range(len(_TAGS)):
-                while self._received[kind, src] < sent[kind, self.rank]:
-                    self._receive(kind, src)
+        worst = self._enter(label, state, progress)
+        # everyone is here: settle the notice counts, so nothing stays in flight.  A reduce-scatter
+        # gives each rank how many notices of each kind all the others sent it (3 numbers per rank,
+        # not every rank's counts on every rank); they were sent before their senders arrived here
+        sent = np.ascontiguousarray(self._sent.T)                   # row d: what this rank sent to d
+        expected = np.zeros(len(_TAGS), np.int64)
+        self.wait(self.comm.Ireduce_scatter_block(sent, expected, op=_mpi().SUM), label)
+        for kind in range(len(_TAGS)):
+            while self._received[kind].sum() < expected[kind]:
+                self._receive(kind, None)
         for req in self._requests:
             req.wait()
         self._requests.clear()
-        self._finish_state(info, where, error)
+        if worst == OK:
+            return
+        # someone failed or was stopped: the messages of the failing ranks only, to every rank
+        mine = (state, _describe(error)[:MESSAGE_CHARS] if error else "")
+        got = self.comm.gather(mine if state != OK else None, root=0)
+        info = None if self.rank else [(r, st, msg) for r, x in enumerate(got) if x is not None for st, msg in [x]]
+        self._finish_state(self.comm.bcast(info, root=0), where, error)
 
     def _finish_state(self, info, where, error):
-        failures = [(r, msg) for r, (st, msg, _) in enumerate(info) if st == FAILED]
+        """``info``: (rank, state, message) of the ranks that did not end OK."""
+        failures = [(r, msg) for r, st, msg in info if st == FAILED]
         if failures:
-            head = f"{len(failures)} of {len(info)} rank(s) failed" + (f" during {where}" if where else "")
-            lines = [f"rank {r}: {msg}" for r, msg in failures]
+            head = f"{len(failures)} of {self.size} rank(s) failed" + (f" during {where}" if where else "")
+            lines = [f"rank {r}: {msg}" for r, msg in failures[:MESSAGE_RANKS]]
+            if len(failures) > MESSAGE_RANKS:
+                lines.append(f"... and {len(failures) - MESSAGE_RANKS} more rank(s)")
             exc = DistributedError(head + ":\n  " + "\n  ".join(lines), failures)
             exc.agreed = True
             if error is not None:
                 raise exc from error
             raise exc
-        if any(st == INTERRUPTED for st, _, _ in info):
+        if any(st == INTERRUPTED for _, st, _ in info):
             exc = Interrupted(
                 "stopped by a signal (walltime or preemption) after finishing the blocks in progress; "
                 "re-run the same command to resume"

@@ -12,7 +12,13 @@ trained by ``python -m mpicellpose.training_cp4``; ``--model demo`` picks it und
 Cellpose 4 and it loads through :func:`mpicellpose.training_cp4.load_standin` only
 (provenance in ``demo_cp4_v1.json``; see docs/cellpose4.md).
 
-Load it with::
+``demo_cyto2ch_v1`` is a two-channel (cytoplasm + nucleus, Cellpose 3 ``channels=[1, 2]``)
+Cellpose 3 CPnet, 4x narrower and without the style vector (0.42M parameters, 0.9 MB),
+trained on synthetic cells by ``python -m mpicellpose.training_2ch``; ``--model demo_cyto2ch``
+picks it under Cellpose 3 (with ``--channel C,N``, ``--diameter 16``) and it loads through
+:func:`mpicellpose.training_2ch.load_small` only (provenance in ``demo_cyto2ch_v1.json``).
+
+Load the Cellpose 3 demo model with::
 
     from cellpose import models
     model = models.CellposeModel(gpu=False, pretrained_model=str(demo_model_path()))

@@ -31,18 +31,12 @@ class Edges:
     bytes_sent: int      # face-view bytes this rank sent to others
 
 
-def face_pairs(grid: geo.BlockGrid, kept, rule: str, connectivity: int):
-    """[(a, b, offset)] for neighbouring kept blocks with b = a + offset and a < b (pure)."""
-    keep = set(kept)
+def face_pairs(grid: geo.BlockGrid, kept, rule: str, connectivity: int, blocks=None):
+    """[(a, b, offset)] for neighbouring kept blocks with b = a + offset and a < b (pure), of which
+    a or b is one of ``blocks`` (default: all kept blocks): a rank builds only its own faces."""
     offs = grid.neighbour_offsets(connectivity if rule == "touch" else 1)
-    positive = [o for o in offs if next(v for v in o if v) > 0]
-    out = []
-    for a in kept:
-        for o in positive:
-            b = grid.neighbour(a, o)
-            if b is not None and b in keep:
-                out.append((a, b, o))
-    return out
+    kept = np.asarray(kept, np.int64)
+    return geo.face_pairs_of(grid, kept if blocks is None else blocks, kept, offs)
 
 
 def exchange_budget() -> int:
@@ -101,11 +95,12 @@ class FaceMatcher:
     it is agreed on after the stream ends.
     """
 
-    def __init__(self, plan, rank, owner, offsets, iou_threshold):
+    def __init__(self, plan, rank, owner, offsets, iou_threshold, mine=None):
         self.plan, self.rank, self.owner, self.offsets = plan, rank, owner, offsets
         self.iou_threshold = iou_threshold
         self.grid = plan.grid
-        self.pairs = face_pairs(self.grid, plan.kept, plan.stitch_rule, plan.connectivity)
+        # only the faces of this rank's blocks (``mine``; all kept blocks when not given)
+        self.pairs = face_pairs(self.grid, plan.kept, plan.stitch_rule, plan.connectivity, blocks=mine)
         self.outgoing, self.sources, uses = {}, set(), {}
         for a, b, o in self.pairs:
             ra, rb = owner[a], owner[b]
@@ -180,8 +175,8 @@ class FaceMatcher:
 
 def match_faces(cfg, plan, box, mine, offsets) -> Edges:
     """Every rank: the edges between provisional IDs across the faces of its blocks."""
-    owner = geo.owner_map(plan.owners(box.size))
-    matcher = FaceMatcher(plan, box.rank, owner, offsets, cfg.iou_threshold)
+    owners = plan.owners(box.size)
+    matcher = FaceMatcher(plan, box.rank, geo.RunOwners(owners), offsets, cfg.iou_threshold, mine=owners[box.rank])
     matcher.match_local()  # pairs inside this rank first, then the faces shared with others, streamed
     box.exchange({d: matcher.messages(k) for d, k in matcher.outgoing.items()}, matcher.sources, matcher.receive,
                  "exchanging face views")

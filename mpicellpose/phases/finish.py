@@ -71,16 +71,21 @@ def mark_complete(cfg, plan, summary) -> None:
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         "object_table": os.path.basename(outputs.table_path(plan.output.stem)),
         "normalization": plan.normalization,
+        "pipeline": plan.pipeline, "cost": summary.get("cost"),
     })
     arr.attrs["mpicellpose"] = json.loads(json.dumps(meta, default=storage.json_default))
 
 
 def finish_phase(cfg, plan, box, summary) -> dict:
-    """Rank 0 marks the output complete and removes the work directory; every rank gets the summary."""
+    """Rank 0 marks the output complete; then (unless ``keep_work``) every rank removes its own
+    blocks' files from the work directory and rank 0 what is left; every rank gets the summary."""
     def finish():
         mark_complete(cfg, plan, summary)
-        if not cfg.keep_work:
-            WorkDir(plan.work_dir).remove()
         return summary
 
-    return box.on_root(finish, "finishing the output")
+    summary = box.on_root(finish, "finishing the output")
+    if not cfg.keep_work:
+        with box.step("removing the work directory's block files"):
+            WorkDir(plan.work_dir).remove_blocks(plan.owners(box.size)[box.rank])
+        box.on_root(lambda: WorkDir(plan.work_dir).remove(), "removing the work directory")
+    return summary

@@ -144,6 +144,7 @@ def merge(box, edges, counts, offsets, mine) -> Merge:
     ids.parent = ids.nodes.copy()
     rnd = 0
     while True:
+        maybe_fault("merge", box.rank, rnd)   # tests: a rank dying between rounds
         # hook: the larger root of every edge points at the smallest root it touches
         b, a = ids.exchange(st.id_owner(e_hi, ids.bounds), (e_hi, e_lo), f"merge: hooking, round {rnd}")
         if not box.last_rounds:

@@ -18,10 +18,12 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 
 from .. import geometry as geo
-from .. import outputs, readers, storage
+from .. import outputs, readers, schedule as sched, storage
 from .._version import __version__
 from ..backends import DEFAULT_DIAMETER, cellpose_version, check_bsize_v4, check_eval_kwargs, resolve_model
 from ..errors import ConfigError, InputError
+from ..cost import check_flow_space
+from ..flowfield import default_flow_halo as flow_halo_default
 from ..outputs import OutputPlace
 from ..volume import anisotropy
 from ..workdir import WorkDir
@@ -52,6 +54,8 @@ class Settings:
     voxel_size: tuple | None
     voxel_unit: str | None
     axes: tuple                   # spatial axis names
+    pipeline: str = "blocks"      # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block)
+    flow_halo: int = 0            # 'flows': in-plane context of the network around a core (voxels)
 
     @property
     def grid(self) -> geo.BlockGrid:
@@ -65,7 +69,7 @@ class Plan:
     settings: Settings
     kept: tuple                   # blocks with foreground in the mask, grid order
     done: tuple                   # blocks recorded by an earlier run of the same configuration
-    segment_assignment: tuple     # per rank: the blocks it segments now
+    segment_assignment: tuple     # per rank: its share of the blocks to segment now (see `handout`)
     work_dir: str
     fingerprint: dict
     run_id: str
@@ -73,13 +77,27 @@ class Plan:
     output: OutputPlace
     replaces: str | None = None   # the existing zarr node --overwrite replaces, if any
     normalization: dict | None = None  # global bounds, set after sampling (phase 1b)
+    # 'static': each rank segments its share; 'dynamic': shares dealt costliest first, each rank starts
+    # with the first block of its own, the rest go at run time to whoever asks (mpicellpose.schedule)
+    handout: str = "static"
 
     def owners(self, n_ranks: int) -> list:
         """Per rank, the kept blocks it stitches, relabels and reports (contiguous runs in
         grid order, balanced by core size): its share of the output, fixed by the grid."""
-        grid = self.grid
-        return geo.assign_contiguous(list(self.kept), [geo.box_size(grid.block(b).core) for b in self.kept],
-                                     n_ranks)
+        return geo.assign_contiguous(list(self.kept), geo.block_sizes(self.grid, self.kept), n_ranks)
+
+    @property
+    def to_segment(self) -> tuple:
+        """The blocks this run segments (kept, not done by an earlier run), grid order."""
+        done = set(self.done)
+        return tuple(b for b in self.kept if b not in done)
+
+    def without_blocks(self, finished, n_ranks: int) -> "Plan":
+        """The plan with ``finished`` blocks taken out of the segmentation shares (recorded in
+        this run already, e.g. during the flow step)."""
+        gone = set(finished)
+        todo = [b for share in self.segment_assignment for b in share if b not in gone]
+        return replace(self, segment_assignment=sched.make_shares(self.handout, self.grid, sorted(todo), n_ranks))
 
     def with_normalization(self, norm) -> "Plan":
         return replace(self, normalization=norm)
@@ -188,8 +206,36 @@ def resolve_settings(cfg, vol) -> Settings:
     if rule == "iou" and min(overlap) < 1:
         raise ConfigError(f"stitch='iou' needs an overlap of at least 1 voxel on every axis, got {overlap}")
     axes = tuple(a for i, a in enumerate(vol.axes) if i != channel_axis)
+    pipeline, halo = resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter)
     return Settings(shape, blocksize, overlap, channel_axis, rule, conn, eval_kwargs, resolved, voxel_size,
-                    voxel_unit, axes)
+                    voxel_unit, axes, pipeline, halo)
+
+
+def resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter) -> tuple:
+    """(pipeline, in-plane flow halo): 'flows' by default for Cellpose, 'blocks' for the others."""
+    pipeline = cfg.pipeline or ("flows" if cfg.backend == "cellpose" else "blocks")
+    if pipeline == "blocks":
+        return pipeline, 0
+    if cfg.backend != "cellpose":
+        name = cfg.backend if isinstance(cfg.backend, str) else type(cfg.backend).__name__
+        raise ConfigError(f"--pipeline flows needs the Cellpose backend (its network's flows); the {name} backend "
+                          f"runs with --pipeline blocks")
+    ndim = len(shape)
+    if ndim == 3 and (eval_kwargs.get("do_3D") is False or float(eval_kwargs.get("stitch_threshold") or 0) > 0):
+        raise ConfigError("--pipeline flows segments in 3D (do_3D); plane-by-plane segmentation (do_3D=False, "
+                          "stitch_threshold) runs with --pipeline blocks")
+    if eval_kwargs.get("resample") is False:
+        raise ConfigError("--pipeline flows needs resample=True (Cellpose's default); use --pipeline blocks")
+    cut = [b for b, n in zip(blocksize, shape) if b < n]  # axes cut into several blocks
+    if cfg.flow_halo is None:  # the default never exceeds the blocks
+        return pipeline, min([flow_halo_default(diameter, ndim)] + cut)
+    halo = int(cfg.flow_halo)
+    for axis, (b, n) in enumerate(zip(blocksize, shape)):
+        if b < n and halo > b:
+            raise ConfigError(f"--flow-halo {halo} is larger than the block ({b} voxels along axis {axis}): the "
+                              f"network would run on more halo than block; use larger blocks or a smaller "
+                              f"--flow-halo")
+    return pipeline, halo
 
 
 def open_volume(cfg):
@@ -200,12 +246,20 @@ def open_volume(cfg):
 
 def kept_blocks(cfg, grid) -> tuple:
     """The blocks with foreground in the mask (all blocks without a mask), grid order."""
+    return kept_and_fractions(cfg, grid)[0]
+
+
+def kept_and_fractions(cfg, grid) -> tuple:
+    """(kept blocks in grid order, the mask's kept fraction of every block's core or None without
+    a mask): one pass over the mask."""
     mask = cfg.mask
     if isinstance(mask, (str, os.PathLike)):
         mask = readers.open_input(mask, what="mask")
-    if mask is not None:
-        geo.check_mask_shape(mask.shape, grid.shape)
-    return tuple(int(i) for i in np.flatnonzero(geo.blocks_in_mask(grid, mask)))
+    if mask is None:
+        return tuple(range(len(grid))), None
+    geo.check_mask_shape(mask.shape, grid.shape)
+    fractions = geo.mask_fractions(grid, mask)
+    return tuple(int(i) for i in np.flatnonzero(fractions > 0)), fractions
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -258,6 +312,7 @@ def fingerprint_of(cfg, vol, s: Settings, fmt: int) -> dict:
         "stitch": {"rule": s.stitch_rule, "connectivity": s.connectivity, "iou_threshold": cfg.iou_threshold,
                    "iou_depth": cfg.iou_depth},
         "normalize": cfg.normalize if cfg.backend == "cellpose" else None,
+        "pipeline": [s.pipeline, s.flow_halo],
         "zarr_format": fmt,
     }
 
@@ -278,10 +333,11 @@ def output_format(cfg, vol, place) -> int:
 
 
 # --------------------------------------------------------------------------- the plan
-def schedule(grid, todo, n_ranks) -> tuple:
-    """The blocks each rank segments: contiguous runs balanced by read volume."""
-    weights = [geo.box_size(grid.block(b).read) for b in todo]
-    return tuple(tuple(part) for part in geo.assign_contiguous(list(todo), weights, n_ranks))
+def schedule(grid, todo, n_ranks, mode: str = "static", fractions=None) -> tuple:
+    """Per rank, its share of the blocks to segment (see :mod:`mpicellpose.schedule`): ``static``,
+    contiguous runs balanced by read volume; ``dynamic``, dealt round-robin costliest first (cost:
+    read voxels times the mask's kept fraction)."""
+    return sched.make_shares(mode, grid, todo, n_ranks, fractions)
 
 
 def make_plan(cfg, vol, n_ranks: int, *, prepare: bool = True) -> Plan:
@@ -291,7 +347,7 @@ def make_plan(cfg, vol, n_ranks: int, *, prepare: bool = True) -> Plan:
     """
     s = resolve_settings(cfg, vol)
     grid = s.grid
-    kept = kept_blocks(cfg, grid)
+    kept, fractions = kept_and_fractions(cfg, grid)
     place, work_path = outputs.locate_output(cfg, vol, prepare=prepare)
     fmt = output_format(cfg, vol, place)
     fingerprint = fingerprint_of(cfg, vol, s, fmt)
@@ -302,6 +358,8 @@ def make_plan(cfg, vol, n_ranks: int, *, prepare: bool = True) -> Plan:
     outputs.check_side_files(cfg, place, output_ours)
     work = WorkDir(work_path)
     ours = work.check(run_id, fingerprint, cfg.restart)
+    if prepare and s.pipeline == "flows" and not (ours and not cfg.restart):
+        check_flow_space(s, kept, work.path)  # a resume's flow field is mostly on disk already
     if prepare:
         work.prepare(run_id, fingerprint, s.shape, s.blocksize, reuse=ours and not cfg.restart)
     elif cfg.restart:
@@ -309,5 +367,6 @@ def make_plan(cfg, vol, n_ranks: int, *, prepare: bool = True) -> Plan:
     done = tuple(work.done_blocks(kept)) if (prepare or ours) else ()
     done_set = set(done)
     todo = [b for b in kept if b not in done_set]
-    return Plan(s, kept, done, schedule(grid, todo, n_ranks), str(work.path), fingerprint, run_id, fmt, place,
-                replaces=replaces)
+    mode = getattr(cfg, "schedule", "dynamic")
+    return Plan(s, kept, done, schedule(grid, todo, n_ranks, mode, fractions), str(work.path), fingerprint, run_id,
+                fmt, place, replaces=replaces, handout=mode)

@@ -72,13 +72,17 @@ class Progress:
     every few seconds (every 5 s at first, at most every 30 s in long runs).
     """
 
-    def __init__(self, box, plan, stream=None):
-        self.box = box
+    def __init__(self, box, plan, stream=None, label="segment"):
+        self.box, self.label = box, label
         grid = plan.grid
+        # blocks handed out at run time: each rank reports (voxels done, voxels of its block in progress)
+        self.dynamic = getattr(plan, "handout", "static") == "dynamic" and box.size > 1
         assign = [list(a) for a in plan.segment_assignment] + [[] for _ in range(box.size)]
-        self.sizes = [[geo.box_size(grid.block(b).read) for b in a] for a in assign[:box.size]]
+        self.sizes = [geo.block_sizes(grid, a, "read").tolist() for a in assign[:box.size]]
         self.total = sum(len(a) for a in self.sizes)
         self.total_vox = sum(sum(a) for a in self.sizes)
+        self.workers = max(1, sum(1 for a in self.sizes if a))
+        self.work = [(0, a[0] if a else 0) for a in self.sizes]  # dynamic: every rank starts its share's first
         self.t0 = time.perf_counter()
         self.done = [0] * box.size               # blocks done per rank, as last heard
         self.since = [self.t0] * box.size        # when rank 0 learnt that each rank began its current block
@@ -99,15 +103,19 @@ class Progress:
 
     def _record(self) -> None:
         now = time.perf_counter()
+        work = getattr(self.box, "work", {})
         with self._lock:
             for r, (d, _) in list(self.box.progress.items()):
                 if 0 <= r < len(self.done) and d != self.done[r]:
                     self.done[r], self.since[r] = d, now
+                    if r in work:
+                        self.work[r] = work[r]
 
     def start(self) -> "Progress":
         if self.box.rank == 0 and self.total:
-            log.info("segment: %d block(s) on %d rank(s), %s voxels of read regions; the first estimate comes "
-                     "with the first finished block", self.total, self.box.size, f"{self.total_vox:,}")
+            log.info("%s: %d block(s) on %d rank(s)%s, %s voxels of read regions; the first estimate comes "
+                     "with the first finished block", self.label, self.total, self.box.size,
+                     ", handed out at run time (costliest first)" if self.dynamic else "", f"{self.total_vox:,}")
             self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,),
                                             name="mpicellpose-progress", daemon=True)
             self._thread.start()
@@ -125,7 +133,7 @@ class Progress:
             self._draw(now)
             self._write("\n")
         if finished:
-            log.info("segment: %d/%d blocks done in %s", sum(self.done), self.total, fmt_eta(now - self.t0))
+            log.info("%s: %d/%d blocks done in %s", self.label, sum(self.done), self.total, fmt_eta(now - self.t0))
         elif not self.tty:
             self._line(now)
 
@@ -134,7 +142,9 @@ class Progress:
         """Blocks done, the fraction of the voxels done (finished + the share of the blocks in
         progress), the rate (voxels per second per rank, None before a block finished), the ETA."""
         with self._lock:
-            done, since = list(self.done), list(self.since)
+            done, since, work = list(self.done), list(self.since), list(self.work)
+        if self.dynamic:
+            return self._estimate_shared(now, done, since, work)
         finished = [sum(s[:d]) for s, d in zip(self.sizes, done)]
         busy = sum(t - self.t0 for t, d in zip(since, done) if d)
         rate = sum(finished) / busy if busy > 0 and sum(finished) > 0 else None
@@ -152,13 +162,31 @@ class Progress:
         return {"blocks": sum(done), "fraction": est / self.total_vox if self.total_vox else 1.0,
                 "rate": rate, "eta": eta if rate else None, "running": running, "elapsed": now - self.t0}
 
+    def _estimate_shared(self, now, done, since, work) -> dict:
+        """The same with blocks handed out at run time: what is left is shared by every working rank,
+        and no rank finishes before its block in progress."""
+        finished = sum(w[0] for w in work)
+        busy = sum(t - self.t0 for t, d in zip(since, done) if d)
+        rate = finished / busy if busy > 0 and finished > 0 else None
+        est, tail, running = float(finished), 0.0, 0
+        for (_, cur), t in zip(work, since):
+            if cur:
+                running += 1
+                if rate:
+                    part = cur * _share_done((now - t) * rate / cur)
+                    est += part
+                    tail = max(tail, (cur - part) / rate)
+        eta = max((self.total_vox - est) / (rate * self.workers), tail) if rate else None
+        return {"blocks": sum(done), "fraction": min(est / self.total_vox, 1.0) if self.total_vox else 1.0,
+                "rate": rate, "eta": eta, "running": running, "elapsed": now - self.t0}
+
     def text(self, now: float, bar: bool = False) -> str:
         e = self.estimate(now)
         pct = 100.0 * e["fraction"]
-        head = f"segment: {pct:3.0f}%"
+        head = f"{self.label}: {pct:3.0f}%"
         if bar:
             n = int(round(BAR_WIDTH * e["fraction"]))
-            head = f"segment [{'#' * n}{'.' * (BAR_WIDTH - n)}] {pct:3.0f}%"
+            head = f"{self.label} [{'#' * n}{'.' * (BAR_WIDTH - n)}] {pct:3.0f}%"
         body = f"{e['blocks']}/{self.total} blocks done"
         if e["running"]:
             body += f", {e['running']} in progress"
@@ -233,7 +261,9 @@ def _block_error(exc, blk):
 
 def segment_phase(cfg, plan, box, stop, src, my_blocks, backend, scratch) -> Segmented:
     t0 = time.perf_counter()
-    progress, agreed = Progress(box, plan).start(), False
+    box.start_progress("segment")
+    label = "masks" if getattr(backend, "from_flows", False) else "segment"  # --pipeline flows: the mask step
+    progress, agreed = Progress(box, plan, label=label).start(), False
     try:
         err = _segment_blocks(cfg, plan, box, stop, src, my_blocks, backend, scratch, progress)
         if stop and err is None:
@@ -246,27 +276,36 @@ def segment_phase(cfg, plan, box, stop, src, my_blocks, backend, scratch) -> Seg
 
 
 def _segment_blocks(cfg, plan, box, stop, src, my_blocks, backend, scratch, progress):
-    """This rank's blocks, in order; returns the error to agree on (or None)."""
+    """This rank's blocks (its share, or handed out at run time: :class:`mpicellpose.comm.Handout`);
+    returns the error to agree on (or None).  Every rank enters the hand-out, with or without blocks."""
     grid, work = plan.grid, WorkDir(plan.work_dir)
-    err, done = None, 0
-    for linear in my_blocks:
-        if box.poll() or stop:
-            break
-        blk = grid.block(linear)
-        t_block = time.perf_counter()
-        try:
-            labels = segment_image(src, blk, plan.settings, cfg.preprocessing_steps, backend, stop)
-            read_local, n, core = number_core(labels, blk)
-            maybe_fault("segment", box.rank, done)
-            record_block(work, scratch, grid, blk, plan.settings, cfg.iou_depth, read_local, n, core)
-        except StopNow:
-            break  # the block in progress is not recorded: a resume redoes it
-        except Exception as exc:  # noqa: BLE001 - agreed below, on every rank
-            err = _block_error(exc, blk)
-            log.error("rank %d: %s", box.rank, err)
-            box.notify_abort(str(err))
-            break
-        done += 1
-        box.send_progress(done, len(my_blocks), time.perf_counter() - t_block)
-        progress()
+    dynamic = getattr(plan, "handout", "static") == "dynamic"
+    total = -1 if dynamic and box.size > 1 else len(my_blocks)
+    err, done, vox, seconds = None, 0, 0, 0.0
+    with mpi.Handout(box, plan.segment_assignment, dynamic=dynamic, label="segment",
+                     progress=progress) as blocks:
+        for linear in blocks:
+            if box.poll() or stop:
+                break
+            blk = grid.block(linear)
+            if done:  # rank 0 hears of a finished block with the size of the next one
+                box.send_progress(done, total, seconds, work=(vox, geo.box_size(blk.read)))
+                progress()
+            t_block = time.perf_counter()
+            try:
+                labels = segment_image(src, blk, plan.settings, cfg.preprocessing_steps, backend, stop)
+                read_local, n, core = number_core(labels, blk)
+                maybe_fault("segment", box.rank, done)
+                record_block(work, scratch, grid, blk, plan.settings, cfg.iou_depth, read_local, n, core)
+            except StopNow:
+                break  # the block in progress is not recorded: a resume redoes it
+            except Exception as exc:  # noqa: BLE001 - agreed below, on every rank
+                err = _block_error(exc, blk)
+                log.error("rank %d: %s", box.rank, err)
+                box.notify_abort(str(err))
+                break
+            done, vox, seconds = done + 1, vox + geo.box_size(blk.read), time.perf_counter() - t_block
+        if done:
+            box.send_progress(done, total, seconds, work=(vox, 0))
+            progress()
     return err
