@@ -56,7 +56,7 @@ class RunConfig:
     pyramid_method: str = "mode"
     watchdog: float | None = None
     schedule: str = "dynamic"  # how blocks are handed out: 'dynamic' (at run time, costliest first) or 'static'
-    pipeline: str | None = None  # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block); None: flows for Cellpose
+    pipeline: str | None = None  # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block); None: flows under Cellpose 3, blocks under 4
     flow_halo: int | None = None  # in-plane context of the flow step (voxels); None: 16 x diameter / 30, at least 16
     masks_during_flows: str = "auto"  # 'flows': build masks in a CPU thread while the GPU computes flows (auto: on a GPU)
     config_file: str | None = None  # the --config file (never overwritten by an output)

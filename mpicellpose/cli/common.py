@@ -156,10 +156,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="how blocks go to ranks: dynamic (default) hands them out at run time, costliest first, "
                         "so a fast rank takes more; static gives each rank a fixed contiguous run (for debugging)")
     g.add_argument("--pipeline", choices=("flows", "blocks"), default=argparse.SUPPRESS,
-                   help="Cellpose: 'flows' (default) runs the network once per voxel (planes through each block's "
+                   help="Cellpose: 'flows' (default under Cellpose 3) runs the network once per voxel (planes through each block's "
                         "core plus --flow-halo), stores the flow field in the work directory, then builds masks per "
                         "block with the full overlap; 'blocks' runs Cellpose's eval on each block with its overlap "
-                        "(the network sees overlapping voxels several times)")
+                        "(the network sees overlapping voxels several times; the default under Cellpose 4)")
     g.add_argument("--flow-halo", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="--pipeline flows: in-plane context around a block's core for the network, in voxels "
                         "(default 16 x diameter / 30, at least 16)")
