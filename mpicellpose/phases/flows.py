@@ -21,7 +21,6 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .. import comm as mpi
 from .. import flowfield as ff
 from .. import geometry as geo
 from .. import storage
@@ -30,8 +29,7 @@ from ..errors import BackendError
 from ..faults import maybe_fault
 from ..runlog import log
 from ..schedule import make_shares
-from .segment import Progress
-from ..signals import StopNow
+from .segment import Progress, run_blocks
 
 NEVER_A_CELL = -1.0e4   # cell probability given to voxels of blocks the mask leaves out
 
@@ -135,48 +133,32 @@ def flows_phase(cfg, plan, box, stop, src, backend, todo_segment, ahead=None) ->
         if ahead is not None and not agreed:
             ahead.close()
         progress.close(finished=agreed)
-    total_nv = box.allreduce_sum(nv, "counting network voxels")
-    masked = sorted(b for part in box.allgather(masked, "blocks masked during the flow step") for b in part)
+    parts = box.allgather((nv, masked), "network voxels and blocks masked during the flow step")
+    total_nv = sum(n for n, _ in parts)
+    masked = sorted(b for _, part in parts for b in part)
     if box.rank == 0 and masked:
         log.info("flows: the masks of %d block(s) were built during the flow step", len(masked))
     return Flowed(len(todo), int(total_nv), time.perf_counter() - t0, tuple(masked))
 
 
 def _flow_blocks(cfg, plan, box, stop, src, backend, shares, ahead, progress):
-    """This rank's flow blocks (handed out at run time); (the error to agree on or None, network voxels)."""
+    """This rank's flow blocks; (the error to agree on or None, network voxels)."""
     store = storage.open_array(store_path(plan.work_dir), mode="r+")
-    grid, dynamic = plan.grid, plan.handout == "dynamic"
-    total = -1 if dynamic and box.size > 1 else len(shares[box.rank])
-    err, done, nv, vox, seconds = None, 0, 0, 0, 0.0
-    with mpi.Handout(box, shares, dynamic=dynamic, label="flows", progress=progress) as blocks:
-        for linear in blocks:
-            if box.poll() or stop:
-                break
-            blk = grid.block(linear)
-            if done:  # rank 0 hears of a finished block with the size of the next one
-                box.send_progress(done, total, seconds, work=(vox, geo.box_size(blk.read)))
-                progress()
-            t_block = time.perf_counter()
-            try:
-                flows, n = flow_block(plan.settings, src, cfg.preprocessing_steps, backend, blk, stop)
-                maybe_fault("flows", box.rank, done)
-                _write_flows(plan, store, blk, flows)
-                if ahead is not None:
-                    ahead.offer(linear)
-            except StopNow:
-                break
-            except Exception as exc:  # noqa: BLE001 - agreed by the caller, on every rank
-                err = exc if getattr(exc, "block", None) is not None else _about(
-                    BackendError(f"flows of block {blk.index} (#{blk.linear}): {type(exc).__name__}: {exc}"), blk)
-                log.error("rank %d: %s", box.rank, err)
-                box.notify_abort(str(err))
-                break
-            done, nv = done + 1, nv + n
-            vox, seconds = vox + geo.box_size(blk.read), time.perf_counter() - t_block
-        if done:
-            box.send_progress(done, total, seconds, work=(vox, 0))
-            progress()
-    return err, nv
+
+    def one(blk, done):
+        flows, n = flow_block(plan.settings, src, cfg.preprocessing_steps, backend, blk, stop)
+        maybe_fault("flows", box.rank, done)
+        _write_flows(plan, store, blk, flows)
+        if ahead is not None:
+            ahead.offer(blk.linear)
+        return n
+
+    def block_error(exc, blk):
+        if getattr(exc, "block", None) is not None:
+            return exc
+        return _about(BackendError(f"flows of block {blk.index} (#{blk.linear}): {type(exc).__name__}: {exc}"), blk)
+
+    return run_blocks(box, plan.grid, shares, plan.handout == "dynamic", "flows", progress, stop, one, block_error)
 
 
 def _write_flows(plan, store, blk, flows) -> None:

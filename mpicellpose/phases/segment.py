@@ -276,14 +276,30 @@ def segment_phase(cfg, plan, box, stop, src, my_blocks, backend, scratch) -> Seg
 
 
 def _segment_blocks(cfg, plan, box, stop, src, my_blocks, backend, scratch, progress):
-    """This rank's blocks (its share, or handed out at run time: :class:`mpicellpose.comm.Handout`);
-    returns the error to agree on (or None).  Every rank enters the hand-out, with or without blocks."""
+    """This rank's blocks; returns the error to agree on (or None)."""
     grid, work = plan.grid, WorkDir(plan.work_dir)
+
+    def one(blk, done):
+        labels = segment_image(src, blk, plan.settings, cfg.preprocessing_steps, backend, stop)
+        read_local, n, core = number_core(labels, blk)
+        maybe_fault("segment", box.rank, done)
+        record_block(work, scratch, grid, blk, plan.settings, cfg.iou_depth, read_local, n, core)
+
     dynamic = getattr(plan, "handout", "static") == "dynamic"
-    total = -1 if dynamic and box.size > 1 else len(my_blocks)
-    err, done, vox, seconds = None, 0, 0, 0.0
-    with mpi.Handout(box, plan.segment_assignment, dynamic=dynamic, label="segment",
-                     progress=progress) as blocks:
+    err, _ = run_blocks(box, grid, plan.segment_assignment, dynamic, "segment", progress, stop, one, _block_error)
+    return err
+
+
+def run_blocks(box, grid, shares, dynamic, label, progress, stop, work, block_error):
+    """The block loop of a per-block phase (segmentation, flows): this rank's share of ``shares``,
+    or blocks handed out at run time (:class:`mpicellpose.comm.Handout`; every rank enters it, with
+    or without blocks).  ``work(blk, done)`` does one block and may return a count; a block stopped
+    by a signal is not counted (a resume redoes it); an error is logged, told to the other ranks and
+    returned (``block_error(exc, blk)`` names the block).  Returns (error or None, sum of the counts)."""
+    mine = shares[box.rank] if box.rank < len(shares) else ()
+    total = -1 if dynamic and box.size > 1 else len(mine)
+    err, done, vox, seconds, counted = None, 0, 0, 0.0, 0
+    with mpi.Handout(box, shares, dynamic=dynamic, label=label, progress=progress) as blocks:
         for linear in blocks:
             if box.poll() or stop:
                 break
@@ -293,14 +309,11 @@ def _segment_blocks(cfg, plan, box, stop, src, my_blocks, backend, scratch, prog
                 progress()
             t_block = time.perf_counter()
             try:
-                labels = segment_image(src, blk, plan.settings, cfg.preprocessing_steps, backend, stop)
-                read_local, n, core = number_core(labels, blk)
-                maybe_fault("segment", box.rank, done)
-                record_block(work, scratch, grid, blk, plan.settings, cfg.iou_depth, read_local, n, core)
+                counted += work(blk, done) or 0
             except StopNow:
                 break  # the block in progress is not recorded: a resume redoes it
-            except Exception as exc:  # noqa: BLE001 - agreed below, on every rank
-                err = _block_error(exc, blk)
+            except Exception as exc:  # noqa: BLE001 - agreed by the caller, on every rank
+                err = block_error(exc, blk)
                 log.error("rank %d: %s", box.rank, err)
                 box.notify_abort(str(err))
                 break
@@ -308,4 +321,4 @@ def _segment_blocks(cfg, plan, box, stop, src, my_blocks, backend, scratch, prog
         if done:
             box.send_progress(done, total, seconds, work=(vox, 0))
             progress()
-    return err
+    return err, counted
