@@ -262,6 +262,8 @@ def ours_run(env, env_rank, d, img, case, pipeline, ranks, tag, flow_halo):
            "--pipeline", pipeline, "--log-dir", os.path.join(jd, "logs")]
     if pipeline == "flows" and flow_halo is not None:
         cli += ["--flow-halo", flow_halo]
+    if getattr(env, "precision", None):
+        cli += ["--precision", env.precision]
     if keep_work:
         cli += ["--keep-work"]
     la = loadavg()
@@ -562,7 +564,8 @@ def render_md(res):
          f"{', '.join(f(x, 1) for x in m['machine'].get('loadavg') or [])}; 1-min load over the run "
          f"{f(ld.get('load1_min'), 1)}-{f(ld.get('load1_max'), 1)} (mean {f(ld.get('load1_mean'), 1)})  ",
          f"Model: {m['model'].get('kind')} (`{m['model'].get('path')}`); {RANKS} ranks x 1 thread vs one process "
-         f"x {RANKS} threads; {m['repeats']} repeat(s) (median wall).  ",
+         f"x {RANKS} threads; {m['repeats']} repeat(s) (median wall); our network in "
+         f"{m.get('precision') or 'float32 (default)'}, whole-volume Cellpose in float32.  ",
          f"Started {m.get('started')}, finished {m.get('finished')} ({m.get('duration_s')} s).", ""]
     if m["quick"]:
         L += ["**Quick case** (QUICK of run_all.py: 48x96x96, blocksize 48, overlap 32): few, small blocks; the "
@@ -679,6 +682,11 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default="e2e,dense", help="comma list of e2e, dense")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per tool and case (median wall; default 1)")
     p.add_argument("--flow-halo", type=int, default=None, help="--flow-halo of the flows runs (default: mpicellpose's)")
+    p.add_argument("--tools", default="whole,flows,blocks",
+                   help="comma list of whole, flows, blocks (default all three; --reference adds the reference)")
+    p.add_argument("--precision", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="--precision of our runs (whole-volume Cellpose stays float32, Cellpose's own)")
+    p.add_argument("--tag", default="", help="suffix of the results' file names")
     p.add_argument("--model", default=None, help="Cellpose 3 weights (default: the shipped demo model)")
     p.add_argument("--work", default=os.path.join(HERE, "work", "pipeline"))
     p.add_argument("--results", default=os.path.join(HERE, "results"))
@@ -696,10 +704,11 @@ def main(argv=None) -> int:
     env_rank = copy.copy(env)            # same errors list; its "interpreter" saves the run's cost
     env_rank.py = make_shim(env)
     date = datetime.date.today().isoformat()
-    stem = os.path.join(a.results, f"{date}-pipeline" + ("-quick" if a.quick else ""))
+    stem = os.path.join(a.results, f"{date}-pipeline" + ("-quick" if a.quick else "") + (f"-{a.tag}" if a.tag else ""))
+    env.precision = env_rank.precision = a.precision
     os.makedirs(a.results, exist_ok=True)
     loadmon = ra.LoadMonitor().start()
-    res = {"meta": {"date": date, "quick": a.quick, "repeats": a.repeats, "ranks": RANKS,
+    res = {"meta": {"date": date, "quick": a.quick, "repeats": a.repeats, "ranks": RANKS, "precision": a.precision,
                     "command": "python benchmarks/pipeline.py " + " ".join(argv),
                     "started": datetime.datetime.now().isoformat(timespec="seconds"),
                     "machine": machine_info(), "json_name": stem + ".json"},
@@ -710,7 +719,10 @@ def main(argv=None) -> int:
     except Exception:  # noqa: BLE001
         pass
     res["meta"]["versions_ours"] = ra.versions_ours()
-    tools = ["whole", "flows", "blocks"]
+    tools = [t.strip() for t in a.tools.split(",") if t.strip()]
+    bad = sorted(set(tools) - {"whole", "flows", "blocks"})
+    if bad:
+        p.error(f"unknown --tools {bad}; choose from whole, flows, blocks")
     if a.reference:
         res["meta"]["reference"] = ra.ensure_reference(env)
         if res["meta"]["reference"].get("ok"):

@@ -18,6 +18,7 @@ from scipy import ndimage
 from .channels import CHANNEL_BOUNDS
 from .cellpose4 import CP4_NORMALIZE_DEFAULTS, check_bsize_v4, cp4_normalize, load_shipped  # noqa: F401
 from .errors import BackendError, ConfigError, DependencyError, ModelNotFoundError, needs
+from .precision import check_precision, cp4_model_kwargs, lower_precision
 from .storage import sha256_file
 
 log = logging.getLogger(__name__)
@@ -298,12 +299,15 @@ class CellposeSegmenter(Segmenter):
         'cpu', 'cuda:K', ... (see :mod:`mpicellpose.gpu`).
     threads : int, optional
         torch CPU threads for this rank.
+    precision : str, optional
+        The network's arithmetic ('float32', 'bfloat16', 'float16'; see :mod:`mpicellpose.precision`);
+        None keeps the model's own (float32 under Cellpose 3, Cellpose 4's ``use_bfloat16`` default).
     """
 
     name = "cellpose"
 
     def __init__(self, model_kwargs=None, eval_kwargs=None, *, resolved=None, device=None, threads=None,
-                 ndim=3):
+                 ndim=3, precision=None):
         major, full = cellpose_version()
         if major is None:
             raise needs("cellpose", "cellpose")
@@ -311,6 +315,10 @@ class CellposeSegmenter(Segmenter):
         self.ndim = ndim
         self.resolved = resolved or resolve_model(model_kwargs or {})
         mk, ek, self.ignored = translate_kwargs(model_kwargs, eval_kwargs, major)
+        check_precision(precision, major)
+        if major >= 4:
+            mk = cp4_model_kwargs(mk, precision)
+        self.precision = precision
         self._user_channels = "channels" in (eval_kwargs or {})
         models = import_cellpose_models()
         import torch
@@ -344,6 +352,8 @@ class CellposeSegmenter(Segmenter):
             self.diam_mean = float(getattr(self.model, "diam_mean", DEFAULT_DIAMETER) or DEFAULT_DIAMETER)
         if res["kind"] == "random" and getattr(self.model, "net_ortho", 1) is not None and major < 4:
             self.model.net_ortho = None  # random weights have no orthogonal net (Cellpose 3 quirk)
+        if major < 4:
+            lower_precision(self.model, precision)
         if major >= 4:
             self._norm_keys = set(getattr(models, "normalize_default", CP4_NORMALIZE_DEFAULTS))
         if "diameter" not in ek or ek["diameter"] is None:
@@ -403,7 +413,8 @@ class CellposeSegmenter(Segmenter):
 
     def describe(self):
         ek = {k: v for k, v in self.eval_kwargs.items() if k not in _MANAGED_EVAL}
-        return {"backend": self.name, "cellpose": self.version, "model": self.resolved, "eval_kwargs": ek}
+        return {"backend": self.name, "cellpose": self.version, "model": self.resolved, "eval_kwargs": ek,
+                "precision": self.precision}
 
 
 def apply_fixed_bounds(image, ek, ndim):
@@ -490,7 +501,7 @@ def check_eval_kwargs(eval_kwargs: dict) -> None:
 
 
 def make_backend(name: str, *, model_kwargs=None, eval_kwargs=None, backend_kwargs=None, resolved=None,
-                 device=None, threads=None, ndim=3) -> Segmenter:
+                 device=None, threads=None, ndim=3, precision=None) -> Segmenter:
     """Build the backend called ``name`` ('cellpose', 'threshold' or 'labels')."""
     bk = dict(backend_kwargs or {})
     if name == "threshold":
@@ -499,5 +510,5 @@ def make_backend(name: str, *, model_kwargs=None, eval_kwargs=None, backend_kwar
         return LabelsSegmenter()
     if name == "cellpose":
         return CellposeSegmenter(model_kwargs, eval_kwargs, resolved=resolved, device=device, threads=threads,
-                                 ndim=ndim)
+                                 ndim=ndim, precision=precision)
     raise ConfigError(f"unknown backend {name!r}; choose 'cellpose', 'threshold' or 'labels'")

@@ -92,18 +92,20 @@ def call_backend(backend, blk: geo.Block, call, stop=None):
                      blk) from exc
 
 
-def segment_image(src, blk: geo.Block, settings, preprocessing_steps, backend, stop=None) -> np.ndarray:
+def segment_image(src, blk: geo.Block, settings, preprocessing_steps, backend, stop=None, img=None) -> np.ndarray:
     """Labels of the block's read region (``stop``: a StopFlag whose SIGTERM abandons the
     backend call; nothing of the block is recorded then).  Errors raised here name the
     block (their attribute ``block`` says so); others come from the libraries called.
 
     A backend with ``from_flows`` (``--pipeline flows``, :mod:`mpicellpose.phases.flows`)
-    builds the masks from the flow field already computed: it reads no image."""
+    builds the masks from the flow field already computed: it reads no image.  ``img``: the
+    block's image when it was read already (``block_image``, e.g. by the read-ahead thread)."""
     ndim = len(settings.shape)
     if getattr(backend, "from_flows", False):
         labels = call_backend(backend, blk, lambda: backend.segment_block(blk), stop)
     else:
-        img = block_image(src, blk, settings, preprocessing_steps)
+        if img is None:
+            img = block_image(src, blk, settings, preprocessing_steps)
         labels = call_backend(backend, blk, lambda: backend.segment(img, ndim), stop)
     labels = np.asarray(labels)
     if labels.shape != tuple(b - a for a, b in blk.read):
@@ -139,6 +141,18 @@ def backend_eval_kwargs(cfg, settings, normalization) -> dict:
     return eval_kwargs
 
 
+def gpu_rank_wants(mode: str, backend) -> bool:
+    """An auto|on|off option that is on by default for ranks whose model runs on a GPU
+    (``--masks-during-flows``, ``--read-ahead``): on a CPU-only rank the extra thread would share
+    the cores the network uses."""
+    if mode == "off" or backend is None:
+        return False
+    if mode == "on":
+        return True
+    model = getattr(backend, "model", None)
+    return str(getattr(model, "device", "cpu")).startswith(("cuda", "mps"))
+
+
 def build_backend(cfg, settings, normalization, box, load=True):
     """This rank's backend.  Collective: every rank calls it, also one with no block to
     segment (``load=False``: it takes part in the device binding but loads no model)."""
@@ -155,7 +169,8 @@ def build_backend(cfg, settings, normalization, box, load=True):
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(binding.local_size, 1))
     backend = make_backend("cellpose", model_kwargs=cfg.model_kwargs,
                            eval_kwargs=backend_eval_kwargs(cfg, settings, normalization),
-                           resolved=settings.resolved_model, device=binding.device, threads=threads, ndim=ndim)
+                           resolved=settings.resolved_model, device=binding.device, threads=threads, ndim=ndim,
+                           precision=cfg.precision)
     if backend.ignored and box.rank == 0:
         log.warning("Cellpose %s ignores these arguments: %s", backend.version, ", ".join(backend.ignored))
     return backend

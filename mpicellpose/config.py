@@ -59,6 +59,8 @@ class RunConfig:
     pipeline: str | None = None  # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block); None: flows under Cellpose 3, blocks under 4
     flow_halo: int | None = None  # in-plane context of the flow step (voxels); None: 16 x diameter / 30, at least 16
     masks_during_flows: str = "auto"  # 'flows': build masks in a CPU thread while the GPU computes flows (auto: on a GPU)
+    read_ahead: str = "auto"  # read the next block in a thread while the network works on this one (auto: on a GPU)
+    precision: str | None = None  # the network's arithmetic: 'float32', 'bfloat16', 'float16'; None: the model's own
     config_file: str | None = None  # the --config file (never overwritten by an output)
 
     def __post_init__(self):
@@ -102,10 +104,14 @@ class RunConfig:
             raise ConfigError(f"schedule must be 'dynamic' or 'static', got {self.schedule!r}")
         if self.pipeline not in (None, "flows", "blocks"):
             raise ConfigError(f"pipeline must be 'flows' or 'blocks', got {self.pipeline!r}")
+        if self.read_ahead not in ("auto", "on", "off"):
+            raise ConfigError(f"read_ahead must be 'auto', 'on' or 'off', got {self.read_ahead!r}")
         if self.masks_during_flows not in ("auto", "on", "off"):
             raise ConfigError(f"masks_during_flows must be 'auto', 'on' or 'off', got {self.masks_during_flows!r}")
         if self.flow_halo is not None and (isinstance(self.flow_halo, bool) or int(self.flow_halo) < 0):
             raise ConfigError(f"flow_halo must be a number of voxels >= 0, got {self.flow_halo!r}")
+        if self.precision is not None and self.precision not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"precision must be 'float32', 'bfloat16' or 'float16', got {self.precision!r}")
         if self.threads is not None and int(self.threads) < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         for name in ("model_kwargs", "eval_kwargs", "backend_kwargs"):
@@ -124,6 +130,9 @@ class RunConfig:
                     f"preprocessing_steps[{i}] must be a (function, kwargs dict) pair, got {step!r}"
                 )
         object.__setattr__(self, "preprocessing_steps", tuple((f, dict(k)) for f, k in steps))
+        batch = self.eval_kwargs.get("batch_size")
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            raise ConfigError(f"batch_size must be a whole number of tiles >= 1, got {batch!r}")
         object.__setattr__(self, "channel", channel_selection(self.channel, self.channel_axis, self.eval_kwargs))
         conn = self.backend_kwargs.get("connectivity", 1)
         if conn != "full" and (isinstance(conn, bool) or not isinstance(conn, int) or conn < 1):
@@ -252,7 +261,7 @@ def _qualname(fn) -> str:
 
 # --------------------------------------------------------------------------- config files
 # convenience keys (as on the command line) that land inside the kwargs dicts
-_EVAL_KEYS = {"diameter": "diameter", "anisotropy": "anisotropy"}
+_EVAL_KEYS = {"diameter": "diameter", "anisotropy": "anisotropy", "batch_size": "batch_size"}
 _BACKEND_KEYS = {"threshold": "threshold", "connectivity": "connectivity"}
 
 

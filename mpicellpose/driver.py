@@ -342,9 +342,11 @@ def _log_plan(box, plan, lock):
 def _log_normalization(box, plan):
     norm = plan.normalization
     if norm and box.rank == 0:
-        lo, hi = norm["normalize"]["lowhigh"]
-        log.info("normalisation: percentiles %s of %d voxels from %d blocks -> [%.6g, %.6g]",
-                 norm["percentile"], norm["sampled_voxels"], norm["sampled_blocks"], lo, hi)
+        per_channel = norm["normalize"].get("lowhigh_per_channel")
+        bounds = [norm["normalize"]["lowhigh"]] if not per_channel else per_channel
+        text = ", ".join(f"[{lo:.6g}, {hi:.6g}]" for lo, hi in bounds)
+        log.info("normalisation: percentiles %s of %d voxels from %d blocks -> %s%s", norm["percentile"],
+                 norm["sampled_voxels"], norm["sampled_blocks"], text, " (per channel)" if per_channel else "")
 
 
 def _log_done(box, plan, merged, segmented, summary):

@@ -171,8 +171,10 @@ def test_flows_pipeline_ranks_resume_and_cost(volume):
     assert np.array_equal(one[...], two[...])
     assert not (d / "two.mpicellpose-work").exists()  # flows.zarr and flows/ removed with the rest
 
-    # masks built in a CPU thread during the flow step (the default on GPU ranks): the same labels
-    r4 = _mpicellpose(2, "segment", d / "in.zarr", d / "ahead.zarr", *ARGS, "--masks-during-flows", "on")
+    # a GPU rank's defaults: masks built in a CPU thread during the flow step and the next block read
+    # in a thread while the network runs: the same labels
+    r4 = _mpicellpose(2, "segment", d / "in.zarr", d / "ahead.zarr", *ARGS, "--masks-during-flows", "on",
+                      "--read-ahead", "on")
     assert r4.returncode == 0, r4.stderr[-3000:]
     assert "the masks of 4 block(s) were built during the flow step" in r4.stderr
     assert np.array_equal(one[...], zarr.open(str(d / "ahead.zarr"), mode="r")[...])

@@ -225,3 +225,16 @@ def test_2d_ome_zarr_channels_by_name(tmp_path):
                                threads=THREADS, device="cpu")
     lab2 = zarr.open(str(tmp_path / "n2.zarr"), mode="r")
     _check(lab2[...], lab1[...], lab2.attrs["mpicellpose"], img, cells)
+
+
+def test_the_chosen_channels_are_in_the_fingerprint_of_an_in_memory_array():
+    from mpicellpose.config import RunConfig
+    from mpicellpose.phases.plan import fingerprint_of, open_volume, resolve_settings, run_id_of
+
+    ids = set()
+    for ch in ("1,0", "0,1", None):
+        cfg = RunConfig(input=np.zeros((2, 32, 32), np.uint16), channel=ch, channel_axis=0, blocksize=16,
+                        model_kwargs={"pretrained_model": "demo"})
+        vol = open_volume(cfg)
+        ids.add(run_id_of(fingerprint_of(cfg, vol, resolve_settings(cfg, vol), 2)))
+    assert len(ids) == 3  # a resume with other channels is refused

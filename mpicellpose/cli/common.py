@@ -167,6 +167,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="--pipeline flows: build masks in a CPU thread while the GPU computes the next blocks' flows "
                         "(default auto: on for ranks with a GPU, off on CPU-only ranks, where both would share the "
                         "same cores); the labels are the same either way")
+    g.add_argument("--read-ahead", choices=("auto", "on", "off"), default=argparse.SUPPRESS,
+                   help="read the next block's image in a thread while the network works on this one (default auto: "
+                        "on for ranks with a GPU); one more block in memory, the labels are the same either way")
+    g.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default=argparse.SUPPRESS,
+                   help="the network's arithmetic (default: the model's own, float32 under Cellpose 3, bfloat16 under "
+                        "Cellpose 4): bfloat16/float16 run it under autocast, 2-4x faster on GPUs and on CPUs with "
+                        "AMX or AVX-512 BF16, with labels that differ slightly from float32's (docs/pipeline.md)")
+    g.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="Cellpose: tiles per forward pass of the network (default 8); halved automatically after a "
+                        "GPU out-of-memory error")
     g.add_argument("--device", default=argparse.SUPPRESS, metavar="auto|cpu|cuda|cuda:K",
                    help="where each rank runs the model (default auto: one GPU per rank, round-robin, else CPU)")
     g.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
@@ -303,7 +313,8 @@ _FLAGS = {k: "--" + k.replace("_", "-") for k in (
     "blocksize", "overlap", "diameter", "anisotropy", "channel_axis", "iou_depth", "iou_threshold", "voxel_size",
     "threads", "watchdog", "pyramid", "pyramid_method", "zarr_format", "normalize", "stitch", "backend",
     "connectivity", "threshold", "eval_kwargs", "model_kwargs", "level", "channel", "timepoint", "tile_pattern",
-    "labels_name", "work_dir", "device", "mask", "dataset")}
+    "labels_name", "work_dir", "device", "mask", "dataset", "batch_size", "precision", "flow_halo", "read_ahead",
+    "masks_during_flows", "pipeline", "schedule")}
 _RELATED = {"stitch": ("overlap",)}  # flags worth showing with the subject's ("stitch='iou' needs an overlap")
 _SUBJECT = re.compile(r"^(unknown )?(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")(?=[ =])")
 _LIBRARY_SPELLINGS = ((re.compile(r"\boverwrite=True\b"), "--overwrite"),

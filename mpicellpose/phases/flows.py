@@ -29,7 +29,7 @@ from ..errors import BackendError
 from ..faults import maybe_fault
 from ..runlog import log
 from ..schedule import make_shares
-from .segment import Progress, run_blocks
+from .segment import Progress, read_ahead_wanted, run_blocks
 
 NEVER_A_CELL = -1.0e4   # cell probability given to voxels of blocks the mask leaves out
 
@@ -93,11 +93,16 @@ def _fsync_chunk(store: Path, chunk_index) -> None:
             os.close(fd)
 
 
-def flow_block(settings, src, steps, backend, blk, stop=None):
-    """(flows of the block's core as float32, network voxels)."""
-    region = ff.flow_region(blk.core, settings.shape, settings.flow_halo)
-    fblk = replace(blk, read=region)
-    img = block_image(src, fblk, settings, steps)
+def flow_read(settings, src, steps, blk):
+    """(the block with the flow step's read region, its image): the core grown by the in-plane halo."""
+    fblk = replace(blk, read=ff.flow_region(blk.core, settings.shape, settings.flow_halo))
+    return fblk, block_image(src, fblk, settings, steps)
+
+
+def flow_block(settings, src, steps, backend, blk, stop=None, read=None):
+    """(flows of the block's core as float32, network voxels); ``read``: :func:`flow_read`'s
+    result when it was read already."""
+    fblk, img = read if read is not None else flow_read(settings, src, steps, blk)
     flows, nv = call_backend(backend, blk, lambda: ff.compute_flows(backend, img, fblk.core_in_read,
                                                                     len(settings.shape)), stop)
     if not np.all(np.isfinite(flows)):
@@ -145,8 +150,9 @@ def _flow_blocks(cfg, plan, box, stop, src, backend, shares, ahead, progress):
     """This rank's flow blocks; (the error to agree on or None, network voxels)."""
     store = storage.open_array(store_path(plan.work_dir), mode="r+")
 
-    def one(blk, done):
-        flows, n = flow_block(plan.settings, src, cfg.preprocessing_steps, backend, blk, stop)
+    def one(blk, done, get):
+        flows, n = flow_block(plan.settings, src, cfg.preprocessing_steps, backend, blk, stop,
+                              get() if get is not None else None)
         maybe_fault("flows", box.rank, done)
         _write_flows(plan, store, blk, flows)
         if ahead is not None:
@@ -158,7 +164,12 @@ def _flow_blocks(cfg, plan, box, stop, src, backend, shares, ahead, progress):
             return exc
         return _about(BackendError(f"flows of block {blk.index} (#{blk.linear}): {type(exc).__name__}: {exc}"), blk)
 
-    return run_blocks(box, plan.grid, shares, plan.handout == "dynamic", "flows", progress, stop, one, block_error)
+    load = None
+    if read_ahead_wanted(cfg, backend):
+        def load(blk):
+            return flow_read(plan.settings, src, cfg.preprocessing_steps, blk)
+    return run_blocks(box, plan.grid, shares, plan.handout == "dynamic", "flows", progress, stop, one, block_error,
+                      load)
 
 
 def _write_flows(plan, store, blk, flows) -> None:

@@ -24,6 +24,7 @@ from ..backends import DEFAULT_DIAMETER, cellpose_version, check_bsize_v4, check
 from ..errors import ConfigError, InputError
 from ..cost import check_flow_space
 from ..flowfield import default_flow_halo as flow_halo_default
+from ..precision import check_precision
 from ..outputs import OutputPlace
 from ..volume import anisotropy
 from ..workdir import WorkDir
@@ -190,6 +191,7 @@ def resolve_settings(cfg, vol) -> Settings:
             check_eval_kwargs(cfg.eval_kwargs)  # imports Cellpose: only for keys not known here
         if (cellpose_version()[0] or 0) >= 4:
             check_bsize_v4(cfg.eval_kwargs.get("bsize"))  # from the installed metadata: no import
+        check_precision(cfg.precision, cellpose_version()[0])
         resolved = resolve_model(cfg.model_kwargs)
         if diameter is None:
             diameter = resolved.get("diameter") or (DEMO_DIAMETER if resolved.get("name") == "demo" else DEFAULT_DIAMETER)
@@ -281,6 +283,8 @@ def input_identity(cfg, arr, vol=None):
     ident = {"shape": list(arr.shape), "dtype": str(np.dtype(arr.dtype))}
     if vol is not None and vol.kind != "array":
         ident.update({"kind": vol.kind, "level": vol.level, "channel": cfg.channel, "timepoint": cfg.timepoint})
+    elif cfg.channel is not None:  # an in-memory array: the chosen channels still change the labels
+        ident["channel"] = cfg.channel
     if isinstance(cfg.input, (str, os.PathLike)):
         ident["path"] = os.path.abspath(cfg.input)
         ident["dataset"] = cfg.dataset
@@ -319,7 +323,7 @@ def fingerprint_of(cfg, vol, s: Settings, fmt: int) -> dict:
         "normalize": cfg.normalize if cfg.backend == "cellpose" else None,
         "pipeline": [s.pipeline, s.flow_halo],
         "zarr_format": fmt,
-    }
+    } | ({"precision": cfg.precision} if cfg.precision and cfg.backend == "cellpose" else {})
 
 
 def run_id_of(fingerprint: dict) -> str:
