@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/scale.py [--edge 240 | --shape Z Y X] [--blocksize 24] [--ranks 1 8 32 64]
                                          [--backend labels|threshold] [--out DIR] [--json FILE]
+                                         [--profile DIR] [--latency]
 
 The volume holds 2x2x2 cubes on a period-3 lattice, ``(edge / 3)^3`` objects, placed so that
 (for a blocksize divisible by 3) a layer of cubes straddles every block face: those are cut
@@ -13,14 +14,19 @@ rank) and every rank reports:
 * ``VmHWM`` (peak RSS) after each phase: the phase that raised it is the one that set the peak;
 * the time per phase (``RunResult.timings``);
 * the largest payload it sent to one rank in a labelled collective of the MPI gateway
-  (``alltoall``, hence every round of the chunked ``alltoall_arrays``, ``gather``, ``allgather``,
+  (the data of every ``alltoall``, hence every round of the chunked ``alltoall_arrays``, ``gather``, ``allgather``,
   ``bcast``, ``scatter``; numpy ``nbytes`` summed, small objects counted as their pickle).
   The face-view stream between neighbours is bounded by ``MPICELLPOSE_EXCHANGE_BYTES``.
 
 Printed per N: objects, per-phase time (slowest rank), per-rank peak RSS (min / median / max,
 rank 0's excess over the median), the largest message, and whether the labels are
 byte-identical to the first N's.  Short runs only on a laptop: edge 240 with 24^3 blocks is
-512k objects and 1000 blocks.
+512k objects and 1000 blocks; ``--shape 648 648 648 --blocksize 72`` is 10.2M objects (the JSON
+is written after every N, so a long series that is stopped keeps what it measured).
+
+``--profile DIR`` dumps a cProfile per rank and phase, timed in CPU seconds, under
+``DIR/ranks<N>/``; ``--latency`` only times a labelled barrier and a small ``alltoall_arrays``
+on each N.
 """
 from __future__ import annotations
 
@@ -61,9 +67,10 @@ def make_volume(path, edge, blocksize, backend):
     (on_z, cz), (on_y, cy), (on_x, cx) = axes
     ny, nx = int(cy.max()) + 1, int(cx.max()) + 1
     on = on_z[:, None, None] & on_y[None, :, None] & on_x[None, None, :]
-    if backend == "labels":
-        lab = (cz[:, None, None] * ny + cy[None, :, None]) * nx + cx[None, None, :] + 1
-        arr = np.where(on, lab, 0).astype(np.uint32)
+    if backend == "labels":   # built in uint32 (the labels fit): one volume of 4 bytes a voxel, not 8
+        zy = (cz[:, None] * ny + cy[None, :]).astype(np.uint32) * np.uint32(nx)
+        arr = zy[:, :, None] + (cx.astype(np.uint32) + np.uint32(1))[None, None, :]
+        arr[~on] = 0
     else:
         arr = on.astype(np.uint8) * 200
     numpy_array_to_zarr(path, arr, blocksize)
@@ -83,8 +90,9 @@ def _size(obj) -> int:
         return 0
 
 
-def _hooks(state):
-    """Measure the gateway's collectives and take VmHWM after each phase."""
+def _hooks(state, profile=None):
+    """Measure the gateway's collectives and take VmHWM after each phase; ``profile``: a folder
+    where each rank dumps a cProfile of each phase (``<phase>.rank<r>.prof``)."""
     from mpicellpose.comm.mailbox import Mailbox
     from mpicellpose.phases import faces, finish, merge, relabel, table
 
@@ -110,7 +118,9 @@ def _hooks(state):
             return fn(self, obj, *a, **kw)
         return wrapped
 
-    for name in ("alltoall", "gather", "allgather", "bcast", "scatter", "allreduce_sum"):
+    # the data of every alltoall (also each round of alltoall_arrays) goes through _alltoall_data
+    Mailbox._alltoall_data = biggest("alltoall", Mailbox._alltoall_data)
+    for name in ("gather", "allgather", "bcast", "scatter", "allreduce_sum"):
         setattr(Mailbox, name, biggest(name, getattr(Mailbox, name)))
     for mod in (merge, faces, relabel, table, finish):
         for ph in PHASES:
@@ -119,8 +129,19 @@ def _hooks(state):
                 continue
 
             def timed(*a, _fn=fn, _ph=ph, **kw):
+                prof = None
+                if profile:
+                    import cProfile
+                    prof = cProfile.Profile(time.process_time)   # CPU seconds, not the waits
+                    prof.enable()
                 t0, c0, cpu0 = time.perf_counter(), state["calls"], time.process_time()
-                out = _fn(*a, **kw)
+                try:
+                    out = _fn(*a, **kw)
+                finally:
+                    if prof is not None:
+                        prof.disable()
+                        from mpi4py import MPI
+                        prof.dump_stats(os.path.join(profile, f"{_ph}.rank{MPI.COMM_WORLD.Get_rank():04d}.prof"))
                 state["hwm"][_ph] = vm_hwm()
                 state["fn_s"][_ph] = round(time.perf_counter() - t0, 3)
                 state["fn_cpu"][_ph] = round(time.process_time() - cpu0, 3)
@@ -139,7 +160,7 @@ def worker(a) -> int:
 
     state = {"largest": (0, ""), "largest_merge": (0, ""), "hwm": {}, "fn_s": {}, "fn_cpu": {}, "fn_collectives": {},
              "calls": 0, "bytes": 0}
-    _hooks(state)
+    _hooks(state, a.profile)
     comm = MPI.COMM_WORLD
     hwm0 = vm_hwm()
     t0 = time.perf_counter()
@@ -156,6 +177,31 @@ def worker(a) -> int:
            "message_budget": getattr(Mailbox, "MESSAGE_BYTES", None)}
     with open(f"{a.output}.rank{comm.Get_rank():04d}.json", "w") as f:
         json.dump(rec, f)
+    return 0
+
+
+def latency_worker(a) -> int:
+    """Time the gateway's collectives alone: a labelled barrier and an ``alltoall_arrays`` of 10
+    rows per rank, 20 each (``--latency``)."""
+    from mpi4py import MPI
+
+    from mpicellpose.comm import Mailbox, dup
+
+    box = Mailbox(dup(MPI.COMM_WORLD))
+    box.barrier("start")
+    out = {"ranks": box.size}
+    for kind in ("barrier", "alltoall_arrays"):
+        t, c = time.perf_counter(), time.process_time()
+        for i in range(20):
+            if kind == "barrier":
+                box.barrier(f"barrier {i}")
+            else:
+                box.alltoall_arrays([(np.arange(10),)] * box.size, f"rows {i}")
+        wall, cpu = (time.perf_counter() - t) / 20, (time.process_time() - c) / 20
+        cpu_all = box.allreduce_sum(cpu, "CPU")
+        out[kind] = {"wall_ms": round(wall * 1e3, 1), "cpu_all_ranks_ms": round(cpu_all * 1e3, 1)}
+    if box.rank == 0:
+        print(json.dumps(out), flush=True)
     return 0
 
 
@@ -176,6 +222,10 @@ def launch(a, n, inp, out_dir) -> dict:
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [exe if os.path.exists(exe) else "mpiexec", "-n", str(n), sys.executable, __file__, "--worker",
            "--input", inp, "--output", out, "--blocksize", str(a.blocksize), "--backend", a.backend]
+    if a.profile:
+        prof = os.path.join(a.profile, f"ranks{n}")
+        os.makedirs(prof, exist_ok=True)
+        cmd += ["--profile", prof]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
     wall = time.time() - t0
@@ -211,18 +261,22 @@ def launch(a, n, inp, out_dir) -> dict:
                                                                                    "table_phase")) for r in recs), 2),
         "merge_relabel_table_s": round(max(sum(r["fn_s"].get(k, 0) for k in ("merge", "relabel_phase", "table_phase"))
                                            for r in recs), 2),
+        # CPU seconds of merge + relabel + table summed over all ranks (on 2 cores: wall >= this / 2)
+        "merge_relabel_table_cpu_total_s": round(sum(r["fn_cpu"].get(k, 0) for r in recs
+                                                     for k in ("merge", "relabel_phase", "table_phase")), 2),
     }
     shutil.rmtree(out + ".work", ignore_errors=True)
     return res
 
 
 def _spread(per_step: dict, digits: int) -> dict:
-    """Per step: median, max and rank 0's value over the ranks, and rank 0 over the median."""
+    """Per step: median, max, sum and rank 0's value over the ranks, and rank 0 over the median."""
     out = {}
     for k, v in per_step.items():
         v = np.asarray(v, np.float64)
         med = float(np.median(v))
         out[k] = {"median": round(med, digits), "max": round(float(v.max()), digits),
+                  "sum": round(float(v.sum()), digits),
                   "rank0": round(float(v[0]), digits),
                   "rank0_over_median": round(float(v[0]) / med, 2) if med > 0 else None}
     return out
@@ -249,12 +303,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="scratch folder (default: a temporary one, removed)")
     p.add_argument("--json", default=None)
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="dump a cProfile per rank and phase under DIR/ranks<N>/ (slows the phases a little)")
+    p.add_argument("--latency", action="store_true",
+                   help="only time a labelled barrier and a small alltoall_arrays on each --ranks (no volume)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        return worker(a)
+        return latency_worker(a) if a.latency else worker(a)
+    if a.latency:
+        exe = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        for n in a.ranks:
+            subprocess.run([exe if os.path.exists(exe) else "mpiexec", "-n", str(n), sys.executable, __file__,
+                            "--worker", "--latency"], env=env, timeout=a.timeout, check=True)
+        return 0
     out_dir = a.out or tempfile.mkdtemp(prefix="mpicellpose-scale-")
     os.makedirs(out_dir, exist_ok=True)
     inp = os.path.join(out_dir, "input.zarr")
@@ -270,10 +335,10 @@ def main(argv=None) -> int:
             r["labels_identical"] = r["labels_sha"] == first
         results.append(r)
         print(json.dumps(r), flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"shape": shape, "blocks": n_blocks, "blocksize": a.blocksize, "backend": a.backend,
-                       "objects": n_obj, "results": results}, f, indent=1)
+        if a.json:   # after every N: a long series interrupted keeps what it measured
+            with open(a.json, "w") as f:
+                json.dump({"shape": shape, "blocks": n_blocks, "blocksize": a.blocksize, "backend": a.backend,
+                           "objects": n_obj, "results": results}, f, indent=1)
     if a.out is None:
         shutil.rmtree(out_dir, ignore_errors=True)
     return 0 if all(r["rc"] == 0 for r in results) else 1

@@ -12,7 +12,7 @@ Non-negative least squares, per rank (median rank):
   (an envelope, not a fit: how many of a rank's table rows go to another rank depends on how the
   ID ranges fall; gateway collectives only; the face views go point to point, in messages of at
   most MPICELLPOSE_EXCHANGE_BYTES)
-* CPU s of merge+relabel+table   = t0 + t_obj * N/P + t_blk * B   (what one rank computes;
+* CPU s of merge+relabel+table   = t0 + t_obj * N/P + t_own * B/P + t_blk * B   (what one rank computes;
   oversubscribed on 2 cores the wall is their sum, on a cluster about the slowest rank's)
 
 The predictions take L = 8 (8 GPUs per node) and, in brackets, L = P (every rank on one node,
@@ -76,16 +76,17 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     pts = points(a.results)
     per_obj, blk, local = (lambda q: q["N"] / q["P"]), (lambda q: q["B"]), (lambda q: q.get("L", q["P"]))
+    own_blk = (lambda q: q["B"] / q["P"])   # the relabel and the records: per block of the rank's own
     models = {
         "peak RSS per rank (MiB)": fit(pts, [per_obj, blk], lambda q: q["rss"]),
         "rank 0 RSS over median (MiB)": fit(pts, [blk, local], lambda q: q["rank0_extra"]),
         "bytes sent per rank (MB)": envelope(pts, per_obj, lambda q: q["bytes"] / 1e6),
-        "merge+relabel+table CPU s per rank": fit(pts, [per_obj, blk], lambda q: q["cpu"]),
+        "merge+relabel+table CPU s per rank": fit(pts, [per_obj, own_blk, blk], lambda q: q["cpu"]),
     }
     keys = {"peak RSS per rank (MiB)": ["m0", "m_obj", "m_blk"],
             "rank 0 RSS over median (MiB)": ["r0", "r_blk", "r_local"],
             "bytes sent per rank (MB)": ["s0", "s_obj"],
-            "merge+relabel+table CPU s per rank": ["t0", "t_obj", "t_blk"]}
+            "merge+relabel+table CPU s per rank": ["t0", "t_obj", "t_own", "t_blk"]}
     print("points (P, N, B): measured -> fitted")
     for name, (coef, fitted) in models.items():
         y = {"peak RSS per rank (MiB)": "rss", "rank 0 RSS over median (MiB)": "rank0_extra",
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
             print(f"    P={q['P']:>3} N={q['N']:>9} B={q['B']:>6}: {q[y] / scale:10.3f} -> {f:10.3f}")
     print("\npredictions")
     cols_of = {"peak RSS per rank (MiB)": [per_obj, blk], "rank 0 RSS over median (MiB)": [blk, local],
-               "bytes sent per rank (MB)": [per_obj], "merge+relabel+table CPU s per rank": [per_obj, blk]}
+               "bytes sent per rank (MB)": [per_obj], "merge+relabel+table CPU s per rank": [per_obj, own_blk, blk]}
 
     def value(name, q):
         coef = models[name][0]

@@ -1,7 +1,9 @@
 """Direct tests of the MPI gateway: ``mpiexec -n N python tests/mpi_gateway.py MODE``.
 
-MODE 'mismatch': rank 0 enters one labelled collective, the others another; every rank
-must raise the same clear error (no deadlock).  MODE 'exchange': the streamed neighbour
+MODE 'collectives': every labelled collective gives what mpi4py's own would (objects,
+numbers, numeric arrays, rows of arrays in rounds).  MODE 'mismatch': rank 0 enters one
+labelled collective, the others another; every rank must raise the same clear error (no
+deadlock).  MODE 'exchange': the streamed neighbour
 exchange, progress and abort notices, and the agreement that settles them.
 """
 import sys
@@ -28,6 +30,49 @@ if mode == "mismatch":
         print(f"rank {rank}: mismatch seen: {exc}", flush=True)
     # the communicator is still usable afterwards: the ranks were in lockstep
     assert box.allreduce_sum(1, "after the mismatch") == size
+
+elif mode == "collectives":
+    obj = {"rank": rank, "a": np.arange(rank + 1), "s": "x" * rank}
+    for got in (box.allgather(obj, "allgather"), comm.allgather(obj)):
+        assert [g["rank"] for g in got] == list(range(size))
+        assert all(np.array_equal(g["a"], np.arange(r + 1)) and g["s"] == "x" * r for r, g in enumerate(got))
+    root = size - 1
+    got = box.bcast(obj if rank == root else None, "bcast", root=root)
+    assert got["rank"] == root and np.array_equal(got["a"], np.arange(root + 1)) and got is not obj
+    assert box.bcast(None, "bcast None") is None
+    big = {"a": np.arange(5000) * (rank + 1)}   # past the inline part: two steps
+    assert np.array_equal(box.bcast(big if rank == 0 else None, "bcast big")["a"], np.arange(5000))
+    got = box.allgather(big if rank % 2 else rank, "allgather, some big")
+    assert all(np.array_equal(g["a"], np.arange(5000) * (r + 1)) if r % 2 else g == r for r, g in enumerate(got))
+    sent = [(rank, d, np.full(d + rank, rank)) for d in range(size)]
+    got = box.alltoall(sent, "alltoall")
+    assert [g[:2] for g in got] == [(s, rank) for s in range(size)], got
+    assert all(np.array_equal(g[2], np.full(rank + s, s)) for s, g in enumerate(got))
+    assert box.allreduce_sum(rank + 1, "int") == size * (size + 1) // 2
+    assert isinstance(box.allreduce_sum(rank, "int type"), int)
+    assert box.allreduce_sum(0.5, "float") == 0.5 * size
+    v = box.allreduce_sum(np.array([rank, 1], np.int64), "array")
+    assert v.dtype == np.int64 and v.tolist() == [size * (size - 1) // 2, size]
+    assert box.allreduce_sum([rank], "list (pickled)") == list(range(size))
+    assert box.exscan_sum(rank + 1, "exscan") == (rank * (rank + 1) // 2, size * (size + 1) // 2)
+    # rows to every rank, in several rounds (a small budget), dtypes and trailing shapes kept
+    n = 50 + 7 * rank
+    dest = np.arange(n) % size
+    rows = (np.arange(n, dtype=np.int64) + 1000 * rank, np.ones((n, 3), np.float32) * rank)
+    parts = [tuple(c[dest == d] for c in rows) for d in range(size)]
+    got = box.alltoall_arrays(parts, "rows", budget=64)
+    assert box.last_rounds > 1 or size == 1
+    for s, (ids, vals) in enumerate(got):
+        m = 50 + 7 * s
+        assert ids.dtype == np.int64 and vals.dtype == np.float32 and vals.shape == (ids.size, 3)
+        assert ids.tolist() == [i + 1000 * s for i in range(m) if i % size == rank], (s, ids)
+        assert (vals == s).all()
+    again = box.alltoall_arrays(parts, "rows, one round without a plan")   # small: no plan, one round
+    assert box.last_rounds == 1
+    assert all(np.array_equal(a[0], g[0]) and np.array_equal(a[1], g[1]) for a, g in zip(again, got))
+    empty = box.alltoall_arrays([(np.zeros(0, np.int64),)] * size, "nothing")
+    assert box.last_rounds == 0 and all(e[0].size == 0 for e in empty)
+    print(f"rank {rank}: collectives ok", flush=True)
 
 elif mode == "exchange":
     # ring: each rank streams 5 arrays to its right neighbour, in messages of 2 arrays

@@ -94,3 +94,26 @@ def test_csv_chunks_same_text_with_or_without_pyarrow(monkeypatch):
     monkeypatch.setattr(table, "have_parquet", lambda: False)
     slow = b"".join(bytes(c) for c in table.csv_chunks(cols, rows=6))
     assert fast == whole == slow == table.format_csv(cols).encode()
+
+
+def test_three_decimals_without_pyarrow_compute():
+    """The floats of the CSV: thousandths rounded, written as ``[-]int.ddd`` (a decimal128 column
+    built in numpy: ``pyarrow.compute`` is never imported), and the blocks column: ascending,
+    each block once, also for two pieces of one object in the same block."""
+    pa = pytest.importorskip("pyarrow")
+    import subprocess
+    import sys
+
+    v = np.array([0.0, -0.0, 0.0004, -0.0004, 0.0006, -0.0006, 1.5, -1.5, 2.0005, -12.34, 123456.789, 7.0])
+    got = table._fixed3(v)
+    q = np.round(v * 1000.0).astype(np.int64)
+    want = [f"{'-' if x < 0 else ''}{abs(x) // 1000}.{abs(x) % 1000:03d}" for x in q.tolist()]
+    assert got.cast(pa.string()).to_pylist() == want
+    part = {"id": np.array([1, 2, 3]), "block_sorted": np.array([7, 9, 4, 4, 2, 5, 2]),
+            "block_start": np.array([0, 1, 4, 7])}
+    assert table.blocks_strings(part).tolist() == ["7", "4;9", "2;5"]
+    code = ("import sys, numpy as np; from mpicellpose import table; "
+            "table.csv_chunks({'id': np.arange(3), 'c': np.ones(3) / 3}); "
+            "print('pyarrow.compute' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"

@@ -7,9 +7,10 @@ Rules kept here:
 * the caller's communicator is duplicated on entry and the duplicate freed on exit,
   so our messages never mix with the caller's;
 * no rank ever blocks inside MPI while it waits for the others: every collective starts
-  with a non-blocking *arrival* (``Iallreduce``) tested with a short sleep, so a waiting
-  rank does not steal CPU from the ranks still computing (ENVIRONMENT.md), still runs its
-  signal handlers, and can watch the others;
+  with a non-blocking *arrival* (``Iallreduce``) tested with a short sleep, and moves its data
+  in non-blocking calls waited for the same way (:mod:`.collectives`), so a waiting rank does
+  not steal CPU from the ranks still computing (ENVIRONMENT.md), still runs its signal
+  handlers, and can watch the others;
 * every collective is *labelled*: the arrival compares the label across ranks, so a rank
   that skipped a step (or took an extra one) is reported at once, on every rank, naming
   both steps, instead of deadlocking;

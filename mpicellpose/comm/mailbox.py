@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import DistributedError, Interrupted
 from . import streams
+from .collectives import DataSteps
 from .world import _mpi, processor_name
 
 log = logging.getLogger("mpicellpose.comm")
@@ -33,9 +34,17 @@ MESSAGE_RANKS = 32     # failing ranks named one by one in that report (then a c
 WATCHDOG_SECONDS = 3600.0   # default: a rank silent this long while others wait ends the job
 STOP_GRACE_SECONDS = 10.0   # after SIGTERM/SIGINT, how long a waiting rank waits for the others
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 3
-# a waiting rank sleeps 2 ms, then longer, up to this, between tests: a collective completes only as its
-# ranks test it (log2(ranks) steps for an allreduce), so a long sleep adds up at scale; a test costs ~20 us
+# a waiting rank sleeps WAIT_FIRST_SLEEP, then longer, between tests: a collective completes only as its ranks
+# test it (log2(ranks) steps for an allreduce), so long sleeps add up at scale (measured on 2 cores: 8 ranks,
+# a labelled barrier took 42 ms with 2 -> 10 ms sleeps, 14 ms with 0.2 -> 2 ms; 64 ranks 99 -> 28 ms, and less
+# CPU in all, as the waits end sooner).  Sleeps stay <= WAIT_SHORT_SLEEP for the first WAIT_SHORT_FOR
+# seconds of a wait (most collectives), then grow to WAIT_MAX_SLEEP: a test costs ~20 us, and a rank that
+# waits minutes for the others (the end of the segment phase) takes ~0.2 % of a core.
+WAIT_FIRST_SLEEP = 0.0002
+WAIT_SHORT_SLEEP = 0.002
+WAIT_SHORT_FOR = 0.2
 WAIT_MAX_SLEEP = 0.01
+WAIT_CHORES = 0.025   # seconds between a waiting rank's looks at notices, the stop flag and the watchdog
 
 
 def _label_hash(label: str) -> int:
@@ -61,7 +70,7 @@ def stop_grace_seconds() -> float:
     return _seconds(os.environ.get("MPICELLPOSE_STOP_GRACE"), STOP_GRACE_SECONDS)
 
 
-class Mailbox:
+class Mailbox(DataSteps):
     """The MPI gateway of a run: labelled collectives, notices, the watchdog and hard stops.
 
     Notices are small pickled point-to-point messages sent with ``isend``: *abort* (a rank
@@ -170,18 +179,31 @@ class Mailbox:
     # -- waiting -----------------------------------------------------------------
     def wait(self, req, label: str, progress=None) -> None:
         """Wait for a request without spinning; meanwhile receive notices, honour a stop
-        request and (rank 0) watch the other ranks."""
+        request and (rank 0) watch the other ranks.
+
+        The request is tested after every sleep (see ``WAIT_FIRST_SLEEP``); the
+        rest (notices, the stop flag, the watchdog, ``progress``) is looked at every
+        ``WAIT_CHORES`` seconds: with tens of ranks waiting on each core, what a waiting
+        rank does per test is CPU taken from the ranks still computing."""
+        if req.Test():
+            return
         t0 = time.monotonic()
-        delay = 0.002
-        while not req.Test():
-            self.poll()
-            if progress is not None:
-                progress()
-            self.check_stop(label)
-            if self.rank == 0:
-                self._watch(label, t0)
+        chores = t0
+        delay = WAIT_FIRST_SLEEP
+        while True:
+            now = time.monotonic()
+            if now >= chores:
+                chores = now + WAIT_CHORES
+                self.poll()
+                if progress is not None:
+                    progress()
+                self.check_stop(label)
+                if self.rank == 0:
+                    self._watch(label, t0)
             time.sleep(delay)
-            delay = min(delay * 1.5, WAIT_MAX_SLEEP)
+            delay = min(delay * 1.5, WAIT_SHORT_SLEEP if now - t0 < WAIT_SHORT_FOR else WAIT_MAX_SLEEP)
+            if req.Test():
+                return
 
     def check_stop(self, label: str, missing=None) -> None:
         """After SIGTERM/SIGINT, tell the others; past the grace period, end the job (exit 3)."""
@@ -250,20 +272,21 @@ class Mailbox:
                 self.comm.Abort(code)
 
     # -- labelled collectives ----------------------------------------------------
-    def _enter(self, label: str, state: int = OK, progress=None) -> int:
+    def _enter(self, label: str, state: int = OK, progress=None, largest=None) -> int:
         """Arrive at a collective: tell rank 0, wait for everyone without spinning, and check
-        that every rank arrived at the same step.  Returns the worst state of all ranks."""
+        that every rank arrived at the same step.  Returns the worst state of all ranks; with
+        ``largest`` (an int), the pair (worst state, the largest ``largest`` of all ranks)."""
         self.seq += 1
         self.where = label
         if self.size == 1:
-            return state
+            return state if largest is None else (state, largest)
         if self.rank == 0:
             self.arrived[0] = (self.seq, label)
         else:
             self._send(ARRIVAL, 0, (self.rank, self.seq, label))
         h = _label_hash(label)
-        mine = np.array([state, h, -h], np.int64)
-        worst = np.zeros(3, np.int64)
+        mine = np.array([state, h, -h] + ([] if largest is None else [int(largest)]), np.int64)
+        worst = np.zeros_like(mine)
         self.wait(self.comm.Iallreduce(mine, worst, op=_mpi().MAX), label, progress)
         if worst[1] != -worst[2]:  # not every rank is at this step: say where each one is
             labels = self.comm.allgather(label)
@@ -275,14 +298,10 @@ class Mailbox:
                                    f"please report this with the command line", [(self.rank, where)])
             exc.agreed = True
             raise exc
-        return int(worst[0])
+        return int(worst[0]) if largest is None else (int(worst[0]), int(worst[3]))
 
     def barrier(self, label: str) -> None:
         self._enter(label)
-
-    def bcast(self, obj, label: str, root: int = 0):
-        self._enter(label)
-        return self.comm.bcast(obj, root=root)
 
     def scatter(self, objs, label: str, root: int = 0):
         self._enter(label)
@@ -291,23 +310,6 @@ class Mailbox:
     def gather(self, obj, label: str, root: int = 0):
         self._enter(label)
         return self.comm.gather(obj, root=root)
-
-    def allgather(self, obj, label: str) -> list:
-        self._enter(label)
-        return self.comm.allgather(obj)
-
-    def alltoall(self, per_dest: list, label: str) -> list:
-        """Send ``per_dest[r]`` to rank r; return the list received from every rank."""
-        self._enter(label)
-        if self.size == 1:
-            return list(per_dest)
-        return self.comm.alltoall(per_dest)
-
-    def allreduce_sum(self, value, label: str):
-        self._enter(label)
-        if self.size == 1:
-            return value
-        return self.comm.allreduce(value)
 
     def node_local(self, label: str = "finding the ranks of each node"):
         """(local rank, local size, node name): ranks grouped by processor name."""
@@ -405,57 +407,6 @@ class Mailbox:
             )
             exc.agreed = True
             raise exc
-
-    # -- bounded exchanges (issue 13) ------------------------------------------------
-    MESSAGE_BYTES = 64 << 20  # per rank and round of alltoall_arrays ($MPICELLPOSE_MESSAGE_BYTES)
-    largest_message = 0       # bytes: the largest payload this rank sent to one rank in alltoall_arrays
-    last_rounds = 0           # rounds of the last alltoall_arrays (0: nothing was sent by any rank)
-
-    def exscan_sum(self, value: int, label: str) -> tuple:
-        """``(sum of value over the ranks before this one, sum over all ranks)``: two reductions, no gather."""
-        self._enter(label)
-        if self.size == 1:
-            return 0, value
-        before = self.comm.exscan(value)
-        return (before if self.rank else 0), self.comm.allreduce(value)
-
-    def alltoall_arrays(self, per_dest: list, label: str, budget: int | None = None,
-                        rounds: int | None = None) -> list:
-        """Send ``per_dest[r]`` (a tuple of numpy arrays of equal length: rows) to rank r and
-        return, per source rank, the tuple of arrays it sent (dtype and trailing shape kept).
-
-        Sent in R agreed rounds, each dest getting a 1/R share of its rows per round, so that
-        no rank sends or receives much more than ``budget`` bytes in one round (nor any single
-        message): R = ceil(max over ranks of bytes sent or received / budget).  One reduction
-        of a 2 x ranks vector plans the rounds (no rank gathers anything from all others);
-        ``rounds`` skips it when the caller knows R (a reply of the same shape as the request
-        it answers).  R = 0 when no rank sends anything: then nothing is exchanged.  The R used
-        is left in ``self.last_rounds``."""
-        budget = budget or int(os.environ.get("MPICELLPOSE_MESSAGE_BYTES") or self.MESSAGE_BYTES)
-        per_dest = [tuple(np.asarray(a) for a in p) for p in per_dest]
-        nbytes = np.array([sum(a.nbytes for a in p) for p in per_dest], np.int64)
-        if self.size == 1:
-            self.last_rounds = int(nbytes.sum() > 0)
-            return per_dest
-        if rounds is None:
-            plan = np.zeros(2 * self.size, np.int64)
-            plan[:self.size] = nbytes
-            plan[self.size + self.rank] = nbytes.sum()
-            plan = self.allreduce_sum(plan, f"{label} (sizes)")  # bytes received by, and sent by, every rank
-            rounds = -(-int(plan.max()) // max(1, budget))
-        self.last_rounds = rounds
-        if rounds == 0:
-            return [tuple(a[:0] for a in per_dest[self.rank]) for _ in range(self.size)]
-        rows = [len(p[0]) if p else 0 for p in per_dest]
-        got = [[] for _ in range(self.size)]
-        for k in range(rounds):
-            out = [tuple(a[n * k // rounds: n * (k + 1) // rounds] for a in p) for p, n in zip(per_dest, rows)]
-            biggest = max(sum(a.nbytes for a in p) for i, p in enumerate(out) if i != self.rank)
-            self.largest_message = max(self.largest_message, int(biggest))
-            for src, part in enumerate(self.alltoall(out, label if rounds == 1 else f"{label} ({k + 1}/{rounds})")):
-                got[src].append(part)
-        return [tuple(np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))) if chunks[0] else ()
-                for chunks in got]
 
 
 def _ranks(rs) -> str:

@@ -1,7 +1,7 @@
 """The MPI library itself: import on first use, COMM_WORLD or a one-rank stand-in, the
 launcher's view, duplicating and freeing communicators, facts for ``mpicellpose info``.
 
-The only place (with :mod:`.mailbox` and :mod:`.streams`) that touches mpi4py."""
+The only place (with :mod:`.mailbox`, :mod:`.collectives` and :mod:`.streams`) that touches mpi4py."""
 from __future__ import annotations
 
 import os
@@ -11,11 +11,17 @@ import time
 from ..errors import DistributedError
 
 
+_MPI = []   # the mpi4py.MPI module once imported (the waiting loops ask for it thousands of times)
+
+
 def _mpi():
+    if _MPI:
+        return _MPI[0]
     try:
         from mpi4py import MPI
     except Exception:  # ImportError, or mpi4py without an MPI library
         return None
+    _MPI.append(MPI)
     return MPI
 
 

@@ -77,15 +77,15 @@ class Merge:
 def block_counts(plan, box, mine) -> tuple:
     """(counts, offsets) per block of the grid: every rank reads its blocks' records."""
     grid, work = plan.grid, WorkDir(plan.work_dir)
-    mine_counts = {}
+    mine = np.asarray(list(mine), np.int64)
+    mine_counts = np.zeros(mine.size, np.int64)
     with box.step("loading block records"):
         maybe_fault("stitch", box.rank, 0)
-        for b in mine:
-            mine_counts[b] = int(work.load_stats(b, name=grid.index_of(b))["n"])
+        for i, b in enumerate(mine.tolist()):
+            mine_counts[i] = int(work.load_stats(b, name=grid.index_of(b))["n"])
     counts = np.zeros(len(grid), np.int64)
-    for part in box.allgather(mine_counts, "label counts per block"):
-        for b, n in part.items():
-            counts[b] = n
+    parts = box.allgather((mine, mine_counts), "label counts per block")
+    counts[np.concatenate([p[0] for p in parts])] = np.concatenate([p[1] for p in parts])
     return counts, st.offsets_from_counts(counts)
 
 
@@ -112,8 +112,9 @@ class _Ids:
         if not rounds:
             return None
         # an int64 per int64 asked: the reply is the request transposed, so the same rounds
+        # the reply follows the request in lockstep: no arrival of its own
         replies = self.box.alltoall_arrays([(answer(q[0]).astype(np.int64),) for q in asked], f"{label}: answering",
-                                           rounds=rounds)
+                                           rounds=rounds, arrive=False)
         return np.concatenate([r[0] for r in replies])[inv.ravel()]
 
     def index(self, ids):
@@ -131,9 +132,11 @@ def merge(box, edges, counts, offsets, mine) -> Merge:
     size = box.size
     counts = np.asarray(counts, np.int64)
     owner = np.full(counts.size, -1, np.int64)
-    for r, blocks in enumerate(box.allgather(np.asarray(list(mine), np.int64), "merge: who owns which block")):
-        owner[blocks] = r
-    n_edges = box.allreduce_sum(int(len(edges.pairs)), "merge: counting the edges")
+    parts = box.allgather((np.asarray(list(mine), np.int64), int(len(edges.pairs))),
+                          "merge: who owns which block, and the edges")
+    owner[np.concatenate([p[0] for p in parts])] = np.repeat(np.arange(size, dtype=np.int64),
+                                                             [p[0].size for p in parts])
+    n_edges = sum(p[1] for p in parts)
     ids = _Ids(box, st.id_bounds(counts, offsets, owner, size))
     with box.step("merge: joining this rank's edges"):
         away, roots = st.merge_edges(edges.pairs)   # a star per local component
@@ -182,12 +185,10 @@ def _finish(box, ids, counts, offsets, owner, mine, n_edges) -> Merge:
     merged = ids.parent != ids.nodes
     away, root = ids.nodes[merged], ids.parent[merged]            # sorted by ID
     blk, per_block = np.unique(st.block_of(away, offsets), return_counts=True)
-    away_counts = np.zeros(counts.size, np.int64)
-    in_ranges = []
-    for n_range, b, c in box.allgather((int(away.size), blk, per_block), "merge: merged-away IDs per block"):
-        in_ranges.append(n_range)
-        np.add.at(away_counts, b, c)
-    below = int(np.sum(in_ranges[:box.rank]))   # merged-away IDs below this rank's range
+    parts = box.allgather((blk, per_block), "merge: merged-away IDs per block")
+    away_counts = np.bincount(np.concatenate([p[0] for p in parts]), weights=np.concatenate([p[1] for p in parts]),
+                              minlength=counts.size).astype(np.int64)
+    below = int(sum(int(p[1].sum()) for p in parts[:box.rank]))   # merged-away IDs below this rank's range
 
     def final_of_root(q):   # q: roots in this rank's range (never merged away)
         return q - below - np.searchsorted(away, q)
