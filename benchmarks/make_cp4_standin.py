@@ -11,7 +11,7 @@ the benchmarks need beside it:
     ``CellposeModel(pretrained_model=PATH)`` and costs what ``cpsam`` costs: use it to time Cellpose 4
     per GPU or CPU (its labels are meaningless).
 ``--kind tiny``
-    An untrained stand-in of any encoder size (``--embed-dim/--depth/--heads``), loaded with
+    An untrained stand-in of any encoder size (``--embed-dim/--depth/--heads/--out-chans``), loaded with
     :func:`mpicellpose.training_cp4.load_standin`.
 
 Needs Cellpose 4 with an importable torchvision (see docs/cellpose4.md; ``.ci/cellpose4-venv.sh``).
@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--embed-dim", type=int, default=training_cp4.ENCODER["embed_dim"])
     ap.add_argument("--depth", type=int, default=training_cp4.ENCODER["depth"])
     ap.add_argument("--heads", type=int, default=training_cp4.ENCODER["num_heads"])
+    ap.add_argument("--out-chans", type=int, default=training_cp4.ENCODER["out_chans"], help="width of SAM's neck")
     ap.add_argument("--half", action="store_true", help="store float tensors as fp16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--check", action="store_true", help="load it and time 2D/3D eval")
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     if a.kind == "full":
         info = make_full(a.out, a.seed, a.half)
     else:
-        cfg = {"embed_dim": a.embed_dim, "depth": a.depth, "num_heads": a.heads}
+        cfg = {"embed_dim": a.embed_dim, "depth": a.depth, "num_heads": a.heads, "out_chans": a.out_chans}
         net = training_cp4.build_net(cfg, a.seed)
         training_cp4.save_net(net, a.out, cfg, half=a.half)
         info = {"kind": "tiny", "config": cfg, "params": int(sum(p.numel() for p in net.parameters()))}

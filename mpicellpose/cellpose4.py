@@ -77,10 +77,10 @@ def load_shipped(res: dict, mk: dict):
 # --------------------------------------------------------------------------- memory (mpicellpose plan)
 #: Cellpose-SAM (``cpsam``): SAM ViT-L encoder, global attention in every block, on 256x256 tiles of
 #: 8x8-pixel patches (32x32 = 1024 tokens), 305M parameters; the shipped stand-in is the same network
-#: with a 64-wide, 2-block, 1-head encoder (0.88M parameters).
+#: with a 64-wide, 2-block, 2-head encoder and a 64-wide neck (0.27M parameters).
 CPSAM_NET = {"name": "cpsam", "parameters": 305_000_000, "embed_dim": 1024, "depth": 24, "heads": 16,
              "tile": 256, "patch": 8, "in_channels": 3}
-STANDIN_NET = {"name": "cp4 stand-in (demo)", "parameters": 880_000, "embed_dim": 64, "depth": 2, "heads": 1,
+STANDIN_NET = {"name": "cp4 stand-in (demo)", "parameters": 271_874, "embed_dim": 64, "depth": 2, "heads": 2,
                "tile": 256, "patch": 8, "in_channels": 3}
 #: CUDA context, cuDNN/cuBLAS workspaces and allocator slack per process (typical torch 2.x).
 CUDA_OVERHEAD = 600 * 2**20

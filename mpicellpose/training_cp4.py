@@ -2,15 +2,19 @@
 
 Run as a script (needs Cellpose 4 and an importable torchvision, see docs/cellpose4.md)::
 
-    python -m mpicellpose.training_cp4 --out DIR [--steps 400] [--seed 0] [--lr 0.003]
+    python -m mpicellpose.training_cp4 --out DIR [--steps 2400] [--seed 0] [--lr 0.002] [--threads 1]
 
 **What it is.** Cellpose 4's real model, ``cpsam`` (Cellpose-SAM), is a SAM ViT-L image encoder
 (24 blocks, width 1024, 305M parameters, a 1.2 GB download) inside ``cellpose.vit.CPSAM``.  It
 cannot be downloaded on offline machines and costs seconds per 256x256 tile on a CPU, so the
 demo and the tests under Cellpose 4 use a *stand-in*: the same ``CPSAM`` class, built while
 :func:`standin_encoder` replaces the ViT-L encoder by a reduced SAM ``ImageEncoderViT`` (width
-64, 2 blocks, 1 head: 0.88M parameters), trained here from seeded random weights on synthetic
-nuclei (:mod:`mpicellpose.synthetic`) with Cellpose 4's own ``cellpose.train.train_seg``.
+64, 2 blocks, 2 heads, a 64-wide neck: 0.27M parameters), trained here from seeded random weights
+on synthetic nuclei (:mod:`mpicellpose.synthetic`, :func:`training_set_v2`: slices, varied tiles and
+zero-padded crops, so that the output depends little on how much of the 256x256 tile an image
+fills) with Cellpose 4's own ``cellpose.train.train_seg``.  The defaults reproduce the shipped file
+(2400 steps, one torch thread; the first stand-in was ``--steps 400 --lr 0.003 --data v1 --heads 1
+--out-chans 256 --threads 2``).
 Everything else (256x256 tiling, 3D over YX/ZY/ZX planes, flow dynamics) is Cellpose 4's code.
 It segments the synthetic nuclei of the demo; it is **not** a substitute for ``cpsam`` on real
 data and is never used for any model name other than ``demo``.
@@ -45,36 +49,36 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
 from .metrics import match_objects
 from .storage import plain_json, sha256_file
-from .synthetic import make_nuclei, split_disconnected
+from .synthetic import make_nuclei
+from .training_cp4_data import N_TILES, N_TRAIN_VOLUMES, SLICE_STRIDE, training_set, training_set_v2
 
 logger = logging.getLogger(__name__)
 
 #: File name of the shipped stand-in inside ``mpicellpose/models``.
 MODEL_NAME = "demo_cp4_v1"
-#: Reduced SAM encoder of the stand-in (SAM ViT-L: 1024 wide, 24 blocks, 16 heads).
-ENCODER = {"embed_dim": 64, "depth": 2, "num_heads": 1}
-#: Extra state-dict key holding ``[embed_dim, depth, num_heads]``; ignored by Cellpose's loader.
+#: Reduced SAM encoder of the stand-in (SAM ViT-L: 1024 wide, 24 blocks, 16 heads, neck 256).
+ENCODER = {"embed_dim": 64, "depth": 2, "num_heads": 2, "out_chans": 64}
+#: Extra state-dict key holding ``[embed_dim, depth, num_heads(, out_chans)]`` (``out_chans``, the
+#: width of SAM's neck, is 256 when absent); ignored by Cellpose's loader.
 CONFIG_KEY = "standin.config"
 #: Mean nucleus diameter of the training data = the stand-in's native object size (voxels).
 NATIVE_DIAMETER = 16.0
 #: Cellpose 4 resizes by ``CP4_DIAMETER / diameter``.
 CP4_DIAMETER = 30.0
 
-DEFAULT_STEPS = 400
-DEFAULT_LR = 3e-3
+DEFAULT_STEPS = 2400
+DEFAULT_LR = 2e-3
+DEFAULT_DATA = "v2"
+#: torch threads of the shipped model's training (float results depend on the thread count)
+DEFAULT_THREADS = 1
 DEFAULT_BATCH = 4
 WEIGHT_DECAY = 1e-4
-#: Training volumes: the first two of the Cellpose 3 demo model's (clean; noisy and blurred).
-N_TRAIN_VOLUMES = 2
-SLICE_STRIDE = 14
-#: Extra full-size 256x256 tiles (CPSAM's tile size), ``make_nuclei`` seeds ``500 + seed + i``.
-N_TILES = 8
 
 #: Held-out data (the same seeds as the Cellpose 3 demo model's validation).
 VAL_2D = dict(shape=(256, 256), seed=9001)
@@ -141,7 +145,7 @@ def resolve_demo(name: str, major, full) -> dict:
 
 
 @contextlib.contextmanager
-def standin_encoder(embed_dim: int, depth: int, num_heads: int):
+def standin_encoder(embed_dim: int, depth: int, num_heads: int, out_chans: int = 256):
     """While active, ``cellpose.vit.CPSAM()`` builds a reduced SAM encoder instead of ViT-L.
 
     ``CPSAM.__init__`` calls ``sam_model_registry["vit_l"](None).image_encoder``; that
@@ -161,7 +165,7 @@ def standin_encoder(embed_dim: int, depth: int, num_heads: int):
             depth=int(depth), embed_dim=int(embed_dim), img_size=1024, mlp_ratio=4,
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=int(num_heads),
             patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(),
-            window_size=14, out_chans=256)
+            window_size=14, out_chans=int(out_chans))
         return SimpleNamespace(image_encoder=enc)
 
     reg = cvit.sam_model_registry
@@ -180,8 +184,11 @@ def read_standin_config(path) -> Optional[dict]:
     sd = torch.load(os.fspath(path), map_location="cpu", mmap=True, weights_only=True)
     if not isinstance(sd, dict) or CONFIG_KEY not in sd:
         return None
-    e, d, h = (int(v) for v in sd[CONFIG_KEY].tolist())
-    return {"embed_dim": e, "depth": d, "num_heads": h}
+    vals = [int(v) for v in sd[CONFIG_KEY].tolist()]
+    cfg = {"embed_dim": vals[0], "depth": vals[1], "num_heads": vals[2], "out_chans": 256}
+    if len(vals) > 3:
+        cfg["out_chans"] = vals[3]
+    return cfg
 
 
 def load_standin(path, **model_kwargs):
@@ -233,54 +240,55 @@ def save_net(net, path, config: Optional[dict] = None, half: bool = True,
     net.diam_labels.data = torch.full_like(net.diam_labels.data, float(diameter))
     sd = {k: (v.detach().half() if half and v.is_floating_point() and k not in ("W2", "diam_mean", "diam_labels")
               else v.detach()) for k, v in net.state_dict().items()}
-    sd[CONFIG_KEY] = torch.tensor([config["embed_dim"], config["depth"], config["num_heads"]])
+    sd[CONFIG_KEY] = torch.tensor([config["embed_dim"], config["depth"], config["num_heads"],
+                                   config.get("out_chans", 256)])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, os.fspath(path))
 
 
-def training_set(seed: int = 0) -> Tuple[List[np.ndarray], List[np.ndarray]]:
-    """2D training images: slices of the first :data:`N_TRAIN_VOLUMES` Cellpose 3 demo training
-    volumes along all three axes, plus :data:`N_TILES` synthetic 256x256 images."""
-    from .training import TRAIN_VOLUMES, training_slices
-
-    images, labels = training_slices(TRAIN_VOLUMES[:N_TRAIN_VOLUMES], seed=seed, stride=SLICE_STRIDE)
-    for i in range(N_TILES):
-        img, lab = make_nuclei((256, 256), seed=500 + seed + i, density=0.15 + 0.03 * i,
-                               touching_fraction=0.3)
-        images.append(img.astype(np.float32))
-        labels.append(split_disconnected(lab))
-    return images, labels
-
-
 def train_net(net, steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = DEFAULT_BATCH,
-              lr: float = DEFAULT_LR) -> Dict:
+              lr: float = DEFAULT_LR, data: str = DEFAULT_DATA, snapshot_dir=None, snapshot_every: int = 0) -> Dict:
     """Train ``net`` in place with ``cellpose.train.train_seg``; returns a record of the run."""
     _import_cellpose()
     import torch
     from cellpose import train
 
     t0 = time.perf_counter()
-    images, labels = training_set(seed)
+    if data == "v2":
+        images, labels, desc = training_set_v2(seed, NATIVE_DIAMETER)
+        normalize = {"normalize": False}
+    elif data == "v1":
+        images, labels = training_set(seed)
+        desc = {"data": "v1", "n_volume_slices": len(images) - N_TILES, "slice_stride": SLICE_STRIDE}
+        normalize = dict(EVAL_NORMALIZE)
+    else:
+        raise ValueError(f"data must be 'v1' or 'v2', got {data!r}")
     t_data = time.perf_counter() - t0
     torch.manual_seed(seed)
     np.random.seed(seed)
     net.rdrop = 0.0
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        save_path = snapshot_dir or stack.enter_context(tempfile.TemporaryDirectory())
+        Path(save_path).mkdir(parents=True, exist_ok=True)
         t0, c0 = time.perf_counter(), time.process_time()
         _, losses, _ = train.train_seg(
-            net, train_data=images, train_labels=labels, normalize=dict(EVAL_NORMALIZE),
+            net, train_data=images, train_labels=labels, normalize=normalize,
             batch_size=batch_size, nimg_per_epoch=batch_size, n_epochs=int(steps),
             learning_rate=lr, weight_decay=WEIGHT_DECAY, rescale=False, scale_range=0.4,
-            min_train_masks=1, save_path=tmp, save_every=10 ** 9, model_name="standin")
+            min_train_masks=1, save_path=save_path, save_every=int(snapshot_every) or 10 ** 9,
+            save_each=bool(snapshot_every), model_name="standin")
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
     losses = np.asarray(losses, dtype=float)
-    return {"steps": int(steps), "batch_size": int(batch_size), "nimg_per_epoch": int(batch_size),
-            "n_epochs_cellpose": int(steps), "optimizer": "AdamW (cellpose.train.train_seg default)",
-            "learning_rate": lr, "weight_decay": WEIGHT_DECAY, "rescale": False, "scale_range": 0.4,
-            "rdrop": 0.0, "normalize": dict(EVAL_NORMALIZE),
-            "n_images": len(images), "n_volume_slices": len(images) - N_TILES, "slice_stride": SLICE_STRIDE,
-            "data_s": round(t_data, 1), "train_s": round(dt, 1), "train_cpu_s": round(dc, 1),
-            "first_loss": float(np.mean(losses[:5])), "final_loss": float(np.mean(losses[-10:]))}
+    return dict({"steps": int(steps), "batch_size": int(batch_size), "nimg_per_epoch": int(batch_size),
+                 "n_epochs_cellpose": int(steps), "optimizer": "AdamW (cellpose.train.train_seg default)",
+                 "lr_schedule": "cellpose.train.train_seg's: linear warm-up over 10 steps, constant, then "
+                                "halved every 10 steps over the last 100 (n > 300) or every 5 over the last 50",
+                 "learning_rate": lr, "weight_decay": WEIGHT_DECAY, "rescale": False, "scale_range": 0.4,
+                 "rdrop": 0.0, "normalize": normalize, "n_images": len(images)}, **desc,
+                **{"data_s": round(t_data, 1), "train_s": round(dt, 1), "train_cpu_s": round(dc, 1),
+                   "first_loss": float(np.mean(losses[:5])), "final_loss": float(np.mean(losses[-10:])),
+                   "loss_every_100": [round(float(np.mean(losses[i:i + 100])), 4)
+                                      for i in range(0, len(losses), 100)]})
 
 
 def segment(model, image: np.ndarray, *, batch_size: int = 8, **eval_kwargs) -> np.ndarray:
@@ -320,8 +328,10 @@ def load_weights(net, path) -> None:
 
 
 def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, lr: float = DEFAULT_LR,
-                         batch_size: int = DEFAULT_BATCH, threads: int = 2, name: str = MODEL_NAME,
-                         validate_bf16: bool = True, init=None) -> Dict:
+                         batch_size: int = DEFAULT_BATCH, threads: int = DEFAULT_THREADS, name: str = MODEL_NAME,
+                         validate_bf16: bool = True, init=None, encoder: Optional[dict] = None,
+                         data: str = DEFAULT_DATA, snapshot_every: int = 0, command: Optional[str] = None,
+                         init_made_by: Optional[str] = None) -> Dict:
     """Build (or start from the weights ``init``), train, save (fp16), reload through
     :func:`load_standin`, validate, write the JSON."""
     from importlib.metadata import version
@@ -332,13 +342,16 @@ def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, 
     torch.set_num_threads(int(threads))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    net = build_net(ENCODER, seed)
+    encoder = dict(ENCODER, **(encoder or {}))
+    net = build_net(encoder, seed)
     if init is not None:
         load_weights(net, init)
     n_params = int(sum(p.numel() for p in net.parameters()))
-    training = train_net(net, steps, seed=seed, batch_size=batch_size, lr=lr)
+    training = train_net(net, steps, seed=seed, batch_size=batch_size, lr=lr, data=data,
+                         snapshot_dir=(out_dir / "snapshots") if snapshot_every else None,
+                         snapshot_every=snapshot_every)
     path = out_dir / name
-    save_net(net, path, ENCODER, half=True)
+    save_net(net, path, encoder, half=True)
     logger.info("saved %s; validating", path)
     val = {"float32": validate(load_standin(path))}
     if validate_bf16:
@@ -348,24 +361,30 @@ def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, 
     info = {
         "name": name, "file": name,
         "format": "Cellpose 4 CPSAM state dict (torch.save) with a reduced SAM encoder; float16 tensors "
-                  "(W2, diam_mean, diam_labels float32); extra key 'standin.config' = [embed_dim, depth, num_heads]",
+                  "(W2, diam_mean, diam_labels float32); extra key 'standin.config' = [embed_dim, depth, num_heads, "
+                  "out_chans]",
         "what": "offline stand-in for Cellpose 4's cpsam: cellpose.vit.CPSAM with a tiny SAM ImageEncoderViT, "
                 "trained on synthetic nuclei; for the demo and tests only, not for real data",
         "load_with": "mpicellpose.training_cp4.load_standin(path[, use_bfloat16=False, gpu=False, device=None])",
         "eval_with": "model.eval(img, diameter=30, normalize={'normalize': True, 'percentile': [1, 99]}"
                      "[, do_3D=True, z_axis=0]) for 16-voxel nuclei (Cellpose 4 resizes by 30/diameter)",
-        "encoder": dict(ENCODER, img_size=1024, patch_size=16, use_rel_pos=True, out_chans=256),
+        "encoder": dict(encoder, img_size=1024, patch_size=16, use_rel_pos=True),
         "params": n_params, "native_diameter": NATIVE_DIAMETER,
         "sha256": sha256_file(path), "size_bytes": os.path.getsize(path),
-        "training": dict(training, command=f"python -m mpicellpose.training_cp4 --out DIR --steps {steps} "
-                                           f"--seed {seed} --lr {lr}" + (f" --init {init}" if init else ""),
+        "training": dict(training, command=command or (
+                             f"python -m mpicellpose.training_cp4 --out DIR --steps {steps} --seed {seed} --lr {lr} "
+                             f"--batch-size {batch_size} --threads {threads} --data {data} "
+                             f"--embed-dim {encoder['embed_dim']} --depth {encoder['depth']} "
+                             f"--heads {encoder['num_heads']} --out-chans {encoder['out_chans']}"
+                             + (f" --init {init}" if init else "")),
                          init=None if init is None else {"file": os.path.basename(os.fspath(init)),
-                                                         "sha256": sha256_file(init)},
+                                                         "sha256": sha256_file(init), "made_by": init_made_by},
                          seed=seed, torch_threads=int(threads),
-                         volumes=plain_json([dict(v, seed=v["seed"] + seed)
-                                            for v in cp3_training.TRAIN_VOLUMES[:N_TRAIN_VOLUMES]]),
-                         tiles={"shape": [256, 256], "n": N_TILES, "seeds": f"500+seed+i, i<{N_TILES}",
-                                "density": "0.15+0.03*i", "touching_fraction": 0.3},
+                         **({} if data != "v1" else dict(
+                             volumes=plain_json([dict(v, seed=v["seed"] + seed)
+                                                 for v in cp3_training.TRAIN_VOLUMES[:N_TRAIN_VOLUMES]]),
+                             tiles={"shape": [256, 256], "n": N_TILES, "seeds": f"500+seed+i, i<{N_TILES}",
+                                    "density": "0.15+0.03*i", "touching_fraction": 0.3})),
                          load_average_after=[round(v, 2) for v in os.getloadavg()]),
         "validation": plain_json(val),
         "versions": {"cellpose": version("cellpose"), "torch": torch.__version__,
@@ -397,16 +416,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak AdamW learning rate (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (default %(default)s)")
     p.add_argument("--name", default=MODEL_NAME)
     p.add_argument("--no-bf16-check", action="store_true", help="skip the bfloat16 validation")
     p.add_argument("--init", default=None, metavar="PATH",
                    help="start from these stand-in weights (fine-tuning) instead of seeded random ones")
+    p.add_argument("--data", choices=["v1", "v2"], default=DEFAULT_DATA,
+                   help="training set: v1 (two volumes + 8 tiles, the first stand-in's) or v2 (four volumes, "
+                        "24 varied tiles, zero-padded crops; see training_set_v2)")
+    p.add_argument("--embed-dim", type=int, default=ENCODER["embed_dim"])
+    p.add_argument("--depth", type=int, default=ENCODER["depth"])
+    p.add_argument("--heads", type=int, default=ENCODER["num_heads"])
+    p.add_argument("--out-chans", type=int, default=ENCODER["out_chans"], help="width of SAM's neck")
+    p.add_argument("--init-made-by", default=None, metavar="TEXT",
+                   help="how the --init file was made (recorded in the provenance)")
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                   help="also keep float32 snapshots every N steps in OUT/snapshots (Cellpose's save_each)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     info = train_demo_cp4_model(args.out, steps=args.steps, seed=args.seed, lr=args.lr,
                                 batch_size=args.batch_size, threads=args.threads, name=args.name,
-                                validate_bf16=not args.no_bf16_check, init=args.init)
+                                validate_bf16=not args.no_bf16_check, init=args.init, data=args.data,
+                                encoder={"embed_dim": args.embed_dim, "depth": args.depth,
+                                         "num_heads": args.heads, "out_chans": args.out_chans},
+                                snapshot_every=args.snapshot_every, init_made_by=args.init_made_by)
     val = info["validation"]["float32"]
     print(f"weights: {Path(args.out) / info['file']} ({info['size_bytes'] / 1e6:.2f} MB), "
           f"train {info['training']['train_s']} s, loss {info['training']['first_loss']:.3f} -> "

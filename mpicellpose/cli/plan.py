@@ -69,7 +69,8 @@ def cellpose4_network(cfg, model: dict):
 
 def cellpose4_memory(cfg, plan, net, read_voxels: int, gpu_gib) -> tuple:
     """(GPU estimate, warning or None) for a Cellpose 4 network at the run's batch size and precision."""
-    bf16 = bool(cfg.model_kwargs.get("use_bfloat16", net is not STANDIN_NET))  # the stand-in loads in fp32
+    default = net is not STANDIN_NET  # the stand-in loads in fp32, cpsam in Cellpose 4's bf16
+    bf16 = bool(cfg.model_kwargs.get("use_bfloat16", default if cfg.precision is None else cfg.precision == "bfloat16"))
     batch = int(plan.eval_kwargs.get("batch_size") or 8)
     gpu = gpu_memory_estimate(net, read_voxels, batch, bf16)
     limit = float(gpu_gib if gpu_gib is not None else ASSUMED_GPU_GIB) * 2**30

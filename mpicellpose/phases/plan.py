@@ -216,9 +216,9 @@ def resolve_settings(cfg, vol) -> Settings:
 def resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter) -> tuple:
     """(pipeline, in-plane flow halo): 'flows' by default for Cellpose 3, 'blocks' for Cellpose 4 and the
     other backends.  Cellpose 4's network attends over its whole 256-pixel tile, so its output at a voxel
-    depends on far more context than a CNN's: with the shipped Cellpose 4 stand-in and the default halo,
-    flows agreed less with whole-volume eval than per-block eval did (docs/cellpose4.md), so it stays
-    opt-in there until measured with cpsam itself."""
+    may depend on far more context than a CNN's.  The shipped stand-in agrees with whole-volume eval under
+    both pipelines, but it was trained on crops padded into the tile and says nothing of cpsam, so flows
+    stays opt-in under Cellpose 4 until measured with cpsam itself (docs/cellpose4.md)."""
     cp4 = cfg.backend == "cellpose" and (cellpose_version()[0] or 0) >= 4
     pipeline = cfg.pipeline or ("flows" if cfg.backend == "cellpose" and not cp4 else "blocks")
     if pipeline == "blocks":
