@@ -42,16 +42,23 @@ FANOUT = 1000       # records (and relabel markers) per directory: blocks/<i // 
 LAYOUT = 2          # run.json's "layout"; older versions wrote none (flat blocks/<i>.npz)
 
 
+_UNSET = object()  # a setting one of the two runs did not give
+
+
 def fingerprint_diff(old: dict, new: dict, prefix="") -> list:
     """Readable differences between two configuration fingerprints."""
     out = []
     for k in sorted(set(old) | set(new)):
-        a, b = old.get(k, "<missing>"), new.get(k, "<missing>")
+        a, b = old.get(k, _UNSET), new.get(k, _UNSET)
         if isinstance(a, dict) and isinstance(b, dict):
             out += fingerprint_diff(a, b, prefix + k + ".")
         elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+            out.append(f"{prefix}{k}: {_shown(a)} -> {_shown(b)}")
     return out
+
+
+def _shown(v) -> str:
+    return "(not given)" if v is _UNSET else repr(v)
 
 
 class WorkDir:
