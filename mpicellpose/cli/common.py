@@ -69,6 +69,18 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     Defaults are not set here (``argparse.SUPPRESS``): only options given on the command
     line reach the configuration, over a ``--config`` file, over RunConfig's defaults.
     """
+    _input_options(p)
+    _output_options(p)
+    _blocks_options(p)
+    _model_options(p)
+    _stitching_options(p)
+    _run_control_options(p)
+    _performance_options(p)
+    _logging_options(p)
+    _config_file_options(p)
+
+
+def _input_options(p: argparse.ArgumentParser) -> None:
     g = _group(p, "input")
     g.add_argument("--level", default=argparse.SUPPRESS, metavar="N|PATH",
                    help="OME-Zarr resolution level to segment (index or path; default 0, the full resolution)")
@@ -87,6 +99,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--voxel-size", default=argparse.SUPPRESS, metavar="Z,Y,X",
                    help="physical voxel size per axis when the file does not say it (sets Cellpose's anisotropy "
                         "in 3D and the physical centroids of the object table)")
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
     g = _group(p, "output")
     g.add_argument("--labels-name", default=argparse.SUPPRESS, metavar="NAME",
                    help="write the labels inside the OME-Zarr input as labels/NAME (the default when OUTPUT is "
@@ -100,6 +115,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="on-disk format of OUTPUT (default: the input's, else 2)")
     g.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
                    help="replace an existing OUTPUT that this run did not create")
+
+
+def _blocks_options(p: argparse.ArgumentParser) -> None:
     g = _group(p, "blocks", "The volume is cut into blocks: each is one output chunk and one unit of work.")
     g.add_argument("--blocksize", default=argparse.SUPPRESS, metavar="N|Z,Y,X",
                    help="block (= output chunk) size per spatial axis (default 128)")
@@ -109,6 +127,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mask", default=argparse.SUPPRESS, metavar="PATH",
                    help="foreground mask (zarr) at the same or a lower resolution; blocks without foreground "
                         "are skipped")
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
     g = _group(p, "model (Cellpose, or the threshold and labels backends)")
     g.add_argument("--backend", choices=("cellpose", "threshold", "labels"), default=argparse.SUPPRESS,
                    help="cellpose network (default), connected components of image > threshold, or labels "
@@ -128,6 +149,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra CellposeModel arguments as JSON")
     g.add_argument("--threshold", type=float, default=argparse.SUPPRESS, metavar="T",
                    help="threshold backend: foreground is image > T (required with --backend threshold)")
+
+
+def _stitching_options(p: argparse.ArgumentParser) -> None:
     g = _group(p, "stitching", "How objects cut by block faces are joined.")
     g.add_argument("--stitch", choices=("touch", "iou"), default=argparse.SUPPRESS,
                    help="touch: labels touching across a face merge (exact for threshold, its default); iou: "
@@ -139,6 +163,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="iou stitching: minimum IoU (default 0.3)")
     g.add_argument("--iou-depth", type=int, default=argparse.SUPPRESS,
                    help="iou stitching: voxels compared on each side of a face (default 8, at most the overlap)")
+
+
+def _run_control_options(p: argparse.ArgumentParser) -> None:
     g = _group(p, "run control and restart",
                "Finished blocks are recorded in the work directory: the same command resumes.")
     g.add_argument("--work-dir", default=argparse.SUPPRESS, metavar="DIR",
@@ -151,6 +178,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="end the job when a rank has waited this long for another rank that sent no word "
                         "(stuck I/O, a dead GPU); default 3600, or 4x the slowest block if longer; 0 turns it "
                         "off (also MPICELLPOSE_WATCHDOG)")
+
+
+def _performance_options(p: argparse.ArgumentParser) -> None:
     g = _group(p, "performance and devices")
     g.add_argument("--schedule", choices=("dynamic", "static"), default=argparse.SUPPRESS,
                    help="how blocks go to ranks: dynamic (default) hands them out at run time, costliest first, "
@@ -163,13 +193,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flow-halo", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="--pipeline flows: in-plane context around a block's core for the network, in voxels "
                         "(default 16 x diameter / 30, at least 16)")
-    g.add_argument("--masks-during-flows", choices=("auto", "on", "off"), default=argparse.SUPPRESS,
-                   help="--pipeline flows: build masks in a CPU thread while the GPU computes the next blocks' flows "
-                        "(default auto: on for ranks with a GPU, off on CPU-only ranks, where both would share the "
-                        "same cores); the labels are the same either way")
-    g.add_argument("--read-ahead", choices=("auto", "on", "off"), default=argparse.SUPPRESS,
-                   help="read the next block's image in a thread while the network works on this one (default auto: "
-                        "on for ranks with a GPU); one more block in memory, the labels are the same either way")
+    _auto_on_off(g, "--masks-during-flows",
+                 "--pipeline flows: build masks in a CPU thread while the GPU computes the next blocks' flows "
+                 "(default auto: on for ranks with a GPU, off on CPU-only ranks, where both would share the "
+                 "same cores); the labels are the same either way")
+    _auto_on_off(g, "--read-ahead",
+                 "read the next block's image in a thread while the network works on this one (default auto: "
+                 "on for ranks with a GPU); one more block in memory, the labels are the same either way")
     g.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default=argparse.SUPPRESS,
                    help="the network's arithmetic (default: the model's own, float32 under Cellpose 3, bfloat16 under "
                         "Cellpose 4): bfloat16/float16 run it under autocast, 2-4x faster on GPUs and on CPUs with "
@@ -181,18 +211,29 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="where each rank runs the model (default auto: one GPU per rank, round-robin, else CPU)")
     g.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="CPU threads per rank (default cores / ranks per node)")
+
+
+def _logging_options(p: argparse.ArgumentParser) -> None:
     g = _group(p, "logging")
     g.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="messages rank 0 prints on stderr (default INFO; the other ranks print only warnings "
                         "and errors)")
     g.add_argument("--log-dir", default=argparse.SUPPRESS, metavar="DIR",
                    help="also write one log file per rank here (rank-00000.log, ...), with every message")
+
+
+def _config_file_options(p: argparse.ArgumentParser) -> None:
     g = _group(p, "configuration file")
     g.add_argument("--config", default=None, metavar="FILE",
                    help="TOML (or YAML) file with any of these options (keys as the long option names with "
                         "underscores, plus input/output, model_kwargs, eval_kwargs tables); flags override it")
     g.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration as TOML and exit without running")
+
+
+def _auto_on_off(g, flag: str, help: str) -> None:  # noqa: A002 - argparse's word
+    """An overlap option of a rank's work: auto (on for ranks with a GPU), on or off."""
+    g.add_argument(flag, choices=("auto", "on", "off"), default=argparse.SUPPRESS, help=help)
 
 
 _NOT_CONFIG = {"func", "command", "config", "print_config", "log_level"}
