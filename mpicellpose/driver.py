@@ -18,6 +18,7 @@ import numpy as np
 
 from . import comm as mpi
 from . import normalization, outputs, storage
+from .blocks import gpu_rank_wants
 from .config import RunConfig
 from .errors import DistributedError, MpiCellposeError, OutputExistsError, agreed
 from .cost import cost_summary
@@ -130,7 +131,7 @@ def _run(cfg: RunConfig, box, stop, held) -> RunResult:
     flowed = None
     if flows_pipeline:
         ahead = None
-        if maskahead.wanted(cfg.masks_during_flows, backend):
+        if gpu_rank_wants(cfg.masks_during_flows, backend):  # a GPU rank by default
             ahead = functools.partial(maskahead.MaskAhead, cfg, plan, backend, scratch)
         flowed = flows.flows_phase(cfg, plan, box, stop, vol.array, backend, plan.to_segment, ahead)
         clock.lap("flows")

@@ -19,17 +19,12 @@ from __future__ import annotations
 import contextvars
 import threading
 
-from ..blocks import gpu_rank_wants, number_core, record_block
+from ..blocks import number_core, record_block
 from ..runlog import log
 from ..workdir import WorkDir
 from .flows import FlowMasks, done_path, needed_flows
 
 POLL = 0.5  # seconds between looks at the done-markers while no block is ready
-
-
-def wanted(mode: str, backend) -> bool:
-    """Whether this rank builds masks during the flow step (``mode``: auto, on, off)."""
-    return gpu_rank_wants(mode, backend)
 
 
 class MaskAhead:
