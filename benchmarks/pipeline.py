@@ -196,9 +196,10 @@ def big_plan(env, flow_halo):
     if p and p.get("network"):
         net = p["network"]
         B, o, h = BIG["blocksize"], (p.get("overlap") or [60])[0], net.get("flow_halo")
+        G = net.get("flow_slab") or 1
         rec.update({"plan": net, "overlap": p.get("overlap"), "blocks": p.get("blocks"),
                     "interior_blocks_per_voxel": round(((B + 2 * o) / B) ** 3, 4),
-                    "interior_flows_per_voxel": round(((B + 2 * h) / B) ** 2, 4) if h is not None else None})
+                    "interior_flows_per_voxel": round(((G * B + 2 * h) / (G * B)) ** 2, 4) if h is not None else None})
     return rec
 
 
@@ -638,7 +639,7 @@ def render_md(res):
         L += ["", f"## Planned cost at {BIG['blocksize']}³ blocks, diameter {BIG['diameter']} (`mpicellpose plan "
               f"--json` on an empty {BIG['shape'][0]}³ array, {big.get('blocks')} blocks, overlap "
               f"{big.get('overlap')})", "", "```", json.dumps(big["plan"]), "```",
-              f"Interior block: blocks ((B+2o)/B)³ = {big.get('interior_blocks_per_voxel')}, flows ((B+2h)/B)² = "
+              f"Interior block: blocks ((B+2o)/B)³ = {big.get('interior_blocks_per_voxel')}, flows per interior slab of G x G blocks ((G*B+2h)/(G*B))² = "
               f"{big.get('interior_flows_per_voxel')}."]
     srcs = [f"{cn} {t}: {((c.get('summary') or {}).get(t) or {}).get('cost_source')}"
             for cn, c in (res.get("cases") or {}).items() for t in ("flows", "blocks")

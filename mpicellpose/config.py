@@ -58,6 +58,7 @@ class RunConfig:
     schedule: str = "dynamic"  # how blocks are handed out: 'dynamic' (at run time, costliest first) or 'static'
     pipeline: str | None = None  # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block); None: flows under Cellpose 3, blocks under 4
     flow_halo: int | None = None  # in-plane context of the flow step (voxels); None: 16 x diameter / 30, at least 16
+    flow_slab: int | None = None  # blocks per side of a flow slab in plane; None: as many as keep a slab within 2**26 voxels
     masks_during_flows: str = "auto"  # 'flows': build masks in a CPU thread while the GPU computes flows (auto: on a GPU)
     read_ahead: str = "auto"  # read the next block in a thread while the network works on this one (auto: on a GPU)
     precision: str | None = None  # the network's arithmetic: 'float32', 'bfloat16', 'float16'; None: the model's own
@@ -110,6 +111,8 @@ class RunConfig:
             raise ConfigError(f"masks_during_flows must be 'auto', 'on' or 'off', got {self.masks_during_flows!r}")
         if self.flow_halo is not None and (isinstance(self.flow_halo, bool) or int(self.flow_halo) < 0):
             raise ConfigError(f"flow_halo must be a number of voxels >= 0, got {self.flow_halo!r}")
+        if self.flow_slab is not None and (isinstance(self.flow_slab, bool) or int(self.flow_slab) < 1):
+            raise ConfigError(f"flow_slab must be a number of blocks >= 1, got {self.flow_slab!r}")
         if self.precision is not None and self.precision not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"precision must be 'float32', 'bfloat16' or 'float16', got {self.precision!r}")
         if self.threads is not None and int(self.threads) < 1:

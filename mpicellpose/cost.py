@@ -6,35 +6,34 @@ run writes:
 
 * ``blocks`` pipeline: Cellpose's ``eval`` on each block's read region (core + overlap), so
   ``sum(read) / sum(core)``: ``((B + 2o) / B)^3`` for interior blocks;
-* ``flows`` pipeline: per orientation, the planes through each core, grown in plane by the
-  flow halo: ``((B + 2h) / B)^2`` for interior blocks.
+* ``flows`` pipeline: per orientation, the planes through each slab of block cores
+  (:mod:`mpicellpose.slabs`, G blocks wide in plane), grown in plane by the flow halo:
+  ``((G*B + 2h) / (G*B))^2`` for interior slabs, 1 where a slab spans the whole plane.
 
 Counted at the input's resolution; Cellpose's own resizing (diameter, anisotropy) multiplies
 both alike.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 from . import flowfield as ff
 from . import geometry as geo
+from .slabs import SlabGrid, auto_group
 
 
-def network_voxels(settings, blocks, pipeline: str) -> int:
-    grid, total = settings.grid, 0
-    for b in blocks:
-        blk = grid.block(b)
-        if pipeline == "flows":
-            total += ff.network_voxels(blk.core, ff.flow_region(blk.core, settings.shape, settings.flow_halo),
-                                       len(settings.shape))
-        else:
-            total += geo.box_size(blk.read)
-    return total
+def network_voxels(settings, blocks, pipeline: str, halo=None, group=None) -> int:
+    """Voxels the network evaluates (per orientation) to segment ``blocks`` (kept blocks);
+    ``halo``, ``group``: the flow step's, when not the settings' own."""
+    grid = settings.grid
+    if pipeline == "flows":
+        halo = settings.flow_halo if halo is None else halo
+        group = getattr(settings, "flow_group", 1) if group is None else group
+        slabs = SlabGrid(grid, blocks, group, halo)
+        return slabs.network_voxels(slabs.linears)
+    return int(geo.block_sizes(grid, list(blocks), "read").sum())
 
 
 def core_voxels(settings, blocks) -> int:
-    grid = settings.grid
-    return sum(geo.box_size(grid.block(b).core) for b in blocks)
+    return int(geo.block_sizes(settings.grid, list(blocks)).sum())
 
 
 def flow_scratch_bytes(settings, blocks) -> int:
@@ -49,9 +48,10 @@ def network_cost(settings, blocks, cellpose: bool = True) -> dict:
            "blocks_per_voxel": round(network_voxels(settings, blocks, "blocks") / core, 4)}
     if cellpose:
         halo = settings.flow_halo or ff.default_flow_halo(settings.eval_kwargs.get("diameter"), len(settings.shape))
-        flows = replace(settings, flow_halo=halo) if not settings.flow_halo else settings
-        out["flows_per_voxel"] = round(network_voxels(flows, blocks, "flows") / core, 4)
+        group = settings.flow_group if settings.pipeline == "flows" else auto_group(settings.grid)
+        out["flows_per_voxel"] = round(network_voxels(settings, blocks, "flows", halo, group) / core, 4)
         out["flow_halo"] = halo
+        out["flow_slab"] = group
         out["flow_scratch_bytes"] = flow_scratch_bytes(settings, blocks)
     out["network_per_voxel"] = out.get(f"{settings.pipeline}_per_voxel", out["blocks_per_voxel"])
     return out
@@ -63,7 +63,7 @@ def cost_summary(plan, flowed=None) -> dict:
     cellpose = bool(plan.settings.resolved_model) or plan.settings.pipeline == "flows"
     out = network_cost(plan.settings, plan.kept, cellpose=cellpose)
     if flowed is not None:
-        out["flows_blocks_now"] = flowed.blocks_now
+        out["flows_slabs_now"] = flowed.slabs_now
         out["network_voxels_measured"] = flowed.network_voxels
         out["flows_seconds"] = round(flowed.seconds, 3)
     return out

@@ -2,14 +2,15 @@
 
 Cellpose's 3D network runs on 2D planes in three orientations (YX, ZX, ZY) and sums them.
 A plane needs context only within itself, so the network does not need a block's full 3D
-overlap: for each orientation we run it only on the planes that cross the block's *core*,
-each plane grown by a small in-plane halo (``flow_halo``).  The network's cost per output
-voxel is then ``((B + 2h) / B)^2`` instead of ``((B + 2o) / B)^3`` (o: the 3D overlap).
+overlap: each orientation runs on *slabs* (:mod:`mpicellpose.slabs`), the planes through a
+layer of block cores, each plane grown by a small in-plane halo (``flow_halo``) where it meets
+another slab.  The network's cost per output voxel is then about ``((G*B + 2h) / (G*B))^2``
+instead of ``((B + 2o) / B)^3`` (o: the 3D overlap; G: blocks per slab side in plane).
 
 The mask step (following the flows to where they converge, building masks) does need a 3D
 neighbourhood of about a cell diameter; it runs per block on its read region (core +
-overlap) of the flow field that every block wrote for its core, so neighbouring blocks see
-the same flows in their overlap and the usual face stitching joins what they found.
+overlap) of the flow field, so neighbouring blocks see the same flows in their overlap and
+the usual face stitching joins what they found.
 
 Both steps go through the installed Cellpose's own code: the flow step calls ``eval`` with
 ``compute_masks=False`` and substitutes the model's ``_run_net`` by one that runs the
@@ -17,8 +18,9 @@ selected planes (so conversion, normalisation and resizing are Cellpose's), the 
 calls the model's ``_compute_masks`` with the arguments ``eval`` would give it.  Works with
 Cellpose 3.1 and 4.x (same private signatures, checked at start-up).
 
-The flow field is kept in half precision, ``ndim + 1`` values per voxel (the flow
-components, then the cell probability): 8 bytes per voxel in 3D, 6 in 2D.
+The flow field is kept in half precision, three values per voxel and orientation (the two
+in-plane flow components, then the cell probability): 18 bytes per voxel in 3D (three
+orientations, summed in single precision by the mask step as Cellpose sums them), 6 in 2D.
 """
 from __future__ import annotations
 
@@ -41,8 +43,27 @@ _RUN_NET_ARGS = ("x", "rescale", "resample", "augment", "batch_size", "tile_over
                  "do_3D")
 
 
+def n_orientations(ndim: int) -> int:
+    return 3 if ndim == 3 else 1
+
+
 def flow_bytes_per_voxel(ndim: int) -> int:
-    return (ndim + 1) * np.dtype(FLOW_DTYPE).itemsize
+    return 3 * n_orientations(ndim) * np.dtype(FLOW_DTYPE).itemsize
+
+
+def combine(stored) -> np.ndarray:
+    """The flow field Cellpose's eval would give (float32 ``(ndim + 1, ...)``: the flow
+    components, then the cell probability) from the stored per-orientation values
+    (``(3 * orientations, ...)``), summed in Cellpose's order (orientation 0, 1, 2)."""
+    stored = np.asarray(stored)
+    if stored.shape[0] == 3:  # 2D: one orientation, already (dy, dx, cellprob)
+        return stored.astype(np.float32)
+    out = np.zeros((4, *stored.shape[1:]), np.float32)
+    for p in range(3):
+        out[3] += stored[3 * p + 2]
+        for j in range(2):
+            out[_FLOW_AXES[p][j]] += stored[3 * p + j]
+    return out
 
 
 def default_flow_halo(diameter: float | None, ndim: int) -> int:
@@ -57,26 +78,6 @@ def default_flow_halo(diameter: float | None, ndim: int) -> int:
     """
     d = float(diameter) if diameter else 30.0
     return int(max(16, math.ceil(16.0 * d / 30.0)))
-
-
-def flow_region(core, shape, halo: int):
-    """The region the flow step reads for a block: its core grown by ``halo`` in every axis,
-    clipped to the volume (the network sees only the in-plane part of it)."""
-    return tuple((max(0, a - halo), min(int(n), b + halo)) for (a, b), n in zip(core, shape))
-
-
-def network_voxels(core, region, ndim: int) -> int:
-    """Voxels the network evaluates for one block (summed over orientations, divided by
-    their number): per orientation, the planes through the core, each the region's extent in
-    plane."""
-    c = [b - a for a, b in core]
-    r = [b - a for a, b in region]
-    if ndim == 2:
-        return r[0] * r[1]
-    total = 0
-    for axis in range(3):
-        total += c[axis] * math.prod(r[k] for k in range(3) if k != axis)
-    return total // 3
 
 
 def check_cellpose_internals(model) -> None:
@@ -106,12 +107,13 @@ def _resize3d(resize_image, img, shape):
 
 
 class _Capture:
-    """Stands in for ``model._run_net`` during one ``eval``: runs the network on the planes
-    through the core only and keeps the core's flows (eval gets a one-voxel placeholder, so
-    it does no work on the result)."""
+    """Stands in for ``model._run_net`` during one ``eval``: runs the network of one
+    orientation on the planes through the core only and keeps the core's three values
+    (eval gets a one-voxel placeholder, so it does no work on the result)."""
 
-    def __init__(self, model, core_local, ndim, original, major=3):
-        self.model, self.core, self.ndim, self.original, self.major = model, core_local, ndim, original, major
+    def __init__(self, model, core_local, ndim, original, orient=0, major=3):
+        self.model, self.core, self.ndim, self.original = model, core_local, ndim, original
+        self.orient, self.major = int(orient), major
         self.flows = None
         self.network_voxels = 0
 
@@ -144,6 +146,8 @@ class _Capture:
         return 256 if getattr(self.model, "backbone", "sam_vitl") == "sam_vitl" else 384
 
     def _planes(self, x, rescale, resample, augment, batch_size, tile_overlap, bsize, anisotropy):
+        """Orientation ``p``'s (flow along its first in-plane axis, along its second, cell
+        probability) of the core, as Cellpose's run_3D computes them before it sums the three."""
         from cellpose import core as cp_core  # noqa: PLC0415 - cellpose is optional
         from cellpose import transforms  # noqa: PLC0415
 
@@ -155,38 +159,35 @@ class _Capture:
         target = (int(lz * aniso * rescale), int(ly * rescale), int(lx * rescale)) if resized else (lz, ly, lx)
         xr = _resize3d(transforms.resize_image, x, target) if resized else x
         margin = 2 if resized else 0
-        yf = np.zeros((*xr.shape[:3], 4), np.float32)
+        p = self.orient
         nets = [self.model.net, getattr(self.model, "net_ortho", None) or self.model.net,
                 getattr(self.model, "net_ortho", None) or self.model.net]
-        style = None
-        for p in range(3):
-            axis = _PERM[p][0]
-            scale = xr.shape[axis] / x.shape[axis]
-            lo = max(0, int(math.floor(self.core[axis].start * scale)) - margin)
-            hi = min(xr.shape[axis], int(math.ceil(self.core[axis].stop * scale)) + margin)
-            planes = xr.transpose(_PERM[p])[lo:hi]
-            kw = {"batch_size": batch_size, "augment": augment, "tile_overlap": tile_overlap, "rsz": None,
-                  "bsize": self._tile_size(bsize)}
-            y, style = cp_core.run_net(nets[p], planes, **kw)
-            self.network_voxels += int(np.prod(planes.shape[:3]))
-            sel = [slice(None)] * 3
-            sel[axis] = slice(lo, hi)
-            sel = tuple(sel)
-            yf[sel + (3,)] += y[..., -1].transpose(_INV[p])
-            for j in range(2):
-                yf[sel + (_FLOW_AXES[p][j],)] += y[..., j].transpose(_INV[p])
-            del y
+        axis = _PERM[p][0]
+        scale = xr.shape[axis] / x.shape[axis]
+        lo = max(0, int(math.floor(self.core[axis].start * scale)) - margin)
+        hi = min(xr.shape[axis], int(math.ceil(self.core[axis].stop * scale)) + margin)
+        planes = xr.transpose(_PERM[p])[lo:hi]
+        kw = {"batch_size": batch_size, "augment": augment, "tile_overlap": tile_overlap, "rsz": None,
+              "bsize": self._tile_size(bsize)}
+        y, style = cp_core.run_net(nets[p], planes, **kw)
+        self.network_voxels = int(np.prod(planes.shape[:3]))
+        sel = [slice(None)] * 3
+        sel[axis] = slice(lo, hi)
+        out = np.zeros((*xr.shape[:3], 3), np.float32)
+        sel = tuple(sel)
+        for j, c in enumerate((0, 1, -1)):  # run_3D's two flow outputs, then the last (cell probability)
+            out[sel + (j,)] = y[..., c].transpose(_INV[p])
+        del y
         if resized:
-            yf = _resize3d(transforms.resize_image, yf, (lz, ly, lx))
-        core = yf[self.core]
-        self.network_voxels //= 3
-        return np.ascontiguousarray(np.moveaxis(core, -1, 0)), style
+            out = _resize3d(transforms.resize_image, out, (lz, ly, lx))
+        return np.ascontiguousarray(np.moveaxis(out[self.core], -1, 0)), style
 
 
-def compute_flows(seg, image, core_local, ndim: int):
-    """(flows of the core, float32 ``(ndim + 1, *core)``; network voxels evaluated).
+def compute_flows(seg, image, core_local, ndim: int, orient: int = 0):
+    """(orientation ``orient``'s three values over the core, float32 ``(3, *core)``; network
+    voxels evaluated).  2D: the one orientation (dy, dx, cell probability).
 
-    ``seg``: a :class:`mpicellpose.backends.CellposeSegmenter`; ``image``: the block's flow
+    ``seg``: a :class:`mpicellpose.backends.CellposeSegmenter`; ``image``: the slab's read
     region (channel axis last, if any); ``core_local``: slices of the core in that region.
     """
     core_local = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(core_local, np.shape(image)[:ndim]))
@@ -195,7 +196,7 @@ def compute_flows(seg, image, core_local, ndim: int):
     ek.pop("flow3D_smooth", None)  # applied by the mask step, which has the 3D neighbourhood
     model = seg.model
     before = model.__dict__.get("_run_net")  # a wrapper someone put on the instance stays
-    cap = _Capture(model, tuple(core_local), ndim, getattr(model, "_run_net"), getattr(seg, "major", 3))
+    cap = _Capture(model, tuple(core_local), ndim, getattr(model, "_run_net"), orient, getattr(seg, "major", 3))
     model._run_net = cap
     try:
         seg._eval_with_retry(image, ek)
@@ -222,17 +223,33 @@ def _smooth(dP, sigma):
     return gaussian_filter(dP, [0, *map(float, s)])
 
 
+def _rescale(seg, ek: dict) -> float:
+    """The factor Cellpose's eval resizes the image by (its diameter rule)."""
+    diameter = ek.get("diameter")
+    if getattr(seg, "major", 3) >= 4:
+        return 30.0 / float(diameter) if diameter else 1.0
+    diam_mean = float(getattr(seg.model, "diam_mean", 30.0) or 30.0)
+    labels = float(getattr(seg.model, "diam_labels", diam_mean) or diam_mean)
+    return diam_mean / float(diameter) if diameter else diam_mean / labels
+
+
+def along_context(seg, settings) -> int:
+    """Voxels a 3D slab reads beyond its core along its planes' normal: none, unless Cellpose
+    resizes the volume (diameter, anisotropy), whose interpolation across planes needs the
+    neighbouring planes (the flow halo's worth; the network still runs only on the planes
+    through the core)."""
+    if len(settings.shape) != 3:
+        return 0
+    _, ek = seg.prepare(np.zeros((1, 1, 1), np.float32), 3)
+    aniso = float(ek.get("anisotropy") or 1.0)
+    return int(settings.flow_halo) if (aniso != 1.0 or _rescale(seg, ek) != 1.0) else 0
+
+
 def mask_arguments(seg, ek: dict, read_voxels: int, total_voxels: int) -> dict:
     """The arguments Cellpose's ``eval`` gives ``_compute_masks``, with ``max_size_fraction``
     made a fraction of the whole volume (not of the block) so it does not depend on the block size."""
     major = getattr(seg, "major", 3)
-    diameter = ek.get("diameter")
-    if major >= 4:
-        rescale = 30.0 / float(diameter) if diameter else 1.0
-    else:
-        diam_mean = float(getattr(seg.model, "diam_mean", 30.0) or 30.0)
-        labels = float(getattr(seg.model, "diam_labels", diam_mean) or diam_mean)
-        rescale = diam_mean / float(diameter) if diameter else diam_mean / labels
+    rescale = _rescale(seg, ek)
     niter = ek.get("niter")
     if not niter:
         niter = (int(200 / rescale) if major >= 4 else 200 / rescale) if ek.get("resample", True) else 200

@@ -147,6 +147,22 @@ def test_3d_two_ranks_equal_one_rank_and_agree_with_whole_volume(tmp_path, model
     assert vs_truth["f1"] >= MIN_F1_VS_TRUTH[3], vs_truth
 
 
+@pytest.mark.mpi
+def test_3d_flows_pipeline_two_ranks_equal_one_rank_and_agree_with_whole_volume(tmp_path, model_bf16):
+    """--pipeline flows under Cellpose 4 (opt-in there): its slabs span the whole planes here, so each
+    orientation's network sees what whole-volume eval gives it; masks per block from the summed flows."""
+    img, gt = make_nuclei((40, 64, 64), seed=7, touching_fraction=0.4)
+    lab2, lab1, meta = _run(tmp_path, img, "20,64,64", 10, 3, {"use_bfloat16": True}, pipeline="flows")
+    assert np.array_equal(lab1, lab2), "labels differ between 1 and 2 ranks"
+    cost = meta["cost"]
+    assert cost["pipeline"] == "flows" and cost["flow_slab"] == 2 and cost["flows_per_voxel"] == 1.0
+    whole = _whole(model_bf16, img, meta)
+    vs_whole, vs_truth = match_objects(lab2, whole, 0.5), match_objects(lab2, gt, 0.5)
+    print(f"3D flows: vs whole {vs_whole['f1']:.3f}, vs truth {vs_truth['f1']:.3f}, times {TIMES}")
+    assert vs_whole["f1"] >= MIN_F1_VS_WHOLE[3], vs_whole
+    assert vs_truth["f1"] >= MIN_F1_VS_TRUTH[3], vs_truth
+
+
 # --------------------------------------------------------------------------- arguments
 def test_translation_from_cellpose3_arguments_against_installed_eval():
     user_mk = {"model_type": "cpsam", "nchan": 2, "diam_mean": 17.0, "mkldnn": True, "use_bfloat16": False}

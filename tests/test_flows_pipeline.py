@@ -1,11 +1,13 @@
 """--pipeline flows (issue 12): the network once per voxel, then masks per block.
 
-* the cost model (pure): network evaluations per output voxel under both pipelines;
+* the cost model and the slabs (pure): network evaluations per output voxel under both
+  pipelines, which slabs a block needs;
 * the flow step against Cellpose's own ``eval`` (real Cellpose 3, the shipped model): on a
-  region whose core is a sub-box, the core's flows equal ``eval``'s flows of the whole region
-  cropped to the core, exactly (a plane needs only in-plane context, so running the planes
-  through the core only changes nothing); masks from those flows equal ``eval``'s masks;
-* end to end under mpiexec: labels identical at 1 and 2 ranks, close to whole-volume Cellpose,
+  region whose core is a sub-box, the three orientations' values over the core, summed, equal
+  ``eval``'s flows of the whole region cropped to the core, exactly (a plane needs only
+  in-plane context, so running the planes through the core only changes nothing); masks from
+  those flows equal ``eval``'s masks;
+* end to end under mpiexec: labels identical at 1, 2 and 3 ranks, close to whole-volume Cellpose,
   the cost recorded in the provenance, and a run killed in the flow step resumes to the same
   labels.
 """
@@ -26,7 +28,8 @@ from mpicellpose import cost
 from mpicellpose import flowfield as ff
 from mpicellpose import geometry as geo
 from mpicellpose.metrics import match_objects
-from mpicellpose.phases.flows import cores_touching, needed_flows
+from mpicellpose.phases.flows import cores_touching, needed_flows, needed_slabs
+from mpicellpose.slabs import SlabGrid, auto_group
 from mpicellpose.storage import numpy_array_to_zarr
 from mpicellpose.synthetic import make_nuclei
 
@@ -34,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _settings(shape, block, overlap, halo):
+def _settings(shape, block, overlap, halo, group=1):
     return SimpleNamespace(grid=geo.BlockGrid(shape, block, overlap), shape=shape, flow_halo=halo, pipeline="flows",
-                           eval_kwargs={"diameter": 16})
+                           flow_group=group, eval_kwargs={"diameter": 16})
 
 
 # --------------------------------------------------------------------------- pure
@@ -51,9 +54,25 @@ def test_cost_interior_block_is_square_of_the_halo_growth():
     every = range(len(s.grid))
     assert cost.network_voxels(s, every, "flows") / 160 ** 3 == pytest.approx((96 / 80) ** 2)
     assert cost.network_voxels(s, every, "blocks") / 160 ** 3 == pytest.approx((112 / 80) ** 3)
+    # slabs two blocks wide span the whole planes there: no halo, every voxel once per orientation
+    s = _settings((160, 160, 160), (80,) * 3, (32,) * 3, 16, group=2)
+    assert cost.network_voxels(s, every, "flows") == 160 ** 3
+    assert cost.network_cost(s, every)["flows_per_voxel"] == 1.0
+    # 256^3 blocks in a 4096^3 volume: the automatic slabs are 2 blocks wide (2^26 voxels)
+    big = geo.BlockGrid((4096,) * 3, (256,) * 3, (60,) * 3)
+    assert auto_group(big) == 2 and auto_group(geo.BlockGrid((4096,) * 3, (512,) * 3, (60,) * 3)) == 1
+    s = _settings((4096,) * 3, (256,) * 3, (60,) * 3, 16, group=2)
+    cube = [s.grid.linear_of((4 + i, 4 + j, 4 + k)) for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+    slabs = SlabGrid(s.grid, cube, 2, 16)  # per orientation, two layers of one 2x2 slab
+    assert len(slabs) == 6
+    assert slabs.network_voxels(slabs.linears) == 8 * 256 ** 3 * (544 / 512) ** 2
+    one = SlabGrid(s.grid, cube[:1], 2, 16)  # a slab spans its kept cores only
+    assert one.network_voxels(one.linears[:1]) == 256 * 288 * 288 // 3
     s2 = _settings((100, 100), (50, 50), (10, 10), 5)
     assert cost.network_voxels(s2, range(4), "flows") == 4 * 55 * 55
-    assert ff.flow_bytes_per_voxel(3) == 8 and ff.flow_bytes_per_voxel(2) == 6
+    s2 = _settings((100, 100), (50, 50), (10, 10), 5, group=2)
+    assert cost.network_voxels(s2, range(4), "flows") == 100 * 100
+    assert ff.flow_bytes_per_voxel(3) == 18 and ff.flow_bytes_per_voxel(2) == 6
 
 
 def test_needed_flows_cover_the_read_region():
@@ -66,6 +85,33 @@ def test_needed_flows_cover_the_read_region():
     assert needed_flows(grid, [0, 3, 4], [corner]) == [0, 3, 4]
 
 
+def test_slabs_cover_each_kept_core_once_per_orientation():
+    grid = geo.BlockGrid((50, 70, 90), (20, 20, 20), (6, 6, 6))
+    kept = [b for b in range(len(grid)) if b % 5]  # a mask leaves some blocks out
+    for group in (1, 2, 3):
+        slabs = SlabGrid(grid, kept, group, 7)
+        cover = np.zeros((3, *grid.shape), np.int32)
+        for s in slabs.linears:
+            slab = slabs.block(s)
+            assert set(slab.blocks) <= set(kept) and slab.blocks
+            for b in slab.blocks:
+                cover[(slab.orient,) + grid.block(b).core_slices] += 1
+            a = slab.orient  # no context along the planes' normal; the halo in plane, clipped
+            assert slab.read[a] == slab.core[a]
+            for k in range(3):
+                if k != a:
+                    assert slab.read[k] == (max(0, slab.core[k][0] - 7), min(grid.shape[k], slab.core[k][1] + 7))
+        want = np.zeros(grid.shape, np.int32)
+        for b in kept:
+            want[grid.block(b).core_slices] = 1
+        assert all(np.array_equal(cover[p], want) for p in range(3))
+        # a block's mask step reads the slabs of every kept core its read region touches
+        blk = grid.linear_of((1, 1, 1))
+        need = needed_slabs(slabs, kept, [blk])
+        assert need == slabs.of_blocks(needed_flows(grid, kept, [blk]))
+        assert {slabs.block(s).orient for s in need} == {0, 1, 2}
+
+
 def test_default_halo_is_sixteen_network_pixels_and_never_exceeds_the_block(tmp_path):
     from mpicellpose.config import RunConfig
     from mpicellpose.errors import ConfigError
@@ -75,6 +121,11 @@ def test_default_halo_is_sixteen_network_pixels_and_never_exceeds_the_block(tmp_
     cfg = RunConfig(input=img, blocksize=(12, 32, 32), model_kwargs={"pretrained_model": "demo"})
     s = resolve_settings(cfg, open_volume(cfg))
     assert s.pipeline == "flows" and s.flow_halo == 12  # 16, clipped to the 12-voxel blocks
+    assert s.flow_group == 4  # the slabs span whole planes: 4 blocks of 12 along z (ZX, ZY planes)
+    cfg = RunConfig(input=img, blocksize=(12, 32, 32), flow_slab=1, model_kwargs={"pretrained_model": "demo"})
+    assert resolve_settings(cfg, open_volume(cfg)).flow_group == 1
+    with pytest.raises(ConfigError, match="flow_slab must be a number of blocks >= 1"):
+        RunConfig(input=img, flow_slab=0)
     cfg = RunConfig(input=img, blocksize=32, eval_kwargs={"diameter": 60}, model_kwargs={"pretrained_model": "demo"})
     assert resolve_settings(cfg, open_volume(cfg)).flow_halo == 32
     with pytest.raises(ConfigError, match="flow-halo 40 is larger than the block"):
@@ -113,13 +164,14 @@ def test_core_flows_equal_evals_flows_of_the_region(demo_segmenter):
     calls = []
     original = seg.model._run_net
     seg.model._run_net = lambda *a, **k: calls.append(1) or original(*a, **k)  # a caller's wrapper
-    flows, nv = ff.compute_flows(seg, img, core, 3)
+    per, nvs = zip(*(ff.compute_flows(seg, img, core, 3, p) for p in range(3)))
     assert seg.model.__dict__.get("_run_net") is not None  # the caller's wrapper is back
     seg.model._run_net = original
+    flows = ff.combine(np.concatenate(per))  # summed in Cellpose's order, in single precision
     assert np.array_equal(flows[:3], dP[(slice(None),) + core])
     assert np.array_equal(flows[3], cellprob[core])
-    # the network ran on the planes through the core only: (14*56*60 + 30*28*60 + 36*28*56) / 3
-    assert nv == (14 * 56 * 60 + 30 * 28 * 60 + 36 * 28 * 56) // 3
+    # each orientation ran on the planes through the core only
+    assert list(nvs) == [14 * 56 * 60, 30 * 28 * 60, 36 * 28 * 56]
     # masks from eval's flows (through half precision) equal eval's masks
     whole = np.concatenate([dP, cellprob[None]])
     masks = ff.compute_masks(seg, ff.to_half(whole).astype(np.float32), 3, img.size)
@@ -154,7 +206,9 @@ def test_flows_pipeline_ranks_resume_and_cost(volume):
     one = zarr.open(str(d / "one.zarr"), mode="r")
     meta = one.attrs["mpicellpose"]
     c = meta["cost"]
-    assert c["pipeline"] == "flows" and c["flow_halo"] == 16
+    assert c["pipeline"] == "flows" and c["flow_halo"] == 16 and c["flow_slab"] == 2
+    # slabs two blocks wide span whole planes in every orientation: each voxel once per orientation
+    assert c["flows_per_voxel"] == 1.0
     assert c["network_per_voxel"] == c["flows_per_voxel"] < c["blocks_per_voxel"]
     assert c["network_voxels_measured"] == pytest.approx(c["flows_per_voxel"] * img.size, rel=0.01)
     assert "flows" in meta["timings"] and "segment" in meta["timings"]
@@ -169,6 +223,9 @@ def test_flows_pipeline_ranks_resume_and_cost(volume):
     assert r3.returncode == 0, r3.stderr[-3000:]
     two = zarr.open(str(d / "two.zarr"), mode="r")
     assert np.array_equal(one[...], two[...])
+    r5 = _mpicellpose(3, "segment", d / "in.zarr", d / "three.zarr", *ARGS)
+    assert r5.returncode == 0, r5.stderr[-3000:]
+    assert np.array_equal(one[...], zarr.open(str(d / "three.zarr"), mode="r")[...])
     assert not (d / "two.mpicellpose-work").exists()  # flows.zarr and flows/ removed with the rest
 
     # a GPU rank's defaults: masks built in a CPU thread during the flow step and the next block read

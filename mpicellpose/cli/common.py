@@ -180,19 +180,36 @@ def _run_control_options(p: argparse.ArgumentParser) -> None:
                         "off (also MPICELLPOSE_WATCHDOG)")
 
 
+def _flow_slab(text):
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a number of blocks >= 1 or 'auto', got {text!r}")
+    return n
+
+
 def _performance_options(p: argparse.ArgumentParser) -> None:
     g = _group(p, "performance and devices")
     g.add_argument("--schedule", choices=("dynamic", "static"), default=argparse.SUPPRESS,
                    help="how blocks go to ranks: dynamic (default) hands them out at run time, costliest first, "
                         "so a fast rank takes more; static gives each rank a fixed contiguous run (for debugging)")
     g.add_argument("--pipeline", choices=("flows", "blocks"), default=argparse.SUPPRESS,
-                   help="Cellpose: 'flows' (default under Cellpose 3) runs the network once per voxel (planes through each block's "
-                        "core plus --flow-halo), stores the flow field in the work directory, then builds masks per "
+                   help="Cellpose: 'flows' (default under Cellpose 3) runs the network once per voxel (per orientation, "
+                        "slabs of planes through the block cores plus --flow-halo in plane), stores the flow field in the "
+                        "work directory, then builds masks per "
                         "block with the full overlap; 'blocks' runs Cellpose's eval on each block with its overlap "
                         "(the network sees overlapping voxels several times; the default under Cellpose 4)")
     g.add_argument("--flow-halo", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="--pipeline flows: in-plane context around a block's core for the network, in voxels "
                         "(default 16 x diameter / 30, at least 16)")
+    g.add_argument("--flow-slab", type=_flow_slab, default=argparse.SUPPRESS, metavar="N|auto",
+                   help="--pipeline flows: blocks per side, in plane, of the planes the network runs on at once; wider "
+                        "slabs need less --flow-halo per voxel (default auto: as many as keep a slab within 2^26 "
+                        "voxels, e.g. 2 for 256^3 blocks)")
     _auto_on_off(g, "--masks-during-flows",
                  "--pipeline flows: build masks in a CPU thread while the GPU computes the next blocks' flows "
                  "(default auto: on for ranks with a GPU, off on CPU-only ranks, where both would share the "
@@ -354,7 +371,8 @@ _FLAGS = {k: "--" + k.replace("_", "-") for k in (
     "blocksize", "overlap", "diameter", "anisotropy", "channel_axis", "iou_depth", "iou_threshold", "voxel_size",
     "threads", "watchdog", "pyramid", "pyramid_method", "zarr_format", "normalize", "stitch", "backend",
     "connectivity", "threshold", "eval_kwargs", "model_kwargs", "level", "channel", "timepoint", "tile_pattern",
-    "labels_name", "work_dir", "device", "mask", "dataset", "batch_size", "precision", "flow_halo", "read_ahead",
+    "labels_name", "work_dir", "device", "mask", "dataset", "batch_size", "precision", "flow_halo", "flow_slab",
+    "read_ahead",
     "masks_during_flows", "pipeline", "schedule")}
 _RELATED = {"stitch": ("overlap",)}  # flags worth showing with the subject's ("stitch='iou' needs an overlap")
 _SUBJECT = re.compile(r"^(unknown )?(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")(?=[ =])")

@@ -15,6 +15,7 @@ from .. import outputs
 from ..cellpose4 import CPSAM_NET, STANDIN_NET, gpu_memory_estimate
 from ..cost import free_bytes, network_cost
 from ..errors import MpiCellposeError
+from ..slabs import SLAB_BYTES_PER_VOXEL, largest_slab_voxels
 from ..table import have_parquet
 from .common import _group, _one_line, add_input_output, add_run_arguments, cli_message, config_from_args
 
@@ -118,6 +119,11 @@ def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None) -> dict:
     if net4 is CPSAM_NET and weights is None:  # to be downloaded: the fp32 file
         weights = 4 * CPSAM_NET["parameters"]
     memory = memory_estimate(backend, biggest_read, itemsize, nchan, weights)
+    if plan.settings.pipeline == "flows":  # the flow step holds a slab, the mask step a block's read region
+        slab = largest_slab_voxels(grid, plan.settings.flow_group, plan.settings.flow_halo)
+        memory["flow_step_bytes"] = int(memory["constant"] + SLAB_BYTES_PER_VOXEL * slab)
+        memory["largest_slab_voxels"] = int(slab)
+        memory["bytes"] = max(memory["bytes"], memory["flow_step_bytes"])
     mem = memory["bytes"]
     inflation = read_vox / core_vox if core_vox else 0.0
     out_bytes = nvox * 4
@@ -198,7 +204,9 @@ def format_report(r: dict) -> str:
         f"memory per rank (estimate, CPU) {_human(r['memory_per_rank_estimate_bytes'])}: "
         f"{_human(r['memory_model']['constant'])} for Python, the libraries and the model + "
         f"{r['memory_model']['per_voxel']} B x {r['memory_model']['read_voxels']:,} voxels of the largest block "
-        f"with its overlap",
+        f"with its overlap" + (f"; the flow step {_human(r['memory_model']['flow_step_bytes'])} (~{SLAB_BYTES_PER_VOXEL} B "
+                               f"x {r['memory_model']['largest_slab_voxels']:,} voxels of the largest slab)"
+                               if "flow_step_bytes" in r["memory_model"] else ""),
         f"scratch up to {_human(r['scratch_bytes_max'])}, output up to {_human(r['output_bytes_max'])} before "
         f"compression",
     ]
@@ -237,8 +245,9 @@ def _network_lines(r: dict) -> list:
     mark = {"flows": "", "blocks": ""}
     mark[net["pipeline"]] = " <- this run"
     free = r.get("work_dir_free_bytes")
-    return [f"network evaluations per output voxel: {net['flows_per_voxel']} with --pipeline flows (in-plane halo "
-            f"{net['flow_halo']}){mark['flows']}, {net['blocks_per_voxel']} with --pipeline blocks{mark['blocks']}",
+    return [f"network evaluations per output voxel: {net['flows_per_voxel']} with --pipeline flows (slabs "
+            f"{net.get('flow_slab', 1)} block(s) wide, in-plane halo {net['flow_halo']}){mark['flows']}, "
+            f"{net['blocks_per_voxel']} with --pipeline blocks{mark['blocks']}",
             f"flow field (--pipeline flows, half precision): {_human(net['flow_scratch_bytes'])} in the work "
             f"directory" + (f" ({_human(free)} free there)" if free is not None else "")]
 

@@ -1,21 +1,23 @@
 """Phase 2a (``--pipeline flows``), every rank: the network's flow field, once per voxel.
 
-Each block's *core* gets its flows (:func:`mpicellpose.flowfield.compute_flows`: the network
-on the planes through the core, each grown by the in-plane halo) in half precision in the
-work directory's ``flows.zarr`` (one chunk per block, so no two ranks write the same chunk),
-then a done-marker ``flows/<linear // 1000>/<linear>.done`` once the chunk is on disk.  The
-segmentation phase that follows builds each block's masks from the flow field of its read
-region (:class:`FlowMasks`), which its neighbours wrote.
+The unit of work is a *slab* (:mod:`mpicellpose.slabs`): per orientation of Cellpose's 3D
+network, the planes through one layer of block cores, up to ``--flow-slab`` blocks wide in
+plane, each plane grown by the in-plane halo.  A slab's three values per voxel
+(:func:`mpicellpose.flowfield.compute_flows`) go in half precision to the work directory's
+``flows.zarr``, in its orientation's channels (one chunk per orientation and block, so no two
+ranks write the same chunk), then a done-marker ``flows/<linear // 1000>/<linear>.done`` once
+the chunks are on disk.  The segmentation phase that follows builds each block's masks from
+the flow field of its read region (:class:`FlowMasks`: the orientations summed).
 
-Only the blocks whose flows some block still to segment needs are computed: on a resume,
-the flows already done are kept, and a block finished earlier needs none.
+Only the slabs whose flows some block still to segment needs are computed: on a resume, the
+slabs already done are kept, and a block finished earlier needs none.
 """
 from __future__ import annotations
 
 import itertools
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +31,7 @@ from ..errors import BackendError
 from ..faults import maybe_fault
 from ..runlog import log
 from ..schedule import make_shares
+from ..slabs import SlabGrid
 from .segment import Progress, read_ahead_wanted, run_blocks
 
 NEVER_A_CELL = -1.0e4   # cell probability given to voxels of blocks the mask leaves out
@@ -36,7 +39,7 @@ NEVER_A_CELL = -1.0e4   # cell probability given to voxels of blocks the mask le
 
 @dataclass(frozen=True)
 class Flowed:
-    blocks_now: int          # blocks whose flows were computed in this run (all ranks)
+    slabs_now: int           # slabs whose flows were computed in this run (all ranks)
     network_voxels: int      # voxels the network evaluated (per orientation; all ranks)
     seconds: float
     masked: tuple = ()       # blocks whose masks were built and recorded during the flow step
@@ -51,11 +54,20 @@ def done_path(work_dir, linear: int) -> Path:
 
 
 def create_store(plan) -> None:
-    """Rank 0: the flow field's array (``ndim + 1`` channels, half precision, one chunk per block)."""
+    """Rank 0: the flow field's array (three half-precision channels per orientation, one chunk
+    per orientation and block)."""
     path = store_path(plan.work_dir)
     if not path.exists():
         ndim = len(plan.shape)
-        storage.create_array(path, (ndim + 1, *plan.shape), (ndim + 1, *plan.blocksize), ff.FLOW_DTYPE)
+        channels = 3 * ff.n_orientations(ndim)
+        storage.create_array(path, (channels, *plan.shape), (3, *plan.blocksize), ff.FLOW_DTYPE)
+
+
+def slab_grid(settings, kept, along: int = 0) -> SlabGrid:
+    """The run's slabs; ``along``: voxels read beyond a slab along its planes' normal (context
+    for Cellpose's resizing, see :func:`mpicellpose.flowfield.along_context`; nothing else
+    depends on it)."""
+    return SlabGrid(settings.grid, kept, settings.flow_group, settings.flow_halo, along)
 
 
 def cores_touching(grid: geo.BlockGrid, box) -> list:
@@ -73,17 +85,22 @@ def needed_flows(grid, kept, todo) -> list:
     return sorted(need)
 
 
-def flows_todo(plan, box, todo_segment) -> list:
-    """Blocks whose flows must be computed now: needed by ``todo_segment`` and not done yet
+def needed_slabs(slabs: SlabGrid, kept, todo) -> list:
+    """The slabs that compute the flows the blocks in ``todo`` read (sorted)."""
+    return slabs.of_blocks(needed_flows(slabs.grid, kept, todo))
+
+
+def flows_todo(plan, slabs, box, todo_segment) -> list:
+    """Slabs whose flows must be computed now: needed by ``todo_segment`` and not done yet
     (each rank checks its share of the done-markers)."""
-    need = needed_flows(plan.grid, plan.kept, todo_segment)
-    mine = [b for b in need[box.rank::box.size] if not done_path(plan.work_dir, b).exists()]
+    need = needed_slabs(slabs, plan.kept, todo_segment)
+    mine = [s for s in need[box.rank::box.size] if not done_path(plan.work_dir, s).exists()]
     missing = box.allgather(mine, "checking which flows are done")
-    return sorted(b for part in missing for b in part)
+    return sorted(s for part in missing for s in part)
 
 
 def _fsync_chunk(store: Path, chunk_index) -> None:
-    """Make a block's chunk durable before its done-marker (zarr v2 keys: 0.i.j.k)."""
+    """Make a chunk durable before its done-marker (zarr v2 keys: p.i.j.k)."""
     path = store / ".".join(str(int(i)) for i in chunk_index)
     if path.exists():
         fd = os.open(path, os.O_RDONLY)
@@ -93,20 +110,20 @@ def _fsync_chunk(store: Path, chunk_index) -> None:
             os.close(fd)
 
 
-def flow_read(settings, src, steps, blk):
-    """(the block with the flow step's read region, its image): the core grown by the in-plane halo."""
-    fblk = replace(blk, read=ff.flow_region(blk.core, settings.shape, settings.flow_halo))
-    return fblk, block_image(src, fblk, settings, steps)
+def flow_read(settings, src, steps, slab):
+    """(the slab, its read region's image)."""
+    return slab, block_image(src, slab.as_block(), settings, steps)
 
 
-def flow_block(settings, src, steps, backend, blk, stop=None, read=None):
-    """(flows of the block's core as float32, network voxels); ``read``: :func:`flow_read`'s
-    result when it was read already."""
-    fblk, img = read if read is not None else flow_read(settings, src, steps, blk)
-    flows, nv = call_backend(backend, blk, lambda: ff.compute_flows(backend, img, fblk.core_in_read,
-                                                                    len(settings.shape)), stop)
+def flow_slab(settings, src, steps, backend, slab, stop=None, read=None):
+    """(the slab's three values over its core as float32, network voxels); ``read``:
+    :func:`flow_read`'s result when it was read already."""
+    _, img = read if read is not None else flow_read(settings, src, steps, slab)
+    blk = slab.as_block()
+    flows, nv = call_backend(backend, blk, lambda: ff.compute_flows(backend, img, slab.core_in_read,
+                                                                    len(settings.shape), slab.orient), stop)
     if not np.all(np.isfinite(flows)):
-        raise _about(BackendError(f"the network gave non-finite flows on block {blk.index}"), blk)
+        raise _about(BackendError(f"the network gave non-finite flows on {slab.label}"), blk)
     return flows, nv
 
 
@@ -116,16 +133,17 @@ def flows_phase(cfg, plan, box, stop, src, backend, todo_segment, ahead=None) ->
     t0 = time.perf_counter()
     box.on_root(lambda: create_store(plan), "creating the flow field")
     ahead = ahead() if ahead is not None else None
-    todo = flows_todo(plan, box, todo_segment)
+    slabs = slab_grid(plan.settings, plan.kept, ff.along_context(backend, plan.settings) if backend else 0)
+    todo = flows_todo(plan, slabs, box, todo_segment)
     if box.rank == 0:
-        log.info("flows: %d block(s) to compute on %d rank(s) (network once per voxel, in-plane halo %d)",
-                 len(todo), box.size, plan.settings.flow_halo)
-    shares = make_shares(plan.handout, plan.grid, todo, box.size)
+        log.info("flows: %d slab(s) to compute on %d rank(s) (network once per voxel; slabs up to %d block(s) "
+                 "wide, in-plane halo %d)", len(todo), box.size, plan.settings.flow_group, plan.settings.flow_halo)
+    shares = make_shares(plan.handout, slabs, todo, box.size)
     box.start_progress("flows")
-    view = SimpleNamespace(grid=plan.grid, segment_assignment=shares, handout=plan.handout)
-    progress, agreed = Progress(box, view, label="flows").start(), False
+    view = SimpleNamespace(grid=slabs, segment_assignment=shares, handout=plan.handout)
+    progress, agreed = Progress(box, view, label="flows", unit="slab").start(), False
     try:
-        err, nv = _flow_blocks(cfg, plan, box, stop, src, backend, shares, ahead, progress)
+        err, nv = _flow_slabs(cfg, plan, slabs, box, stop, src, backend, shares, ahead, progress)
         masked = ahead.drain(box, stop) if ahead is not None else []
         if err is None and ahead is not None and ahead.error is not None:
             err = ahead.error
@@ -139,44 +157,50 @@ def flows_phase(cfg, plan, box, stop, src, backend, todo_segment, ahead=None) ->
             ahead.close()
         progress.close(finished=agreed)
     parts = box.allgather((nv, masked), "network voxels and blocks masked during the flow step")
-    total_nv = sum(n for n, _ in parts)
+    total_nv = sum(n for n, _ in parts) // ff.n_orientations(len(plan.shape))
     masked = sorted(b for _, part in parts for b in part)
     if box.rank == 0 and masked:
         log.info("flows: the masks of %d block(s) were built during the flow step", len(masked))
     return Flowed(len(todo), int(total_nv), time.perf_counter() - t0, tuple(masked))
 
 
-def _flow_blocks(cfg, plan, box, stop, src, backend, shares, ahead, progress):
-    """This rank's flow blocks; (the error to agree on or None, network voxels)."""
+def _flow_slabs(cfg, plan, slabs, box, stop, src, backend, shares, ahead, progress):
+    """This rank's slabs; (the error to agree on or None, network voxels)."""
     store = storage.open_array(store_path(plan.work_dir), mode="r+")
 
-    def one(blk, done, get):
-        flows, n = flow_block(plan.settings, src, cfg.preprocessing_steps, backend, blk, stop,
-                              get() if get is not None else None)
+    def one(slab, done, get):
+        flows, n = flow_slab(plan.settings, src, cfg.preprocessing_steps, backend, slab, stop,
+                             get() if get is not None else None)
         maybe_fault("flows", box.rank, done)
-        _write_flows(plan, store, blk, flows)
+        write_flows(plan, store, slab, flows)
         if ahead is not None:
-            ahead.offer(blk.linear)
+            ahead.offer_slab(slab)
         return n
 
-    def block_error(exc, blk):
+    def slab_error(exc, slab):
         if getattr(exc, "block", None) is not None:
             return exc
-        return _about(BackendError(f"flows of block {blk.index} (#{blk.linear}): {type(exc).__name__}: {exc}"), blk)
+        return _about(BackendError(f"flows of {slab.label}: {type(exc).__name__}: {exc}"), slab.as_block())
 
     load = None
     if read_ahead_wanted(cfg, backend):
-        def load(blk):
-            return flow_read(plan.settings, src, cfg.preprocessing_steps, blk)
-    return run_blocks(box, plan.grid, shares, plan.handout == "dynamic", "flows", progress, stop, one, block_error,
+        def load(slab):
+            return flow_read(plan.settings, src, cfg.preprocessing_steps, slab)
+    return run_blocks(box, slabs, shares, plan.handout == "dynamic", "flows", progress, stop, one, slab_error,
                       load)
 
 
-def _write_flows(plan, store, blk, flows) -> None:
-    """The core's flows, durable, then the block's done-marker."""
-    store[(slice(None),) + blk.core_slices] = ff.to_half(flows)
-    _fsync_chunk(store_path(plan.work_dir), (0,) + tuple(blk.index))
-    marker = done_path(plan.work_dir, blk.linear)
+def write_flows(plan, store, slab, flows) -> None:
+    """The slab's values over its kept blocks' cores, durable, then the slab's done-marker."""
+    grid, p = plan.grid, slab.orient
+    origin = [a for a, _ in slab.core]
+    half = ff.to_half(flows)
+    for b in slab.blocks:
+        blk = grid.block(b)
+        store[(slice(3 * p, 3 * p + 3),) + blk.core_slices] = half[(slice(None),) + geo.box_slices(blk.core, origin)]
+    for b in slab.blocks:
+        _fsync_chunk(store_path(plan.work_dir), (p,) + tuple(grid.block(b).index))
+    marker = done_path(plan.work_dir, slab.linear)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
 
@@ -194,19 +218,20 @@ class FlowMasks:
         self.kept = set(int(b) for b in plan.kept)
 
     def read_flows(self, blk) -> np.ndarray:
-        """The flow field over the block's read region (float32); the cores of blocks the mask
-        leaves out read as 'no cell'."""
-        flows = np.asarray(self.store[(slice(None),) + blk.read_slices], dtype=np.float32)
+        """The flow field over the block's read region (float32, the orientations summed); the
+        cores of blocks the mask leaves out read as 'no cell'."""
+        flows = ff.combine(self.store[(slice(None),) + blk.read_slices])
+        return self._mask_out(flows, blk)
+
+    def _mask_out(self, flows, blk):
+        ndim = len(self.settings.shape)
         for c in cores_touching(self.settings.grid, blk.read):
             if c not in self.kept:
-                self._no_cell(flows, blk, c)
+                sl = geo.box_slices(geo.box_intersect(self.settings.grid.block(c).core, blk.read),
+                                    [a for a, _ in blk.read])
+                flows[(ndim,) + sl] = NEVER_A_CELL
+                flows[(slice(0, ndim),) + sl] = 0.0
         return flows
-
-    def _no_cell(self, flows, blk, c):
-        ndim = len(self.settings.shape)
-        sl = geo.box_slices(geo.box_intersect(self.settings.grid.block(c).core, blk.read), [a for a, _ in blk.read])
-        flows[(ndim,) + sl] = NEVER_A_CELL
-        flows[(slice(0, ndim),) + sl] = 0.0
 
     def segment_block(self, blk) -> np.ndarray:
         flows = self.read_flows(blk)
@@ -218,8 +243,8 @@ class FlowMasks:
 
 class LocalFlowMasks(FlowMasks):
     """:func:`mpicellpose.process_block` under ``--pipeline flows``: the flow field of the read
-    region is computed here, block by block as the run computes it (each core it touches with
-    that core's halo, stored in half precision), so the labels equal the run's."""
+    region is computed here, slab by slab as the run computes it (each slab it touches whole,
+    stored in half precision), so the labels equal the run's."""
 
     def __init__(self, backend, settings, kept, src, steps):
         self.backend, self.settings, self.src, self.steps = backend, settings, src, steps
@@ -227,17 +252,14 @@ class LocalFlowMasks(FlowMasks):
         self.kept = set(int(b) for b in kept)
 
     def read_flows(self, blk) -> np.ndarray:
-        ndim, grid = len(self.settings.shape), self.settings.grid
-        flows = np.zeros((ndim + 1,) + geo.box_shape(blk.read), np.float32)
+        ndim = len(self.settings.shape)
+        slabs = slab_grid(self.settings, sorted(self.kept), ff.along_context(self.backend, self.settings))
+        stored = np.zeros((3 * ff.n_orientations(ndim),) + geo.box_shape(blk.read), ff.FLOW_DTYPE)
         origin = [a for a, _ in blk.read]
-        for c in cores_touching(grid, blk.read):
-            if c not in self.kept:
-                self._no_cell(flows, blk, c)
-                continue
-            other = grid.block(c)
-            f, _ = flow_block(self.settings, self.src, self.steps, self.backend, other)
-            inter = geo.box_intersect(other.core, blk.read)
-            flows[(slice(None),) + geo.box_slices(inter, origin)] = \
-                ff.to_half(f)[(slice(None),) + geo.box_slices(inter, [a for a, _ in other.core])]
-        return flows
-
+        for s in needed_slabs(slabs, self.kept, [blk.linear]):
+            slab = slabs.block(s)
+            f, _ = flow_slab(self.settings, self.src, self.steps, self.backend, slab)
+            inter = geo.box_intersect(slab.core, blk.read)
+            stored[(slice(3 * slab.orient, 3 * slab.orient + 3),) + geo.box_slices(inter, origin)] = \
+                ff.to_half(f)[(slice(None),) + geo.box_slices(inter, [a for a, _ in slab.core])]
+        return self._mask_out(ff.combine(stored), blk)

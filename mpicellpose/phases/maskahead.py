@@ -5,8 +5,10 @@ without this, a GPU rank's device idles during the whole mask phase, which on a 
 as the network's (Cellpose's 3D mask reconstruction is mostly CPU work).  Here a CPU thread of
 each rank builds, while the rank's main thread keeps the GPU busy with the next blocks' flows,
 the masks of the blocks whose flows it computed as soon as every flow they read is done
-(their done-markers are on disk: written by any rank).  A block masked here is recorded
-exactly as the segmentation phase records it (scratch chunk, then the record), from the same
+(the done-markers of the slabs they read are on disk: written by any rank).  A block is
+offered by the rank that computed its first orientation's slab, so no two ranks mask it.  A
+block masked here is recorded exactly as the segmentation phase records it (scratch chunk,
+then the record), from the same
 flows by the same code, so the labels do not depend on who built them or when.  When the flow
 step ends the thread stops after its block in progress; the segmentation phase does the rest.
 
@@ -22,17 +24,18 @@ import threading
 from ..blocks import number_core, record_block
 from ..runlog import log
 from ..workdir import WorkDir
-from .flows import FlowMasks, done_path, needed_flows
+from .flows import FlowMasks, done_path, needed_slabs, slab_grid
 
 POLL = 0.5  # seconds between looks at the done-markers while no block is ready
 
 
 class MaskAhead:
-    """The CPU thread of one rank; :meth:`offer` the blocks whose flows this rank computed."""
+    """The CPU thread of one rank; :meth:`offer_slab` each slab this rank computed."""
 
     def __init__(self, cfg, plan, backend, scratch):
         self.cfg, self.plan, self.scratch = cfg, plan, scratch
         self.masks = FlowMasks(backend, plan)
+        self.slabs = slab_grid(plan.settings, plan.kept)
         self.work = WorkDir(plan.work_dir)
         self.todo = set(plan.to_segment)
         self.pending, self.done, self.error, self.current = [], [], None, None
@@ -42,15 +45,16 @@ class MaskAhead:
                                         name="mpicellpose-masks", daemon=True)
         self._thread.start()
 
-    def offer(self, linear: int) -> None:
-        if int(linear) in self.todo:
+    def offer_slab(self, slab) -> None:
+        """The blocks of a slab this rank computed, if it is of the first orientation."""
+        if slab.orient == 0:
             with self._cv:
-                self.pending.append(int(linear))
+                self.pending.extend(b for b in slab.blocks if b in self.todo)
                 self._cv.notify()
 
     def _ready(self, linear: int) -> bool:
         plan = self.plan
-        return all(done_path(plan.work_dir, c).exists() for c in needed_flows(plan.grid, plan.kept, [linear]))
+        return all(done_path(plan.work_dir, s).exists() for s in needed_slabs(self.slabs, plan.kept, [linear]))
 
     def _next(self):
         """The first pending block whose flows are all done, or None once stopped."""

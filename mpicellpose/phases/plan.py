@@ -24,6 +24,7 @@ from ..backends import DEFAULT_DIAMETER, cellpose_version, check_bsize_v4, check
 from ..errors import ConfigError, InputError
 from ..cost import check_flow_space
 from ..flowfield import default_flow_halo as flow_halo_default
+from ..slabs import auto_group
 from ..precision import check_precision
 from ..outputs import OutputPlace
 from ..volume import anisotropy
@@ -57,6 +58,7 @@ class Settings:
     axes: tuple                   # spatial axis names
     pipeline: str = "blocks"      # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block)
     flow_halo: int = 0            # 'flows': in-plane context of the network around a core (voxels)
+    flow_group: int = 1           # 'flows': blocks per side of a flow slab in plane (mpicellpose.slabs)
 
     @property
     def grid(self) -> geo.BlockGrid:
@@ -209,8 +211,9 @@ def resolve_settings(cfg, vol) -> Settings:
         raise ConfigError(f"stitch='iou' needs an overlap of at least 1 voxel on every axis, got {overlap}")
     axes = tuple(a for i, a in enumerate(vol.axes) if i != channel_axis)
     pipeline, halo = resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter)
+    group = resolve_flow_group(cfg, shape, blocksize, overlap) if pipeline == "flows" else 1
     return Settings(shape, blocksize, overlap, channel_axis, rule, conn, eval_kwargs, resolved, voxel_size,
-                    voxel_unit, axes, pipeline, halo)
+                    voxel_unit, axes, pipeline, halo, group)
 
 
 def resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter) -> tuple:
@@ -243,6 +246,16 @@ def resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter) -> tuple:
                               f"network would run on more halo than block; use larger blocks or a smaller "
                               f"--flow-halo")
     return pipeline, halo
+
+
+def resolve_flow_group(cfg, shape, blocksize, overlap) -> int:
+    """Blocks per side of a flow slab in plane: ``--flow-slab``, or
+    :func:`mpicellpose.slabs.auto_group` (a fixed function of the grid: the labels never depend
+    on the rank count)."""
+    grid = geo.BlockGrid(shape, blocksize, overlap)
+    if cfg.flow_slab is None:
+        return auto_group(grid)
+    return max(1, min(int(cfg.flow_slab), max(grid.grid_shape)))
 
 
 def open_volume(cfg):
@@ -321,7 +334,7 @@ def fingerprint_of(cfg, vol, s: Settings, fmt: int) -> dict:
         "stitch": {"rule": s.stitch_rule, "connectivity": s.connectivity, "iou_threshold": cfg.iou_threshold,
                    "iou_depth": cfg.iou_depth},
         "normalize": cfg.normalize if cfg.backend == "cellpose" else None,
-        "pipeline": [s.pipeline, s.flow_halo],
+        "pipeline": [s.pipeline, s.flow_halo] + ([s.flow_group] if s.pipeline == "flows" else []),
         "zarr_format": fmt,
     } | ({"precision": cfg.precision} if cfg.precision and cfg.backend == "cellpose" else {})
 

@@ -72,8 +72,8 @@ class Progress:
     every few seconds (every 5 s at first, at most every 30 s in long runs).
     """
 
-    def __init__(self, box, plan, stream=None, label="segment"):
-        self.box, self.label = box, label
+    def __init__(self, box, plan, stream=None, label="segment", unit="block"):
+        self.box, self.label, self.unit = box, label, unit
         grid = plan.grid
         # blocks handed out at run time: each rank reports (voxels done, voxels of its block in progress)
         self.dynamic = getattr(plan, "handout", "static") == "dynamic" and box.size > 1
@@ -113,9 +113,10 @@ class Progress:
 
     def start(self) -> "Progress":
         if self.box.rank == 0 and self.total:
-            log.info("%s: %d block(s) on %d rank(s)%s, %s voxels of read regions; the first estimate comes "
-                     "with the first finished block", self.label, self.total, self.box.size,
-                     ", handed out at run time (costliest first)" if self.dynamic else "", f"{self.total_vox:,}")
+            log.info("%s: %d %s(s) on %d rank(s)%s, %s voxels of read regions; the first estimate comes "
+                     "with the first finished %s", self.label, self.total, self.unit, self.box.size,
+                     ", handed out at run time (costliest first)" if self.dynamic else "", f"{self.total_vox:,}",
+                     self.unit)
             self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,),
                                             name="mpicellpose-progress", daemon=True)
             self._thread.start()
@@ -133,7 +134,8 @@ class Progress:
             self._draw(now)
             self._write("\n")
         if finished:
-            log.info("%s: %d/%d blocks done in %s", self.label, sum(self.done), self.total, fmt_eta(now - self.t0))
+            log.info("%s: %d/%d %ss done in %s", self.label, sum(self.done), self.total, self.unit,
+                     fmt_eta(now - self.t0))
         elif not self.tty:
             self._line(now)
 
@@ -187,11 +189,11 @@ class Progress:
         if bar:
             n = int(round(BAR_WIDTH * e["fraction"]))
             head = f"{self.label} [{'#' * n}{'.' * (BAR_WIDTH - n)}] {pct:3.0f}%"
-        body = f"{e['blocks']}/{self.total} blocks done"
+        body = f"{e['blocks']}/{self.total} {self.unit}s done"
         if e["running"]:
             body += f", {e['running']} in progress"
         tail = f"elapsed {fmt_eta(e['elapsed'])}, "
-        tail += f"ETA {fmt_eta(e['eta'])}" if e["eta"] is not None else "ETA after the first block"
+        tail += f"ETA {fmt_eta(e['eta'])}" if e["eta"] is not None else f"ETA after the first {self.unit}"
         return f"{head} ({body}), {tail}"
 
     # -- drawing (the thread) ----------------------------------------------------
