@@ -174,6 +174,17 @@ class SlabGrid:
         divided by their number (per output voxel: 1 when every slab spans its planes)."""
         return int(sum(self._network_box(self.block(s)) for s in linears)) // self.n_orient
 
+    def coarse_order(self, linears) -> list:
+        """``linears`` in the order the flow step hands them out between equal costs: by the
+        position of their first block in units of ``group`` blocks (then orientation), so the
+        three orientations advance through the volume together and a block's masks can be built
+        (``--masks-during-flows``) long before the last slab, not only after the last orientation."""
+        def key(s):
+            p, pos = self._split(s)
+            first = self.grid.index_of(self._blocks_of(s)[0])
+            return (tuple(i // self.group for i in first), p, pos)
+        return sorted(linears, key=key)
+
     def of_blocks(self, blocks) -> list:
         """The slabs that compute the cores of ``blocks`` (kept blocks; sorted, vectorised)."""
         blocks = np.asarray(list(blocks), np.int64).reshape(-1)

@@ -138,7 +138,7 @@ def flows_phase(cfg, plan, box, stop, src, backend, todo_segment, ahead=None) ->
     if box.rank == 0:
         log.info("flows: %d slab(s) to compute on %d rank(s) (network once per voxel; slabs up to %d block(s) "
                  "wide, in-plane halo %d)", len(todo), box.size, plan.settings.flow_group, plan.settings.flow_halo)
-    shares = make_shares(plan.handout, slabs, todo, box.size)
+    shares = make_shares(plan.handout, slabs, slabs.coarse_order(todo), box.size)
     box.start_progress("flows")
     view = SimpleNamespace(grid=slabs, segment_assignment=shares, handout=plan.handout)
     progress, agreed = Progress(box, view, label="flows", unit="slab").start(), False
