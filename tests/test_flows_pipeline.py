@@ -140,6 +140,24 @@ def test_default_halo_is_sixteen_network_pixels_and_never_exceeds_the_block(tmp_
         resolve_settings(cfg, open_volume(cfg))
 
 
+def test_resume_with_other_slabs_is_refused_by_name(tmp_path):
+    """The slabs decide the flow field: a resume with another --flow-slab is refused and says so."""
+    from mpicellpose.config import RunConfig
+    from mpicellpose.errors import ResumeMismatchError
+    from mpicellpose.phases.plan import make_plan, open_volume
+
+    numpy_array_to_zarr(tmp_path / "in.zarr", np.zeros((32, 64, 64), np.uint16), (32, 32, 32))
+
+    def plan(**kw):
+        cfg = RunConfig(input=str(tmp_path / "in.zarr"), output=str(tmp_path / "out.zarr"), blocksize=32,
+                        model_kwargs={"pretrained_model": "demo"}, **kw)
+        return make_plan(cfg, open_volume(cfg), 2)
+
+    assert plan(flow_slab=1).settings.flow_group == 1
+    with pytest.raises(ResumeMismatchError, match=r"pipeline\.flow_slab: 1 -> 2"):
+        plan()
+
+
 # --------------------------------------------------------------------------- against Cellpose's eval
 @pytest.fixture(scope="module")
 def demo_segmenter():

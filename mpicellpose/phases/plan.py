@@ -334,7 +334,9 @@ def fingerprint_of(cfg, vol, s: Settings, fmt: int) -> dict:
         "stitch": {"rule": s.stitch_rule, "connectivity": s.connectivity, "iou_threshold": cfg.iou_threshold,
                    "iou_depth": cfg.iou_depth},
         "normalize": cfg.normalize if cfg.backend == "cellpose" else None,
-        "pipeline": [s.pipeline, s.flow_halo] + ([s.flow_group] if s.pipeline == "flows" else []),
+        # blocks: the form of earlier versions (their runs resume); flows: its flow field's layout changed
+        "pipeline": {"pipeline": "flows", "flow_halo": s.flow_halo, "flow_slab": s.flow_group}
+        if s.pipeline == "flows" else [s.pipeline, s.flow_halo],
         "zarr_format": fmt,
     } | ({"precision": cfg.precision} if cfg.precision and cfg.backend == "cellpose" else {})
 
