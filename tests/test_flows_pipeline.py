@@ -158,6 +158,23 @@ def test_resume_with_other_slabs_is_refused_by_name(tmp_path):
         plan()
 
 
+def test_too_little_scratch_space_is_refused_before_any_work(tmp_path, monkeypatch):
+    from mpicellpose.config import RunConfig
+    from mpicellpose.errors import InputError
+    from mpicellpose.phases.plan import make_plan, open_volume
+
+    numpy_array_to_zarr(tmp_path / "in.zarr", np.zeros((32, 64, 64), np.uint16), (32, 32, 32))
+    cfg = RunConfig(input=str(tmp_path / "in.zarr"), output=str(tmp_path / "out.zarr"), blocksize=32,
+                    model_kwargs={"pretrained_model": "demo"})
+    need = 32 * 64 * 64 * 18  # 18 bytes per voxel in 3D
+    monkeypatch.setattr(cost, "free_bytes", lambda path: need - 1)
+    with pytest.raises(InputError, match=r"flow field of --pipeline flows needs .* GiB in the work directory"):
+        make_plan(cfg, open_volume(cfg), 2)
+    assert not (tmp_path / "out.mpicellpose-work").exists()  # nothing written
+    monkeypatch.setattr(cost, "free_bytes", lambda path: need)
+    assert make_plan(cfg, open_volume(cfg), 2).settings.pipeline == "flows"
+
+
 # --------------------------------------------------------------------------- against Cellpose's eval
 @pytest.fixture(scope="module")
 def demo_segmenter():
