@@ -58,7 +58,7 @@ def test_cost_interior_block_is_square_of_the_halo_growth():
     s = _settings((160, 160, 160), (80,) * 3, (32,) * 3, 16, group=2)
     assert cost.network_voxels(s, every, "flows") == 160 ** 3
     assert cost.network_cost(s, every)["flows_per_voxel"] == 1.0
-    # 256^3 blocks in a 4096^3 volume: the automatic slabs are 2 blocks wide (2^26 voxels)
+    # 256^3 blocks in a 4096^3 volume: the automatic slabs are 2 blocks wide (within twice a read region)
     big = geo.BlockGrid((4096,) * 3, (256,) * 3, (60,) * 3)
     assert auto_group(big) == 2 and auto_group(geo.BlockGrid((4096,) * 3, (512,) * 3, (60,) * 3)) == 1
     s = _settings((4096,) * 3, (256,) * 3, (60,) * 3, 16, group=2)

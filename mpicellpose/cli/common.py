@@ -208,8 +208,9 @@ def _performance_options(p: argparse.ArgumentParser) -> None:
                         "(default 16 x diameter / 30, at least 16)")
     g.add_argument("--flow-slab", type=_flow_slab, default=argparse.SUPPRESS, metavar="N|auto",
                    help="--pipeline flows: blocks per side, in plane, of the planes the network runs on at once; wider "
-                        "slabs need less --flow-halo per voxel (default auto: as many as keep a slab within 2^26 "
-                        "voxels, e.g. 2 for 256^3 blocks)")
+                        "slabs need less --flow-halo per voxel but more memory (default auto: as many as keep a slab "
+                        "within 2^24 voxels or twice a block with its overlap, whichever is more; e.g. 2 for 256^3 "
+                        "blocks)")
     _auto_on_off(g, "--masks-during-flows",
                  "--pipeline flows: build masks in a CPU thread while the GPU computes the next blocks' flows "
                  "(default auto: on for ranks with a GPU, off on CPU-only ranks, where both would share the "
