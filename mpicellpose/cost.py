@@ -26,7 +26,7 @@ def network_voxels(settings, blocks, pipeline: str, halo=None, group=None) -> in
     grid = settings.grid
     if pipeline == "flows":
         halo = settings.flow_halo if halo is None else halo
-        group = getattr(settings, "flow_group", 1) if group is None else group
+        group = settings.flow_group if group is None else group
         slabs = SlabGrid(grid, blocks, group, halo)
         return slabs.network_voxels(slabs.linears)
     return int(geo.block_sizes(grid, list(blocks), "read").sum())

@@ -83,7 +83,6 @@ def largest_slab_voxels(grid: geo.BlockGrid, group: int, halo: int) -> int:
 class Slab:
     """One unit of the flow step (duck-types a block for the per-block loop)."""
 
-    index: tuple        # (orientation, slab position per axis)
     linear: int         # identity among every slab of every orientation
     orient: int
     blocks: tuple       # the kept blocks whose cores it computes (grid order)
@@ -145,7 +144,7 @@ class SlabGrid:
 
     def block(self, linear) -> Slab:
         linear = int(linear)
-        p, pos = self._split(linear)
+        p, _ = self._split(linear)
         blocks = self._blocks_of(linear)
         if not blocks:
             raise IndexError(f"slab {linear} has no kept block")
@@ -156,7 +155,7 @@ class SlabGrid:
                      for k, ((lo, hi), n) in enumerate(zip(core, self.grid.shape))
                      for g in [self.along if k == a else self.halo])
         planes = f"{('YX', 'ZX', 'ZY')[p]} planes" if self.ndim == 3 else "planes"
-        return Slab((p, *pos), linear, p, blocks, core, read, planes)
+        return Slab(linear, p, blocks, core, read, planes)
 
     def _network_box(self, slab) -> int:
         """Voxels the network evaluates for one slab: the planes through its core, each its

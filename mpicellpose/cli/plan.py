@@ -50,6 +50,17 @@ def memory_estimate(backend: str, read_voxels: int, itemsize: int = 2, channels:
             "read_voxels": int(read_voxels)}
 
 
+def with_flow_step(memory: dict, settings) -> dict:
+    """Under ``--pipeline flows`` the flow step holds a slab and the mask step a block's read
+    region: the estimate is the larger of the two (the slab's from its arrays' sizes, not fitted)."""
+    if settings.pipeline == "flows":
+        slab = largest_slab_voxels(settings.grid, settings.flow_group, settings.flow_halo)
+        memory = dict(memory, flow_step_bytes=int(memory["constant"] + SLAB_BYTES_PER_VOXEL * slab),
+                      largest_slab_voxels=int(slab))
+        memory["bytes"] = max(memory["bytes"], memory["flow_step_bytes"])
+    return memory
+
+
 #: GPU memory assumed when ``--gpu-memory`` is not given (GiB): the smallest common data-centre GPU.
 ASSUMED_GPU_GIB = 16.0
 
@@ -118,12 +129,7 @@ def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None) -> dict:
     net4 = cellpose4_network(cfg, model)
     if net4 is CPSAM_NET and weights is None:  # to be downloaded: the fp32 file
         weights = 4 * CPSAM_NET["parameters"]
-    memory = memory_estimate(backend, biggest_read, itemsize, nchan, weights)
-    if plan.settings.pipeline == "flows":  # the flow step holds a slab, the mask step a block's read region
-        slab = largest_slab_voxels(grid, plan.settings.flow_group, plan.settings.flow_halo)
-        memory["flow_step_bytes"] = int(memory["constant"] + SLAB_BYTES_PER_VOXEL * slab)
-        memory["largest_slab_voxels"] = int(slab)
-        memory["bytes"] = max(memory["bytes"], memory["flow_step_bytes"])
+    memory = with_flow_step(memory_estimate(backend, biggest_read, itemsize, nchan, weights), plan.settings)
     mem = memory["bytes"]
     inflation = read_vox / core_vox if core_vox else 0.0
     out_bytes = nvox * 4

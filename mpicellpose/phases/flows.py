@@ -133,7 +133,7 @@ def flows_phase(cfg, plan, box, stop, src, backend, todo_segment, ahead=None) ->
     t0 = time.perf_counter()
     box.on_root(lambda: create_store(plan), "creating the flow field")
     ahead = ahead() if ahead is not None else None
-    slabs = slab_grid(plan.settings, plan.kept, ff.along_context(backend, plan.settings) if backend else 0)
+    slabs = slab_grid(plan.settings, plan.kept)  # what is handed out; the slabs as read: _flow_slabs
     todo = flows_todo(plan, slabs, box, todo_segment)
     if box.rank == 0:
         log.info("flows: %d slab(s) to compute on %d rank(s) (network once per voxel; slabs up to %d block(s) "
@@ -165,14 +165,23 @@ def flows_phase(cfg, plan, box, stop, src, backend, todo_segment, ahead=None) ->
 
 
 def _flow_slabs(cfg, plan, slabs, box, stop, src, backend, shares, ahead, progress):
-    """This rank's slabs; (the error to agree on or None, network voxels)."""
-    store = storage.open_array(store_path(plan.work_dir), mode="r+")
+    """This rank's slabs; (the error to agree on or None, network voxels).  What the slabs read
+    beyond their planes (:func:`mpicellpose.flowfield.along_context`) asks the model, and the
+    store is opened, inside the loop: an error there is one slab's, agreed like any other."""
+    lazy = {}
+
+    def as_read(slab):
+        if "slabs" not in lazy:  # the same value whichever thread gets here first
+            lazy["slabs"] = slab_grid(plan.settings, plan.kept, ff.along_context(backend, plan.settings))
+        return lazy["slabs"].block(slab.linear)
 
     def one(slab, done, get):
-        flows, n = flow_slab(plan.settings, src, cfg.preprocessing_steps, backend, slab, stop,
-                             get() if get is not None else None)
+        read = get() if get is not None else flow_read(plan.settings, src, cfg.preprocessing_steps, as_read(slab))
+        flows, n = flow_slab(plan.settings, src, cfg.preprocessing_steps, backend, read[0], stop, read)
         maybe_fault("flows", box.rank, done)
-        write_flows(plan, store, slab, flows)
+        if "store" not in lazy:
+            lazy["store"] = storage.open_array(store_path(plan.work_dir), mode="r+")
+        write_flows(plan, lazy["store"], slab, flows)
         if ahead is not None:
             ahead.offer_slab(slab)
         return n
@@ -185,7 +194,7 @@ def _flow_slabs(cfg, plan, slabs, box, stop, src, backend, shares, ahead, progre
     load = None
     if read_ahead_wanted(cfg, backend):
         def load(slab):
-            return flow_read(plan.settings, src, cfg.preprocessing_steps, slab)
+            return flow_read(plan.settings, src, cfg.preprocessing_steps, as_read(slab))
     return run_blocks(box, slabs, shares, plan.handout == "dynamic", "flows", progress, stop, one, slab_error,
                       load)
 
@@ -195,11 +204,11 @@ def write_flows(plan, store, slab, flows) -> None:
     grid, p = plan.grid, slab.orient
     origin = [a for a, _ in slab.core]
     half = ff.to_half(flows)
-    for b in slab.blocks:
-        blk = grid.block(b)
+    blocks = [grid.block(b) for b in slab.blocks]
+    for blk in blocks:
         store[(slice(3 * p, 3 * p + 3),) + blk.core_slices] = half[(slice(None),) + geo.box_slices(blk.core, origin)]
-    for b in slab.blocks:
-        _fsync_chunk(store_path(plan.work_dir), (p,) + tuple(grid.block(b).index))
+    for blk in blocks:
+        _fsync_chunk(store_path(plan.work_dir), (p,) + tuple(blk.index))
     marker = done_path(plan.work_dir, slab.linear)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
