@@ -18,7 +18,7 @@ from scipy import ndimage
 from .channels import CHANNEL_BOUNDS
 from .cellpose4 import CP4_NORMALIZE_DEFAULTS, check_bsize_v4, cp4_normalize, load_shipped  # noqa: F401
 from .errors import BackendError, ConfigError, DependencyError, ModelNotFoundError, needs
-from .precision import check_precision, cp4_model_kwargs, lower_precision
+from .precision import check_precision, cp4_model_kwargs, lower_precision, model_precision, warn_if_emulated
 from .storage import sha256_file
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,8 @@ class CellposeSegmenter(Segmenter):
             self.model.net_ortho = None  # random weights have no orthogonal net (Cellpose 3 quirk)
         if major < 4:
             lower_precision(self.model, precision)
+        self.precision_used = precision or model_precision(major, self.resolved, model_kwargs)
+        warn_if_emulated(self.precision_used, device)
         if major >= 4:
             self._norm_keys = set(getattr(models, "normalize_default", CP4_NORMALIZE_DEFAULTS))
         if "diameter" not in ek or ek["diameter"] is None:
@@ -414,7 +416,7 @@ class CellposeSegmenter(Segmenter):
     def describe(self):
         ek = {k: v for k, v in self.eval_kwargs.items() if k not in _MANAGED_EVAL}
         return {"backend": self.name, "cellpose": self.version, "model": self.resolved, "eval_kwargs": ek,
-                "precision": self.precision}
+                "precision": self.precision_used}
 
 
 def apply_fixed_bounds(image, ek, ndim):

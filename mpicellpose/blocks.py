@@ -170,7 +170,7 @@ def build_backend(cfg, settings, normalization, box, load=True):
     backend = make_backend("cellpose", model_kwargs=cfg.model_kwargs,
                            eval_kwargs=backend_eval_kwargs(cfg, settings, normalization),
                            resolved=settings.resolved_model, device=binding.device, threads=threads, ndim=ndim,
-                           precision=cfg.precision)
+                           precision=settings.precision)
     if backend.ignored and box.rank == 0:
         log.warning("Cellpose %s ignores these arguments: %s", backend.version, ", ".join(backend.ignored))
     return backend

@@ -39,6 +39,7 @@ from mpicellpose.metrics import match_objects  # noqa: E402
 from mpicellpose.storage import numpy_array_to_zarr  # noqa: E402
 from mpicellpose.synthetic import make_nuclei  # noqa: E402
 from mpicellpose import training_cp4  # noqa: E402
+from mpicellpose.precision import cpu_bf16_support  # noqa: E402
 
 pytestmark = pytest.mark.cellpose
 
@@ -129,38 +130,47 @@ def test_2d_two_ranks_equal_one_rank_and_agree_with_whole_image(tmp_path, model)
     assert label_equivalent(one[...], whole)
 
 
-@pytest.mark.mpi
-def test_3d_two_ranks_equal_one_rank_and_agree_with_whole_volume(tmp_path, model_bf16):
-    """In bfloat16 (Cellpose 4's default precision, passed through --model-kwargs; half the CPU time)."""
+def _check_3d(tmp_path, model, model_kwargs=None, pipeline="blocks"):
     # the Cellpose 3 analogue (tests/test_cellpose_run.py): 40x64x64, blocks 20x64x64, overlap 10
     img, gt = make_nuclei((40, 64, 64), seed=7, touching_fraction=0.4)
-    # --pipeline blocks (the default under Cellpose 4); the flows pipeline (in-plane flow halo 16: a block's
-    # ZX/ZY planes see 36 of the 40 z rows) now agrees as well, see docs/cellpose4.md
-    lab2, lab1, meta = _run(tmp_path, img, "20,64,64", 10, 3, {"use_bfloat16": True}, pipeline="blocks")
+    lab2, lab1, meta = _run(tmp_path, img, "20,64,64", 10, 3, model_kwargs, pipeline=pipeline)
     assert np.array_equal(lab1, lab2), "labels differ between 1 and 2 ranks"
-    assert meta["n_stitched_objects"] > 0  # objects cut by the z face were rejoined
-    whole = _whole(model_bf16, img, meta)
+    whole = _whole(model, img, meta)
     vs_whole, vs_truth = match_objects(lab2, whole, 0.5), match_objects(lab2, gt, 0.5)
-    print(f"3D: blocks vs whole {vs_whole['f1']:.3f}, blocks vs truth {vs_truth['f1']:.3f}, whole vs truth "
-          f"{match_objects(whole, gt, 0.5)['f1']:.3f}, times {TIMES}")
+    print(f"3D {pipeline} {model_kwargs or ''}: blocks vs whole {vs_whole['f1']:.3f}, blocks vs truth "
+          f"{vs_truth['f1']:.3f}, whole vs truth {match_objects(whole, gt, 0.5)['f1']:.3f}, times {TIMES}")
     assert vs_whole["f1"] >= MIN_F1_VS_WHOLE[3], vs_whole
     assert vs_truth["f1"] >= MIN_F1_VS_TRUTH[3], vs_truth
+    return meta
 
 
 @pytest.mark.mpi
-def test_3d_flows_pipeline_two_ranks_equal_one_rank_and_agree_with_whole_volume(tmp_path, model_bf16):
+def test_3d_two_ranks_equal_one_rank_and_agree_with_whole_volume(tmp_path, model):
+    """--pipeline blocks (the default under Cellpose 4), in the stand-in's own precision (float32)."""
+    meta = _check_3d(tmp_path, model)
+    assert meta["n_stitched_objects"] > 0  # objects cut by the z face were rejoined
+    assert meta["provenance"]["precision"]["precision"] == "float32"
+
+
+@pytest.mark.mpi
+def test_3d_flows_pipeline_two_ranks_equal_one_rank_and_agree_with_whole_volume(tmp_path, model):
     """--pipeline flows under Cellpose 4 (opt-in there): its slabs span the whole planes here, so each
     orientation's network sees what whole-volume eval gives it; masks per block from the summed flows."""
-    img, gt = make_nuclei((40, 64, 64), seed=7, touching_fraction=0.4)
-    lab2, lab1, meta = _run(tmp_path, img, "20,64,64", 10, 3, {"use_bfloat16": True}, pipeline="flows")
-    assert np.array_equal(lab1, lab2), "labels differ between 1 and 2 ranks"
+    meta = _check_3d(tmp_path, model, pipeline="flows")
     cost = meta["cost"]
     assert cost["pipeline"] == "flows" and cost["flow_slab"] == 2 and cost["flows_per_voxel"] == 1.0
-    whole = _whole(model_bf16, img, meta)
-    vs_whole, vs_truth = match_objects(lab2, whole, 0.5), match_objects(lab2, gt, 0.5)
-    print(f"3D flows: vs whole {vs_whole['f1']:.3f}, vs truth {vs_truth['f1']:.3f}, times {TIMES}")
-    assert vs_whole["f1"] >= MIN_F1_VS_WHOLE[3], vs_whole
-    assert vs_truth["f1"] >= MIN_F1_VS_TRUTH[3], vs_truth
+
+
+BF16_NATIVE, BF16_WHY = cpu_bf16_support()
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not BF16_NATIVE, reason=f"bfloat16 is emulated on this CPU ({BF16_WHY}): 10-150x slower "
+                                           f"than float32, see docs/cellpose4.md")
+def test_3d_in_bfloat16_where_the_cpu_computes_it(tmp_path, model_bf16):
+    """Cellpose 4's default precision (bfloat16), passed through --model-kwargs, block-wise and whole."""
+    meta = _check_3d(tmp_path, model_bf16, {"use_bfloat16": True})
+    assert meta["provenance"]["precision"]["precision"] == "bfloat16"
 
 
 # --------------------------------------------------------------------------- arguments

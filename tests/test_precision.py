@@ -74,3 +74,91 @@ def test_bfloat16_network_agrees_with_float32(image2d):
     assert a.max() > 20 and m["f1"] >= 0.95, m
     # against the truth, half precision is as good as full (within one object in a hundred)
     assert match_objects(truth, b, 0.5)["f1"] >= match_objects(truth, a, 0.5)["f1"] - 0.02
+
+
+# --------------------------------------------------------------------------- the automatic choice (issue 28)
+from mpicellpose import precision as prec  # noqa: E402
+
+EMULATED = (False, "the CPU has no AVX-512 BF16 or AMX instructions: torch emulates bfloat16")
+NATIVE = (True, "the CPU has amx_bf16")
+
+
+def test_cpu_capability_from_the_instructions_and_the_onednn_limit():
+    assert prec.cpu_bf16_support({"avx2", "fma", "avx512f"}, {}) == EMULATED
+    assert prec.cpu_bf16_support({"avx2", "avx512_bf16"}, {}) == (True, "the CPU has avx512_bf16")
+    assert prec.cpu_bf16_support({"amx_bf16", "avx512_bf16"}, {"ONEDNN_MAX_CPU_ISA": "avx512_core_bf16"})[0]
+    assert prec.cpu_bf16_support({"amx_bf16"}, {"ONEDNN_MAX_CPU_ISA": "ALL"})[0]
+    native, why = prec.cpu_bf16_support({"amx_bf16"}, {"DNNL_MAX_CPU_ISA": "AVX512_CORE"})
+    assert not native and "DNNL_MAX_CPU_ISA=AVX512_CORE" in why
+    assert prec.gpu_bf16_support((9, 0))[0] and not prec.gpu_bf16_support((7, 5))[0]
+
+
+def test_cellpose4_default_becomes_float32_only_where_bfloat16_is_emulated():
+    cpsam, standin = {"name": "cpsam", "kind": "builtin"}, {"name": "demo", "loader": "cp4-demo-standin"}
+    p, why = prec.resolve_precision(None, 4, cpsam, {}, support=EMULATED)
+    assert p == "float32" and "AVX-512 BF16" in why and "--precision bfloat16" in why
+    assert prec.resolve_precision(None, 4, cpsam, {}, support=NATIVE) == (None, None)  # the model's own: bf16
+    # what the user asked for is kept (and warned of when the network starts)
+    assert prec.resolve_precision("bfloat16", 4, cpsam, {}, support=EMULATED) == ("bfloat16", None)
+    assert prec.resolve_precision(None, 4, cpsam, {"use_bfloat16": True}, support=EMULATED) == (None, None)
+    # models that run in float32 anyway: nothing to choose, no device asked
+    asked = []
+    ask = lambda: asked.append(1) or "cpu"  # noqa: E731
+    assert prec.resolve_precision(None, 3, {"name": "cyto3"}, {}, device=ask) == (None, None)
+    assert prec.resolve_precision(None, 4, standin, {}, device=ask) == (None, None)
+    assert asked == []
+    assert prec.model_precision(4, cpsam, {}) == "bfloat16" and prec.model_precision(4, standin, {}) == "float32"
+
+
+@pytest.mark.parametrize("support,expect", [(EMULATED, "float32"), (NATIVE, None)])
+def test_the_choice_reaches_settings_fingerprint_and_plan(tmp_path, monkeypatch, capsys, support, expect):
+    from mpicellpose import cli
+    from mpicellpose.phases import plan as plan_mod
+
+    models = tmp_path / "models"
+    models.mkdir()
+    with open(models / "cpsam", "wb") as f:  # cached cpsam weights (sparse file: no disk used)
+        f.truncate(4096)
+    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(models))
+    monkeypatch.setattr("mpicellpose.backends.sha256_file", lambda path: "0" * 64)
+    monkeypatch.setattr(plan_mod, "cellpose_version", lambda: (4, "4.2.1.1"))
+    monkeypatch.setattr(prec, "bf16_support", lambda device=None: support)
+    cfg = RunConfig(input=np.zeros((32, 32), np.uint16), blocksize=16, model_kwargs={"pretrained_model": "cpsam"})
+    vol = plan_mod.open_volume(cfg)
+    s = plan_mod.resolve_settings(cfg, vol)
+    assert s.precision == expect and (s.precision_why is not None) == (expect is not None)
+    assert plan_mod.fingerprint_of(cfg, vol, s, 2).get("precision") == expect
+    from mpicellpose.storage import numpy_array_to_zarr
+
+    numpy_array_to_zarr(tmp_path / "in.zarr", np.zeros((32, 32), np.uint16), (16, 16))
+    monkeypatch.setattr("mpicellpose.backends.cellpose_version", lambda: (4, "4.2.1.1"))
+    assert cli.main(["plan", str(tmp_path / "in.zarr"), str(tmp_path / "o.zarr"), "--model", "cpsam",
+                     "--blocksize", "16"]) == 0
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith("network precision")]
+    assert len(line) == 1, out
+    assert line[0].startswith(f"network precision {expect or 'bfloat16'}")
+    assert ("emulated" if not support[0] else "native") in line[0]
+
+
+def test_bfloat16_where_emulated_is_warned_with_a_measured_slowdown(monkeypatch, caplog):
+    monkeypatch.setattr(prec, "bf16_support", lambda device=None: EMULATED)
+    monkeypatch.setattr(prec, "measured_bf16_slowdown", lambda threads=1: 42.0)
+    monkeypatch.setattr(prec, "_WARNED", set())
+    with caplog.at_level("WARNING", logger="mpicellpose"):
+        msg = prec.warn_if_emulated("bfloat16", "cpu")
+        assert prec.warn_if_emulated("bfloat16", "cpu") is None  # once per process and device
+    assert "42x slower" in msg and "--precision float32" in msg
+    assert sum("42x slower" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setattr(prec, "bf16_support", lambda device=None: NATIVE)
+    monkeypatch.setattr(prec, "_WARNED", set())
+    assert prec.warn_if_emulated("bfloat16", "cpu") is None and prec.warn_if_emulated("float32", "cpu") is None
+
+
+def test_measured_slowdown_is_a_real_measurement():
+    pytest.importorskip("torch")
+    ratio = prec.measured_bf16_slowdown()
+    native = prec.cpu_bf16_support()[0]
+    assert ratio > 0
+    if not native:  # emulated bfloat16 is always much slower than float32
+        assert ratio > 3, ratio

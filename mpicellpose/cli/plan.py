@@ -82,7 +82,7 @@ def cellpose4_network(cfg, model: dict):
 def cellpose4_memory(cfg, plan, net, read_voxels: int, gpu_gib) -> tuple:
     """(GPU estimate, warning or None) for a Cellpose 4 network at the run's batch size and precision."""
     default = net is not STANDIN_NET  # the stand-in loads in fp32, cpsam in Cellpose 4's bf16
-    bf16 = bool(cfg.model_kwargs.get("use_bfloat16", default if cfg.precision is None else cfg.precision == "bfloat16"))
+    bf16 = bool(cfg.model_kwargs.get("use_bfloat16", default if plan.precision is None else plan.precision == "bfloat16"))
     batch = int(plan.eval_kwargs.get("batch_size") or 8)
     gpu = gpu_memory_estimate(net, read_voxels, batch, bf16)
     limit = float(gpu_gib if gpu_gib is not None else ASSUMED_GPU_GIB) * 2**30
@@ -148,6 +148,7 @@ def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None) -> dict:
         "replaces": plan.replaces,
         "already_complete": _already_complete(cfg, plan),
         "network": network_cost(plan.settings, kept, cellpose=backend == "cellpose"),
+        "precision": precision_facts(cfg, plan) if backend == "cellpose" else None,
         "work_dir_free_bytes": free_bytes(plan.work_dir),
         "warnings": [],
     }
@@ -187,6 +188,18 @@ def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None) -> dict:
     return report
 
 
+def precision_facts(cfg, plan) -> dict:
+    """The network's precision for this run, why, and whether the device computes bfloat16 natively."""
+    from ..backends import cellpose_version
+    from ..precision import bf16_support, model_precision, run_device
+
+    device = run_device(cfg.device)
+    native, why = bf16_support(device)
+    own = model_precision(cellpose_version()[0], plan.resolved_model, cfg.model_kwargs)
+    return {"precision": plan.precision or own, "why": plan.precision_why, "device": device,
+            "bf16_native": native, "bf16_why": why}
+
+
 def _already_complete(cfg, plan) -> bool:
     """OUTPUT is the finished output of this very configuration: segment would do nothing."""
     if cfg.restart:
@@ -218,6 +231,10 @@ def format_report(r: dict) -> str:
     ]
     lines += _gpu_lines(r)
     lines += _network_lines(r)
+    p = r.get("precision")
+    if p:
+        lines.append(f"network precision {p['precision']}" + (f" ({p['why']})" if p["why"] else "")
+                     + f"; bfloat16 on {p['device']}: {'native' if p['bf16_native'] else 'emulated'} ({p['bf16_why']})")
     lines.append("writes:")
     lines += [f"  {what}: {path}" for what, path in r["writes"]]
     if r.get("already_complete"):

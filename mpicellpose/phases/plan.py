@@ -25,7 +25,8 @@ from ..errors import ConfigError, InputError
 from ..cost import check_flow_space
 from ..flowfield import default_flow_halo as flow_halo_default
 from ..slabs import auto_group
-from ..precision import check_precision
+from ..precision import check_precision, resolve_precision, run_device
+from ..model_channels import check_channels
 from ..outputs import OutputPlace
 from ..volume import anisotropy
 from ..workdir import WorkDir
@@ -59,6 +60,8 @@ class Settings:
     pipeline: str = "blocks"      # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block)
     flow_halo: int = 0            # 'flows': in-plane context of the network around a core (voxels)
     flow_group: int = 1           # 'flows': blocks per side of a flow slab in plane (mpicellpose.slabs)
+    precision: str | None = None  # the network's arithmetic; None: the model's own (mpicellpose.precision)
+    precision_why: str | None = None  # why the precision is not the one asked for (None: it is)
 
     @property
     def grid(self) -> geo.BlockGrid:
@@ -188,6 +191,7 @@ def resolve_settings(cfg, vol) -> Settings:
     eval_kwargs.pop("channel_axis", None)
     eval_kwargs.pop("z_axis", None)
     diameter = cfg.diameter
+    precision, precision_why = cfg.precision, None
     if cfg.backend == "cellpose":
         if set(cfg.eval_kwargs) - KNOWN_EVAL_KEYS:
             check_eval_kwargs(cfg.eval_kwargs)  # imports Cellpose: only for keys not known here
@@ -195,6 +199,11 @@ def resolve_settings(cfg, vol) -> Settings:
             check_bsize_v4(cfg.eval_kwargs.get("bsize"))  # from the installed metadata: no import
         check_precision(cfg.precision, cellpose_version()[0])
         resolved = resolve_model(cfg.model_kwargs)
+        check_channels(1 if channel_axis is None else int(src.shape[channel_axis]), resolved, cellpose_version()[0],
+                       chosen=cfg.channel is not None, cellpose_channels="channels" in cfg.eval_kwargs,
+                       what=vol.source or "the input", axes=vol.axes, channel_axis=channel_axis)
+        precision, precision_why = resolve_precision(cfg.precision, cellpose_version()[0], resolved,
+                                                     cfg.model_kwargs, device=lambda: run_device(cfg.device))
         if diameter is None:
             diameter = resolved.get("diameter") or (DEMO_DIAMETER if resolved.get("name") == "demo" else DEFAULT_DIAMETER)
         eval_kwargs["diameter"] = diameter
@@ -213,7 +222,7 @@ def resolve_settings(cfg, vol) -> Settings:
     pipeline, halo = resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter)
     group = resolve_flow_group(cfg, shape, blocksize, overlap) if pipeline == "flows" else 1
     return Settings(shape, blocksize, overlap, channel_axis, rule, conn, eval_kwargs, resolved, voxel_size,
-                    voxel_unit, axes, pipeline, halo, group)
+                    voxel_unit, axes, pipeline, halo, group, precision, precision_why)
 
 
 def resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter) -> tuple:
@@ -338,7 +347,7 @@ def fingerprint_of(cfg, vol, s: Settings, fmt: int) -> dict:
         "pipeline": {"pipeline": "flows", "flow_halo": s.flow_halo, "flow_slab": s.flow_group}
         if s.pipeline == "flows" else [s.pipeline, s.flow_halo],
         "zarr_format": fmt,
-    } | ({"precision": cfg.precision} if cfg.precision and cfg.backend == "cellpose" else {})
+    } | ({"precision": s.precision} if s.precision and cfg.backend == "cellpose" else {})
 
 
 def run_id_of(fingerprint: dict) -> str:
