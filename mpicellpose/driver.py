@@ -118,6 +118,8 @@ def _run(cfg: RunConfig, box, stop, held) -> RunResult:
     clock.lap("plan")
     if isinstance(plan, Complete):
         return _already_complete(box, plan, clock)
+    if box.rank == 0 and plan.precision_why:
+        log.info(plan.precision_why)
     plan = plan.with_normalization(normalization.global_normalization(cfg, plan.settings, plan.kept, vol.array, box))
     _log_normalization(box, plan)
     clock.lap("normalize")
@@ -157,8 +159,9 @@ def _run(cfg: RunConfig, box, stop, held) -> RunResult:
     if plan.output.group is not None:
         clock.lap("pyramid")
     clock.timings["total"] = time.perf_counter() - clock.t0
-    summary = finish.finish_phase(cfg, plan, box, _summary(box, plan, merged, tabled, levels, clock.timings,
-                                                             flowed))
+    summary = _summary(box, plan, merged, tabled, levels, clock.timings, flowed)
+    summary["warnings"] = finish.result_warnings(cfg, plan, merged.n_objects, tabled.size_hist)
+    summary = finish.finish_phase(cfg, plan, box, summary)
     reused = box.allreduce_sum(relabelled.reused, "counting reused blocks")
     _log_done(box, plan, merged, segmented, summary)
     summary["comm_bytes_sent"] = edges.bytes_sent
@@ -357,3 +360,5 @@ def _log_done(box, plan, merged, segmented, summary):
                  merged.n_objects, merged.n_provisional, merged.n_merged, summary["n_stitched_objects"],
                  merged.dtype, segmented.blocks_now, len(plan.done),
                  ", ".join(f"{k} {v:.2f}s" for k, v in summary["timings"].items()))
+        for warning in summary.get("warnings") or ():
+            log.warning(warning)

@@ -234,7 +234,7 @@ def test_the_chosen_channels_are_in_the_fingerprint_of_an_in_memory_array():
     ids = set()
     for ch in ("1,0", "0,1", None):
         cfg = RunConfig(input=np.zeros((2, 32, 32), np.uint16), channel=ch, channel_axis=0, blocksize=16,
-                        model_kwargs={"pretrained_model": "demo"})
+                        model_kwargs={"pretrained_model": "demo_cyto2ch"})  # a two-channel model
         vol = open_volume(cfg)
         ids.add(run_id_of(fingerprint_of(cfg, vol, resolve_settings(cfg, vol), 2)))
     assert len(ids) == 3  # a resume with other channels is refused

@@ -51,7 +51,42 @@ def provenance(cfg, plan, summary) -> dict:
         "torch": _version_of("torch") if cfg.backend == "cellpose" else None, "mpi4py": _version_of("mpi4py"),
         "model": plan.resolved_model, "config": json.loads(json.dumps(cfg.to_dict(), default=storage.json_default)),
         "eval_kwargs_used": plan.eval_kwargs, "ranks": summary.get("ranks"),
-    }
+    } | ({"precision": precision_used(cfg, plan)} if cfg.backend == "cellpose" else {})
+
+
+def precision_used(cfg, plan) -> dict:
+    """The network's arithmetic in this run, and why when it is not what was asked for."""
+    from ..backends import cellpose_version
+    from ..precision import model_precision
+
+    own = model_precision(cellpose_version()[0], plan.resolved_model, cfg.model_kwargs)
+    return {"precision": plan.precision or own, "why": plan.precision_why}
+
+
+def result_warnings(cfg, plan, n_objects: int, size_hist) -> list:
+    """What looks wrong with a finished Cellpose run's result, with the likely causes: no object at all,
+    or a median object far from the diameter the network was told (empty list: nothing to say)."""
+    from .table import median_diameter
+
+    if cfg.backend != "cellpose" or not plan.kept:
+        return []
+    diameter = float(plan.eval_kwargs.get("diameter") or 0) or None
+    nchan = 1 if plan.channel_axis is None else None
+    channel = ("the channel (the input has several: --channel chooses the one to segment)" if nchan is None
+               else "the channel (is this the stained one?)")
+    causes = (f"{channel}; the diameter ({diameter:g} voxels: --diameter, measured on your image); the model "
+              f"({(plan.resolved_model or {}).get('name')}: trained for this kind of image?); the intensity "
+              f"normalisation (bounds {(plan.normalization or {}).get('normalize', {}).get('lowhigh')}, --normalize)")
+    if n_objects == 0:
+        return [f"no object was found in {len(plan.kept)} block(s). Likely causes: {causes}. Try one block first: "
+                f"mpicellpose preview, or process_block(..., test_mode=True)"]
+    ndim = len(plan.shape)
+    median = median_diameter(size_hist, ndim, float(plan.eval_kwargs.get("anisotropy") or 1.0))
+    if diameter and median and not diameter / 3 <= median <= diameter * 3:
+        return [f"the median object is about {median:.0f} voxels across but the network was told {diameter:g} "
+                f"(--diameter): objects {'far smaller' if median < diameter else 'far larger'} than expected "
+                f"usually mean the diameter or the model does not fit the image. Likely causes: {causes}"]
+    return []
 
 
 def mark_complete(cfg, plan, summary) -> None:

@@ -26,6 +26,37 @@ class TableSummary:
     n_stitched_objects: int   # objects made of pieces from more than one block
     table: str                # the CSV
     table_parquet: str | None
+    size_hist: tuple = ()     # objects per voxel-count class [2^k, 2^(k+1)), k = 0..SIZE_CLASSES-1
+
+
+SIZE_CLASSES = 48
+
+
+def size_classes(counts) -> np.ndarray:
+    """Objects per voxel-count class ``[2^k, 2^(k+1))``.
+
+    >>> size_classes(np.array([1, 2, 3, 4, 100]))[:8].tolist()
+    [1, 2, 1, 0, 0, 0, 1, 0]
+    """
+    k = np.floor(np.log2(np.maximum(np.asarray(counts, np.float64), 1))).astype(np.int64)
+    return np.bincount(np.minimum(k, SIZE_CLASSES - 1), minlength=SIZE_CLASSES).astype(np.int64)
+
+
+def median_diameter(size_hist, ndim: int, anisotropy: float = 1.0) -> float | None:
+    """The median object's equivalent diameter (in-plane voxels) from :func:`size_classes` (the class's
+    geometric middle: within a factor 2^(1/2/ndim) of the truth); None without objects.
+
+    >>> round(median_diameter(size_classes([2000] * 5), 3), 1)  # a ball of 2000 voxels is 15.6 across
+    14.0
+    """
+    h = np.asarray(size_hist, np.int64)
+    if h.sum() == 0:
+        return None
+    k = int(np.searchsorted(np.cumsum(h), (h.sum() + 1) / 2))
+    voxels = 2.0 ** (k + 0.5)
+    if ndim == 2:
+        return float(np.sqrt(4 * voxels / np.pi))
+    return float((6 * voxels * anisotropy / np.pi) ** (1 / 3))
 
 
 def _pieces(plan, mine, merge):
@@ -82,6 +113,8 @@ def table_phase(plan, box, mine, merge) -> TableSummary:
         if pq_dir is not None and part["id"].size:
             tbl.write_parquet_part(pq_dir / f"part-{rank:05d}.parquet", c)
         tbl.write_boxes_rows(bpath, lo, part)
-    stitched = box.allreduce_sum(int(np.count_nonzero(part["n_blocks"] > 1)), "counting stitched objects")
+    mine_counts = np.concatenate([[np.count_nonzero(part["n_blocks"] > 1)], size_classes(part["count"])])
+    counted = box.allreduce_sum(mine_counts.astype(np.int64), "counting stitched objects")
     box.on_root(lambda: os.replace(csv_tmp, csv_final), "publishing the object table")
-    return TableSummary(stitched, str(csv_final), str(pq_dir) if pq_dir is not None else None)
+    return TableSummary(int(counted[0]), str(csv_final), str(pq_dir) if pq_dir is not None else None,
+                        tuple(int(x) for x in counted[1:]))
