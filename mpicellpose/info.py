@@ -22,6 +22,7 @@ from importlib import metadata
 from typing import Dict, List, Optional, Tuple
 
 from . import comm as mpi
+from .precision import cpu_bf16_support, gpu_bf16_support
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,12 @@ def _torch_facts() -> Dict[str, object]:
             gpus = []
             for i in range(torch.cuda.device_count()):
                 props = torch.cuda.get_device_properties(i)
-                gpus.append(f"cuda:{i} {props.name} {props.total_memory / 2**30:.0f} GiB")
+                gpu = f"cuda:{i} {props.name} {props.total_memory / 2**30:.0f} GiB"
+                cc = (getattr(props, "major", None), getattr(props, "minor", None))
+                if None not in cc:
+                    gpu += (f", compute capability {cc[0]}.{cc[1]}, bfloat16 "
+                            f"{'native' if gpu_bf16_support(cc)[0] else 'emulated'}")
+                gpus.append(gpu)
             facts["gpus"] = gpus
     except Exception as exc:
         facts["cuda_error"] = f"{type(exc).__name__}: {exc}"
@@ -189,6 +195,7 @@ def rank_record(comm=None, device: Optional[str] = None) -> Dict[str, object]:
         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "gpus": torch["gpus"],
         "cuda_available": torch["cuda_available"],
+        "cpu_bf16": list(cpu_bf16_support()),
     }
     if "cuda_error" in torch:
         rec["cuda_error"] = torch["cuda_error"]
@@ -275,6 +282,10 @@ def format_report(info: Dict[str, object]) -> str:
                      f"{r.get('local_size', '?')}): sees {seen}"
                      + (f" [CUDA_VISIBLE_DEVICES={cvd}]" if cvd is not None else "")
                      + f" -> {r.get('device')} ({r.get('reason')})")
+        if r.get("cpu_bf16"):
+            native, why = r["cpu_bf16"]
+            lines.append(f"         CPU bfloat16: {'native' if native else 'emulated'} ({why})"
+                         + ("" if native else "; Cellpose 4 runs in float32 on this CPU unless told otherwise"))
         for g in gpus:
             lines.append(f"         {g}")
         if r.get("cuda_error"):

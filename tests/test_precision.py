@@ -162,3 +162,15 @@ def test_measured_slowdown_is_a_real_measurement():
     assert ratio > 0
     if not native:  # emulated bfloat16 is always much slower than float32
         assert ratio > 3, ratio
+
+
+def test_info_says_whether_the_cpu_computes_bfloat16(monkeypatch, capsys):
+    from mpicellpose import info
+
+    for support, word in ((EMULATED, "emulated"), (NATIVE, "native")):
+        monkeypatch.setattr(info, "cpu_bf16_support", lambda s=support: s)
+        report = info.format_report(info.collect_info(None, "cpu"))
+        line = [ln.strip() for ln in report.splitlines() if "CPU bfloat16" in ln]
+        assert line == [f"CPU bfloat16: {word} ({support[1]})"
+                        + ("; Cellpose 4 runs in float32 on this CPU unless told otherwise" if word == "emulated"
+                           else "")], report
