@@ -10,6 +10,7 @@ from . import driver, normalization
 from . import stitch as st
 from .blocks import build_backend, number_core, segment_image
 from .config import RunConfig
+from .geometry import Block
 from .errors import ConfigError
 from .phases.flows import LocalFlowMasks
 from .phases.plan import kept_blocks, open_volume, resolve_settings
@@ -52,7 +53,8 @@ def distributed_eval(input_zarr, blocksize, write_path, mask=None, preprocessing
         Any other :class:`~mpicellpose.config.RunConfig` field (``overwrite``,
         ``work_dir``, ``keep_work``, ``restart``, ``iou_threshold``, ``device``, ...).
         ``temporary_directory`` (the reference's name) is accepted as ``work_dir``;
-        ``cluster`` and ``cluster_kwargs`` are rejected with an explanation.
+        the reference's ``cluster`` and ``cluster_kwargs`` are accepted and set nothing: the
+        run uses the ranks of ``comm`` (one line says so, and how to get more: ``mpirun -n N``).
 
     Returns
     -------
@@ -71,10 +73,7 @@ def distributed_eval(input_zarr, blocksize, write_path, mask=None, preprocessing
     >>> int(labels[...].max()), boxes[0]
     (2, (slice(5, 15, None), slice(5, 30, None)))
     """
-    for bad in ("cluster", "cluster_kwargs"):
-        if options.pop(bad, None):
-            raise ConfigError(f"{bad!r} is a Dask option of the reference; mpicellpose runs under MPI: "
-                              "launch with mpirun/srun and pass comm= instead")
+    dask_cluster_options(options.pop("cluster", None), options.pop("cluster_kwargs", None), comm)
     if "temporary_directory" in options:
         options.setdefault("work_dir", options.pop("temporary_directory"))
     cfg = RunConfig(input=input_zarr, output=str(write_path), blocksize=blocksize, overlap=overlap, mask=mask,
@@ -83,6 +82,61 @@ def distributed_eval(input_zarr, blocksize, write_path, mask=None, preprocessing
                     backend_kwargs=dict(backend_kwargs or {}), stitch=stitch, **options)
     res = driver.run(cfg, comm)
     return res.labels, res.boxes
+
+
+def dask_cluster_options(cluster, cluster_kwargs, comm) -> None:
+    """The reference's Dask cluster arguments: nothing to set up under MPI.  Rank 0 says once what
+    they would have meant and how to get workers here; the run goes on with the ranks there are."""
+    if cluster is None and not cluster_kwargs:
+        return
+    if cluster_kwargs is not None and not isinstance(cluster_kwargs, dict):
+        raise ConfigError(f"cluster_kwargs must be a dict (the reference's Dask cluster settings), got "
+                          f"{type(cluster_kwargs).__name__}")
+    world = comm if comm is not None else mpi.world()
+    if world.Get_rank() != 0:
+        return
+    given = ", ".join(sorted(cluster_kwargs or {})) or "none"
+    log.warning("cluster%s: mpicellpose needs no Dask cluster; these settings (%s) are ignored and the run uses "
+                "the %d MPI rank(s) it was started on. For more workers start it as 'mpirun -n N python "
+                "script.py' (one rank per GPU on a GPU node; 'mpicellpose batch-script' writes LSF/SLURM "
+                "scripts); per-worker threads are --threads / threads=, logs --log-dir.",
+                "=" + type(cluster).__name__ + " and cluster_kwargs" if cluster is not None else "_kwargs", given,
+                world.Get_size())
+
+
+def block_for_crop(grid, block_index, crop):
+    """The grid's block whose read region ``crop`` is (``block_index``'s when ``crop`` is None), or a
+    free-standing block for any other region: read = the crop, core = the crop less the overlap on
+    every side not at the volume's start, at most one block long (``linear`` -1)."""
+    if crop is None:
+        return grid.block(tuple(block_index))
+    crop = tuple(crop)
+    if len(crop) != len(grid.shape) or not all(isinstance(c, slice) and c.step in (None, 1) for c in crop):
+        raise ConfigError(f"crop must be {len(grid.shape)} slices (one per spatial axis, step 1), got {crop!r}")
+    want = tuple(geo_range(c, n) for c, n in zip(crop, grid.shape))
+    for a, b in want:
+        if not b > a:
+            raise ConfigError(f"crop {crop!r} is empty or outside the volume of shape {grid.shape}")
+    guess = tuple(0 if a == 0 else min((a + o) // s, g - 1)
+                  for (a, _), o, s, g in zip(want, grid.overlap, grid.blocksize, grid.grid_shape))
+    for index in dict.fromkeys([tuple(block_index) if block_index is not None else guess, guess]):
+        if len(index) == len(want) and all(0 <= i < g for i, g in zip(index, grid.grid_shape)):
+            blk = grid.block(index)
+            if blk.read == want:
+                return blk
+    core = []
+    for (a, b), o, s in zip(want, grid.overlap, grid.blocksize):
+        lo = a + o if a > 0 else a
+        lo = min(lo, b - 1)
+        core.append((lo, min(b, lo + s)))
+    index = tuple(block_index) if block_index is not None else guess
+    return Block(index=index, linear=-1, core=tuple(core), read=want)
+
+
+def geo_range(c: slice, n: int) -> tuple:
+    """(start, stop) of slice ``c`` on an axis of length ``n`` (None and negative bounds resolved)."""
+    start, stop, _ = c.indices(n)
+    return start, stop
 
 
 def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, blocksize, overlap, output_zarr=None,
@@ -100,7 +154,14 @@ def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, bloc
     block_index : tuple of int
         Position of the block in the grid.
     crop : tuple of slice or None
-        The block's read region; must match the grid's (None computes it).
+        The region to read and segment.  None, or a block's read region, gives exactly that
+        block's labels in the full run (``block_index`` then names the block; in test mode it
+        may be a dummy, the block is found from ``crop``).  Any other region (e.g. a crop
+        around any point of the volume, as the reference's documentation builds it) is
+        segmented on its own with the run's settings (global normalisation, diameter,
+        model; under ``--pipeline flows`` with whole-region Cellpose, one block's cost), and
+        its core is returned: the crop less ``overlap`` on every side that is not at the
+        volume's start, at most ``blocksize`` long.
     input_zarr, model_kwargs, eval_kwargs, blocksize, overlap, preprocessing_steps
         As for :func:`distributed_eval`.
     output_zarr : zarr array, optional
@@ -134,17 +195,13 @@ def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, bloc
     vol = open_volume(cfg)
     settings = resolve_settings(cfg, vol)  # the defaults a run resolves (overlap, diameter, anisotropy)
     grid = settings.grid
-    blk = grid.block(tuple(block_index))
-    if crop is not None:
-        want = tuple((s.start, s.stop) for s in crop)
-        if want != blk.read:
-            raise ConfigError(f"crop {crop} does not match block {blk.index}'s read region {blk.read_slices}")
+    blk = block_for_crop(grid, block_index, crop)
     box = mpi.Mailbox(mpi.SelfComm())
     if segmenter is None:
         # the same global bounds as the run: sampled from the blocks in the mask, whatever the rank count
         norm = normalization.global_normalization(cfg, settings, kept_blocks(cfg, grid), vol.array, box)
         segmenter = build_backend(cfg, settings, norm, box, load=True)
-    if settings.pipeline == "flows" and not getattr(segmenter, "from_flows", False):
+    if blk.linear >= 0 and settings.pipeline == "flows" and not getattr(segmenter, "from_flows", False):
         # the flows of every core the read region touches, as the run computes them
         segmenter = LocalFlowMasks(segmenter, settings, kept_blocks(cfg, grid), vol.array, cfg.preprocessing_steps)
     with quiet_libraries():  # the warnings a run hides say nothing to a user here either

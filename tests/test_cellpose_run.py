@@ -56,6 +56,21 @@ def test_process_block_matches_full_run_core(runs):
     assert len(boxes) == len(ids) == lab.max()
 
 
+def test_process_block_on_a_crop_that_is_no_block_finds_the_runs_objects(runs):
+    """The reference's one-block test: a crop around any point (block_index a dummy) is segmented on its own
+    with the run's settings; its core agrees with the full run's labels there, and with the truth."""
+    d, img, gt, out1, _, _ = runs
+    full = zarr.open(str(out1), mode="r")[...]
+    crop = (slice(4, 36), slice(10, 58), slice(6, 60))  # no block's read region
+    lab, boxes, ids = process_block((0, 0, 0), crop, str(d / "in.zarr"), {"pretrained_model": "demo"},
+                                    {"diameter": 16}, (20, 64, 64), 10, test_mode=True, threads=1)
+    core = (slice(14, 34), slice(20, 58), slice(16, 60))  # less the overlap, one block long at most
+    assert lab.shape == tuple(c.stop - c.start for c in core) and len(boxes) == len(ids) == lab.max() > 3
+    # objects wholly inside the core: the same objects as the run's and as the truth
+    assert match_objects(lab, full[core], 0.5)["f1"] >= 0.8
+    assert match_objects(lab, gt[core], 0.5)["f1"] >= 0.8
+
+
 @pytest.mark.slow
 def test_process_block_defaults_equal_the_run(tmp_path):
     """3D, anisotropic, the shipped model, default settings (overlap from the model's diameter

@@ -127,14 +127,51 @@ def test_process_block_test_mode_matches_full_run_core(tmp_path):
     scratch = zarr.open(str(tmp_path / "f.mpicellpose-work" / "scratch.zarr"), mode="r")
     assert np.array_equal(lab, scratch[12:24, 30:40])
     assert ids.tolist() == list(range(1, lab.max() + 1)) and len(boxes) == len(ids)
-    with pytest.raises(ConfigError, match="does not match"):
-        process_block((1, 2), (slice(0, 5), slice(0, 5)), img, {}, {}, (12, 15), 0, test_mode=True,
+    # the block's read region as crop, with a dummy block index (the reference's test-mode habit): the same
+    same, _, _ = process_block((0, 0), (slice(12, 24), slice(30, 40)), img, {}, {}, (12, 15), 0, test_mode=True,
+                               backend="threshold", backend_kwargs={"threshold": 100})
+    assert np.array_equal(same, lab)
+    with pytest.raises(ConfigError, match="crop .* is empty or outside the volume"):
+        process_block((1, 2), (slice(0, 5), slice(50, 60)), img, {}, {}, (12, 15), 0, test_mode=True,
                       backend="threshold", backend_kwargs={"threshold": 100})
 
 
-def test_dask_options_are_refused_with_explanation(tmp_path):
-    with pytest.raises(ConfigError, match="launch with mpirun"):
-        distributed_eval(np.zeros((8, 8)), 4, tmp_path / "d.zarr", cluster=object())
+def test_process_block_test_mode_on_any_crop_segments_that_region():
+    """The reference's documented one-block test: a crop around any point, block_index a dummy; the result
+    is the crop's core (less the overlap on sides not at the volume's start, one block long at most)."""
+    from scipy import ndimage
+
+    from mpicellpose.metrics import label_equivalent
+
+    img = cases.blobs((60, 70), 15)
+    bs, ov = (20, 25), 4
+    for start in ((13, 7), (0, 30), (41, 50)):
+        crop = tuple(slice(a, min(a + b + 2 * ov, n)) for a, b, n in zip(start, bs, img.shape))
+        lab, boxes, ids = process_block((0, 0), crop, img, {}, {}, bs, ov, test_mode=True, backend="threshold",
+                                        backend_kwargs={"threshold": 100})
+        lo = [c.start + (ov if c.start else 0) for c in crop]
+        hi = [min(c.stop, a + b) for c, a, b in zip(crop, lo, bs)]
+        assert lab.shape == tuple(b - a for a, b in zip(lo, hi))
+        whole_crop = ndimage.label(img[crop] > 100)[0]  # what the threshold backend finds in the crop
+        core = whole_crop[tuple(slice(a - c.start, b - c.start) for a, b, c in zip(lo, hi, crop))]
+        assert label_equivalent(lab, core) and ids.tolist() == list(range(1, lab.max() + 1))
+        for k, b in zip(ids, boxes):  # boxes in the volume's coordinates
+            inside = np.argwhere(lab == k) + lo
+            assert [(s.start, s.stop) for s in b] == [(int(a), int(z) + 1) for a, z in
+                                                      zip(inside.min(0), inside.max(0))]
+
+
+def test_dask_cluster_options_are_accepted_with_one_line(tmp_path, caplog):
+    img = np.zeros((8, 8), np.uint8)
+    img[2:5, 2:5] = 1
+    with caplog.at_level("WARNING", logger="mpicellpose"):
+        labels, _ = distributed_eval(img, 4, tmp_path / "d.zarr", cluster_kwargs={"n_workers": 4, "ncpus": 2},
+                                     backend="threshold", backend_kwargs={"threshold": 0})
+    assert int(labels[...].max()) == 1
+    said = [r.getMessage() for r in caplog.records if "Dask cluster" in r.getMessage()]
+    assert len(said) == 1 and "(n_workers, ncpus)" in said[0] and "mpirun -n N" in said[0], said
+    with pytest.raises(ConfigError, match="cluster_kwargs must be a dict"):
+        distributed_eval(img, 4, tmp_path / "e.zarr", cluster_kwargs=["n_workers"], backend="threshold")
 
 
 @pytest.mark.mpi
