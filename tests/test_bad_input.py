@@ -81,6 +81,16 @@ def fmt(x, d, o):
     return x.format(d=d, o=o)
 
 
+# a wrong option value is a usage error (exit 2, as an unknown flag is); a wrong file, an error (exit 1)
+USAGE = {"blocksize wrong length", "blocksize zero", "blocksize not a number", "negative overlap",
+         "mask larger than volume", "mask of other dimensionality", "channel axis out of range", "threshold missing",
+         "iou without overlap", "iou threshold out of range", "unknown eval_kwargs key", "non-positive diameter"}
+
+
+def exit_code(name):
+    return 2 if name in USAGE else 1
+
+
 @pytest.mark.parametrize("name,args,msg", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_message(data, tmp_path, capsys, monkeypatch, name, args, msg):
     if name == "read-only output location" and not os.path.isdir("/sys"):
@@ -90,7 +100,7 @@ def test_bad_input_message(data, tmp_path, capsys, monkeypatch, name, args, msg)
     rc = cli.main(["segment"] + [fmt(a, data, out) for a in args])
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if l.startswith("mpicellpose: error:")]
-    assert rc == 1, err
+    assert rc == exit_code(name), err
     assert len(lines) == 1, err
     assert fmt(msg, data, out) in lines[0], lines[0]
     if name != "NaN in float input":  # detected before any block ran: nothing written
@@ -140,6 +150,6 @@ def test_bad_input_reported_once_under_mpi(data, tmp_path, idx):
     name, args, msg = CASES[idx]
     out = tmp_path / "out.zarr"
     proc = run_mpi(2, ["-m", "mpicellpose", "segment"] + [fmt(a, data, out) for a in args], check=False, timeout=90)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == exit_code(name), proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.startswith("mpicellpose: error:")]
     assert len(lines) == 1 and fmt(msg, data, out) in lines[0], proc.stderr

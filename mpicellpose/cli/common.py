@@ -339,13 +339,18 @@ def run_and_report(make_config, args, runner=None) -> int:
     except (MpiCellposeError, ValueError, FileNotFoundError, PermissionError) as exc:
         if rank == 0:
             sys.stderr.write(f"mpicellpose: error: {cli_message(exc, args)}\n")
-        return _settle(comm, EXIT_ERROR)
+        return _settle(comm, exit_code(exc))
     if rank == 0 and result is not None and hasattr(result, "n_objects"):
         done = "already in" if (getattr(result, "stats", None) or {}).get("already_complete") else "written to"
         sys.stdout.write(f"{result.n_objects} objects {done} {result.output} (table: {result.table_path})\n")
         for warning in (getattr(result, "stats", None) or {}).get("warnings") or ():
             sys.stdout.write(f"warning: {warning}\n")
     return 0
+
+
+def exit_code(exc) -> int:
+    """A bad option value is a usage error (2), like an unknown flag; anything else an error (1)."""
+    return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_ERROR
 
 
 def _settle(comm, code: int) -> int:

@@ -14,10 +14,10 @@ from .. import geometry as geo
 from .. import outputs
 from ..cellpose4 import CPSAM_NET, STANDIN_NET, gpu_memory_estimate
 from ..cost import free_bytes, network_cost
-from ..errors import MpiCellposeError
+from ..errors import ConfigError, MpiCellposeError
 from ..slabs import SLAB_BYTES_PER_VOXEL, largest_slab_voxels
 from ..table import have_parquet
-from .common import _group, _one_line, add_input_output, add_run_arguments, cli_message, config_from_args
+from .common import _group, _one_line, add_input_output, add_run_arguments, cli_message, config_from_args, exit_code
 
 # Peak resident memory of one rank (bytes): a constant (Python, numpy, zarr, the MPI library; for
 # Cellpose also torch, Cellpose and the model) plus bytes per voxel of the largest block's read
@@ -319,7 +319,7 @@ def _plan_and_print(args, launched: int) -> int:
     ns = args
     try:
         if ranks < 1:
-            raise ValueError(f"--ranks must be >= 1, got --ranks {ranks}")
+            raise ConfigError(f"--ranks must be >= 1, got --ranks {ranks}")
         ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("ranks", "json", "gpu_memory")})
         cfg = config_from_args(ns)
         vol = open_volume(cfg)
@@ -327,7 +327,7 @@ def _plan_and_print(args, launched: int) -> int:
         report = plan_report(cfg, plan, vol.array, ranks, getattr(args, "gpu_memory", None))
     except (MpiCellposeError, ValueError, FileNotFoundError, OSError) as exc:
         sys.stderr.write(f"mpicellpose: error: {cli_message(exc, ns)}\n")
-        return 1
+        return exit_code(exc)
     except Exception as exc:  # noqa: BLE001 - the other ranks wait for rank 0's answer
         sys.stderr.write(f"mpicellpose: error: {type(exc).__name__}: {_one_line(exc)}\n")
         return 1

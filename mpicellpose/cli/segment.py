@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..errors import MpiCellposeError
-from .common import EXIT_ERROR, add_input_output, add_run_arguments, cli_message, config_from_args, run_and_report
+from .common import add_input_output, add_run_arguments, cli_message, config_from_args, exit_code, run_and_report
 
 SEGMENT_EPILOG = """\
 examples:
@@ -53,6 +53,6 @@ def main(args) -> int:
             sys.stdout.write(to_toml(config_from_args(args)))
         except (MpiCellposeError, ValueError) as exc:
             sys.stderr.write(f"mpicellpose: error: {cli_message(exc, args)}\n")
-            return EXIT_ERROR
+            return exit_code(exc)
         return 0
     return run_and_report(lambda: config_from_args(args), args)
