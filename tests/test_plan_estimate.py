@@ -89,8 +89,8 @@ def test_plan_prints_once_under_mpiexec_with_the_launchers_ranks(tmp_path):
     assert proc.stdout.count("ranks 16:") == 1, proc.stdout
     assert "more ranks than blocks: 16 ranks for 8 block(s)" in proc.stdout and "will idle" in proc.stdout
     assert not os.path.exists(tmp_path / "out.zarr")
-    proc = run_mpi(2, args[:-1] + ["0"], timeout=90, check=False)  # an error: once, every rank exits 1
-    assert proc.returncode == 1 and proc.stderr.count("mpicellpose: error:") == 1, proc.stderr
+    proc = run_mpi(2, args[:-1] + ["0"], timeout=90, check=False)  # a bad value: once, every rank exits 2
+    assert proc.returncode == 2 and proc.stderr.count("mpicellpose: error:") == 1, proc.stderr
 
 
 def test_plan_says_when_the_output_is_already_complete(tmp_path, capsys):

@@ -120,10 +120,10 @@ def test_a_change_of_channels_refuses_a_resume(tmp_path, capsys):
     assert (nuclei > 0).any()
 
 
-BAD = [
-    (["--channel-axis", "0", "--channel", "2,0"], "channel 2 is out of range: {i} has 2 channel(s) along axis 0"),
-    (["--channel", "1,0"], "has no channel axis (axes ('z', 'y', 'x')"),
-    (["--channel-axis", "4", "--channel", "1,0"], "channel_axis 4 is out of range for an input with 3 axes"),
+BAD = [  # (arguments, message, exit code: 2 for a bad option value, 1 for what the input does not have)
+    (["--channel-axis", "0", "--channel", "2,0"], "channel 2 is out of range: {i} has 2 channel(s) along axis 0", 1),
+    (["--channel", "1,0"], "has no channel axis (axes ('z', 'y', 'x')", 1),
+    (["--channel-axis", "4", "--channel", "1,0"], "channel_axis 4 is out of range for an input with 3 axes", 2),
 ]
 
 
@@ -131,11 +131,11 @@ BAD = [
 def test_bad_channels_fail_with_one_message_before_cellpose(tmp_path, capsys, case):
     img, _, _ = make_cells((24, 24), seed=5)
     numpy_array_to_zarr(tmp_path / "in.zarr", img, 12)
-    extra, msg = BAD[case]
+    extra, msg, code = BAD[case]
     rc = cli.main(["segment", str(tmp_path / "in.zarr"), str(tmp_path / "o.zarr"), "--model", "demo_cyto2ch"] + extra)
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if "mpicellpose: error:" in ln]
-    assert rc == 1 and len(lines) == 1 and msg.format(i=tmp_path / "in.zarr") in lines[0], err
+    assert rc == code and len(lines) == 1 and msg.format(i=tmp_path / "in.zarr") in lines[0], err
     assert "importing Cellpose" not in err and not (tmp_path / "o.zarr").exists()
 
 
@@ -143,11 +143,11 @@ def test_bad_channels_fail_with_one_message_before_cellpose(tmp_path, capsys, ca
 def test_bad_channel_fails_once_on_every_rank(tmp_path):
     img, _, _ = make_cells((24, 24), seed=5)
     numpy_array_to_zarr(tmp_path / "in.zarr", img, 12)
-    extra, msg = BAD[0]
+    extra, msg, code = BAD[0]
     proc = run_mpi(2, ["-m", "mpicellpose", "segment", tmp_path / "in.zarr", tmp_path / "o.zarr", "--model",
                        "demo_cyto2ch"] + extra, timeout=120, check=False)
     lines = [ln for ln in proc.stderr.splitlines() if "mpicellpose: error:" in ln]
-    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert proc.returncode == code and len(lines) == 1, proc.stderr
     assert msg.format(i=tmp_path / "in.zarr") in lines[0], lines[0]
     assert "importing Cellpose" not in proc.stderr and not (tmp_path / "o.zarr").exists()
 
