@@ -179,7 +179,8 @@ class RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ConfigError(f"unknown configuration key(s) {unknown}; valid keys: {sorted(names)}")
+            raise ConfigError(f"unknown configuration key(s) {unknown}{_nearest_keys(unknown, names)}; valid keys: "
+                              f"{sorted(names)}")
         return cls(**d)
 
     def replace(self, **changes) -> "RunConfig":
@@ -288,10 +289,8 @@ def from_mapping(d: dict) -> "RunConfig":
     names = set(field_names())
     unknown = sorted(set(d) - names - set(_EVAL_KEYS) - set(_BACKEND_KEYS) - {"model"})
     if unknown:
-        raise ConfigError(
-            f"unknown configuration key(s) {unknown}; valid keys: "
-            f"{sorted(names | set(_EVAL_KEYS) | set(_BACKEND_KEYS) | {'model'})}"
-        )
+        valid = sorted(names | set(_EVAL_KEYS) | set(_BACKEND_KEYS) | {"model"})
+        raise ConfigError(f"unknown configuration key(s) {unknown}{_nearest_keys(unknown, valid)}; valid keys: {valid}")
     mk = dict(d.pop("model_kwargs", None) or {})
     ek = dict(d.pop("eval_kwargs", None) or {})
     bk = dict(d.pop("backend_kwargs", None) or {})
@@ -384,3 +383,11 @@ def to_toml(cfg: "RunConfig") -> str:
                 continue
             lines.append(f"{k} = {_toml_value(v)}")
     return "\n".join(lines) + "\n"
+
+
+def _nearest_keys(unknown, valid) -> str:
+    """' (did you mean blocksize?)' for mistyped keys, '' when none is near a valid one."""
+    import difflib
+
+    near = [m[0] for k in unknown for m in [difflib.get_close_matches(k, sorted(valid), n=1, cutoff=0.6)] if m]
+    return f" (did you mean {', '.join(near)}?)" if near else ""

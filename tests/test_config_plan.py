@@ -38,12 +38,12 @@ def test_config_file_flags_override_and_print_roundtrip(vol, capsys):
 def test_config_errors(vol, capsys):
     bad = vol / "bad.toml"
     bad.write_text('input = "x"\noutput = "y"\nblok = 3\n')
-    assert cli.main(["segment", "--config", str(bad)]) == 1
-    assert "unknown configuration key(s) ['blok']" in capsys.readouterr().err
+    assert cli.main(["segment", "--config", str(bad)]) == 2  # a mistake in the configuration: a usage error
+    assert "unknown configuration key(s) ['blok'] (did you mean blocksize?)" in capsys.readouterr().err
     bad.write_text("input = [\n")
-    assert cli.main(["segment", "--config", str(bad)]) == 1
+    assert cli.main(["segment", "--config", str(bad)]) == 2
     assert "is not valid TOML" in capsys.readouterr().err
-    assert cli.main(["segment", "--backend", "threshold", "--threshold", "1"]) == 1
+    assert cli.main(["segment", "--backend", "threshold", "--threshold", "1"]) == 2
     assert "configuration lacks ['input']" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="does not exist"):
         load_file(vol / "nope.toml")
