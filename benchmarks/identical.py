@@ -13,15 +13,15 @@ repository for the subprocesses it starts).  What is hashed:
 * the synthetic inputs themselves (``make_nuclei``, ``make_cells``);
 * per run: the label array's *content* (dtype, shape, bytes; not the zarr files, whose attributes
   hold times and paths), the object table's content (CSV as read, and the Parquet table as read),
-  the boxes ``.npy`` content, and the output's ``mpicellpose`` attributes with the entries that
-  hold times, run IDs or paths taken out (the fingerprint stays, with the scratch folder's path
-  replaced by ``<TMP>``);
+  the boxes ``.npy`` content, and the output's ``mpicellpose`` attributes (whole, not hashed, so
+  that a difference is readable) with the entries that hold times or run IDs taken out and the
+  scratch folder's path replaced by ``<TMP>`` (the fingerprint stays);
 * runs: the ``threshold`` backend on synthetic 3D and 2D volumes over several block grids, 1 rank
   in-process (``distributed_eval``) and 2 ranks under ``mpiexec`` (``python -m mpicellpose
   segment``), with and without a mask; the shipped Cellpose 3 ``demo`` model under ``--pipeline
   flows`` and ``--pipeline blocks`` (48x64x64, blocksize 32, one thread); the shipped two-channel
   ``demo_cyto2ch`` model on a small 2D image; the ``demo`` subcommand's labels;
-* tools: ``convert`` (a TIFF into zarr), ``plan --json`` (paths replaced), ``batch`` (the script
+* tools: ``convert`` (a TIFF into zarr), ``plan --json`` (whole, paths replaced, the free space left out), ``batch`` (the script
   it prints), ``preview`` (the PNG's pixels);
 * the stdout of ``python -m mpicellpose --help`` and of ``<subcommand> --help`` for every
   subcommand (``COLUMNS=100``).
@@ -126,12 +126,13 @@ def scrub(obj, tmp: str):
     return obj
 
 
-def attrs_hash(out: str, tmp: str) -> str:
+def run_attrs(out: str, tmp: str) -> dict:
+    """The output's ``mpicellpose`` attributes, scrubbed (kept whole: a difference is then readable)."""
     import zarr
 
     meta = dict(zarr.open(out, mode="r").attrs).get("mpicellpose", {})
     meta = {k: v for k, v in meta.items() if k not in ("provenance",)}  # versions and the platform
-    return sha(json.dumps(scrub(meta, tmp), sort_keys=True, default=str).encode())
+    return json.loads(json.dumps(scrub(meta, tmp), sort_keys=True, default=str))
 
 
 def table_hash(path: str) -> str:
@@ -158,7 +159,7 @@ def outputs_hash(out: str, tmp: str) -> dict:
     stem = out[: -len(".zarr")]
     labels = zarr.open(out, mode="r")[...]
     res = {"labels": array_hash(labels), "n_objects": int(labels.max()) if labels.size else 0,
-           "table": table_hash(stem + ".objects.csv"), "attrs": attrs_hash(out, tmp)}
+           "table": table_hash(stem + ".objects.csv"), "attrs": run_attrs(out, tmp)}
     pq = parquet_hash(stem + ".objects.parquet")
     if pq is not None:
         res["parquet"] = pq
@@ -297,7 +298,7 @@ def case_tools(tmp) -> dict:
     for extra in ([], ["--model", "demo", "--pipeline", "flows"], ["--model", "demo", "--pipeline", "blocks"]):
         p = run(["-m", "mpicellpose", "plan", conv, os.path.join(tmp, "planned.zarr"), "--blocksize", "16",
                  "--ranks", "3", "--json"] + (extra or ["--backend", "threshold", "--threshold", "500"]))
-        res["tools/plan/" + ("_".join(extra) or "threshold")] = sha(scrub_text(p.stdout, tmp).encode())
+        res["tools/plan/" + ("_".join(extra) or "threshold")] = scrub(json.loads(p.stdout), tmp)
     p = run(["-m", "mpicellpose", "plan", conv, os.path.join(tmp, "planned.zarr"), "--blocksize", "16",
              "--ranks", "3", "--model", "demo"])
     res["tools/plan/text"] = sha(scrub_text(p.stdout, tmp).encode())
@@ -307,13 +308,13 @@ def case_tools(tmp) -> dict:
     p = run(["-m", "mpicellpose", "batch-script", "--scheduler", "lsf", "--gpus", "4", "--gpus-per-node", "2", "--",
              "segment", "in.zarr", "out.zarr"])
     res["tools/batch/lsf"] = sha(p.stdout.encode())
-    # preview of a threshold run's labels
+    # preview of a threshold run's labels (relative paths: the title shows the labels' path)
     lab = os.path.join(tmp, "prev.zarr")
     from mpicellpose import distributed_eval
 
     distributed_eval(conv, 16, lab, backend="threshold", backend_kwargs={"threshold": float(np.percentile(img, 70))})
     png = os.path.join(tmp, "prev.png")
-    run(["-m", "mpicellpose", "preview", lab, "--image", conv, "--out", png])
+    run(["-m", "mpicellpose", "preview", "prev.zarr", "--image", "conv.zarr", "--out", "prev.png"], cwd=tmp)
     import matplotlib.image as mpimg
 
     res["tools/preview"] = array_hash(mpimg.imread(png))
@@ -322,8 +323,6 @@ def case_tools(tmp) -> dict:
 
 def scrub_text(text: str, tmp: str) -> str:
     """Report text with the scratch path and the file system's free space (which changes) replaced."""
-    if text.lstrip().startswith("{"):
-        return json.dumps(scrub(json.loads(text), tmp), sort_keys=True)
     return re.sub(r"\(([\d.]+ ?\w*) free there\)", "(<FREE> free there)", text.replace(tmp, "<TMP>"))
 
 
@@ -380,10 +379,7 @@ def main(argv=None) -> int:
         return compare(*args.compare)
     if not args.out:
         ap.error("give OUT (or --compare A B)")
-    # a fixed folder: paths show in pictures (the preview's titles) and reports
-    tmp = os.path.join(tempfile.gettempdir(), "mpicellpose-identical")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = tempfile.mkdtemp(prefix="mpicellpose-identical-")
     hashes, seconds = {}, {}
     t_all = time.perf_counter()
     try:
