@@ -86,7 +86,8 @@ def _wrap(obj, attr, key):
 
 
 def install_hooks():
-    from mpicellpose import backends, blocks, driver, normalization, stitch
+    from mpicellpose import backends, blocks, driver, normalization
+    from mpicellpose.grid import stitch
     from mpicellpose import comm as mcomm
     from mpicellpose.comm import streams
     from mpicellpose.phases import segment, table

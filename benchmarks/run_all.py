@@ -830,11 +830,12 @@ def predict_comm(shape, blocksize, overlap, rule, connectivity, depth, ranks, it
     """
     from mpicellpose import blocks
     from mpicellpose.phases import faces
-    from mpicellpose import geometry as geo
+    from mpicellpose.grid import geometry as geo
+    from mpicellpose.grid import partition
     grid = geo.BlockGrid(tuple(shape), blocksize, overlap)
     kept = list(range(len(grid)))
     weights = [geo.box_size(grid.block(b).core) for b in kept]
-    owner = geo.owner_map(geo.assign_contiguous(kept, weights, ranks))
+    owner = partition.owner_map(partition.assign_contiguous(kept, weights, ranks))
     sent = np.zeros(ranks, np.int64)
     faces_cross = 0
     view_cache = {}

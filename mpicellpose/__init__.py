@@ -35,6 +35,6 @@ def __getattr__(name):  # lazy: importing the package stays cheap and MPI-free
         from .driver import run
         return run
     if name == "BlockGrid":
-        from .geometry import BlockGrid
+        from .grid.geometry import BlockGrid
         return BlockGrid
     raise AttributeError(f"module 'mpicellpose' has no attribute {name!r}")

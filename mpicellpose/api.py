@@ -7,7 +7,7 @@ import numpy as np
 
 from . import comm as mpi
 from . import driver, normalization
-from . import stitch as st
+from .grid import stitch as st
 from .blocks import build_backend, number_core, segment_image
 from .config import RunConfig
 from .errors import ConfigError

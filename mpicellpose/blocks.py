@@ -1,7 +1,7 @@
 """One block, from the input to its record: the single code path of the full run and of
 :func:`mpicellpose.process_block`.
 
-A block (:class:`mpicellpose.geometry.Block`) has a *read* region (its core grown by the
+A block (:class:`mpicellpose.grid.geometry.Block`) has a *read* region (its core grown by the
 overlap) and a *core* (what it owns and writes).  :func:`segment_image` reads the read
 region, checks it, runs the preprocessing steps and the backend; :func:`number_core`
 numbers the labels present in the core 1..n; :func:`record_block` writes the core to the
@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from . import geometry as geo
-from . import stitch as st
+from .grid import geometry as geo
+from .grid import stitch as st
 from .backends import make_backend
 from .errors import BackendError, ConfigError, InputError, MpiCellposeError
 from .runlog import log

@@ -58,7 +58,7 @@ class RunConfig:
     schedule: str = "dynamic"  # how blocks are handed out: 'dynamic' (at run time, costliest first) or 'static'
     pipeline: str | None = None  # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block); None: flows under Cellpose 3, blocks under 4
     flow_halo: int | None = None  # in-plane context of the flow step (voxels); None: 16 x diameter / 30, at least 16
-    flow_slab: int | None = None  # blocks per side of a flow slab in plane; None: mpicellpose.slabs.auto_group
+    flow_slab: int | None = None  # blocks per side of a flow slab in plane; None: mpicellpose.grid.slabs.auto_group
     masks_during_flows: str = "auto"  # 'flows': build masks in a CPU thread while the GPU computes flows (auto: on a GPU)
     read_ahead: str = "auto"  # read the next block in a thread while the network works on this one (auto: on a GPU)
     precision: str | None = None  # the network's arithmetic: 'float32', 'bfloat16', 'float16'; None: the model's own

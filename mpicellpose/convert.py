@@ -19,7 +19,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import geometry as geo
+from .grid import geometry as geo
+from .grid.partition import contiguous_bounds
 from . import ngff, ngff_io, outputs, readers, storage
 from .errors import ConfigError, InputError, UnsafeOutputError
 from .volume import SPATIAL, VoxelSize, normalize_unit
@@ -264,7 +265,7 @@ def convert(source, output, *, chunks=DEFAULT_CHUNK, zarr_format: int = 2, as_om
                              voxel_size=voxel_size, unit=unit, overwrite=overwrite), "creating the output")
         ushape = unit_shape(vol.shape, out_chunks, getattr(vol.array, "chunks", None), vol.dtype.itemsize, budget)
         boxes = [geo.box_slices(b) for b in geo.chunk_boxes(vol.shape, ushape)]
-        mine = range(*geo.contiguous_bounds(len(boxes), size, rank))
+        mine = range(*contiguous_bounds(len(boxes), size, rank))
         if rank == 0:
             log.info("convert %s -> %s: %s %s, chunks %s, %d work unit(s) of %s on %d rank(s)", source, path,
                      vol.shape, vol.dtype, out_chunks, len(boxes), ushape, size)

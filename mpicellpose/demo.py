@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from . import geometry as geo
+from .grid import geometry as geo
 
 log = logging.getLogger(__name__)
 

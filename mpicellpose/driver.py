@@ -21,7 +21,7 @@ from . import normalization, outputs, storage
 from .blocks import gpu_rank_wants
 from .config import RunConfig
 from .errors import DistributedError, MpiCellposeError, OutputExistsError, agreed
-from .cost import cost_summary
+from .grid.cost import cost_summary
 from .phases import faces, finish, flows, maskahead, merge, relabel, segment, table
 from .phases.plan import Plan, make_plan, open_volume, resolve_settings, spatial_shape, validate_input  # noqa: F401
 from .phases.plan import fingerprint_of, output_format

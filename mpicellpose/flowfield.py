@@ -2,7 +2,7 @@
 
 Cellpose's 3D network runs on 2D planes in three orientations (YX, ZX, ZY) and sums them.
 A plane needs context only within itself, so the network does not need a block's full 3D
-overlap: each orientation runs on *slabs* (:mod:`mpicellpose.slabs`), the planes through a
+overlap: each orientation runs on *slabs* (:mod:`mpicellpose.grid.slabs`), the planes through a
 layer of block cores, each plane grown by a small in-plane halo (``flow_halo``) where it meets
 another slab.  The network's cost per output voxel is then about ``((G*B + 2h) / (G*B))^2``
 instead of ``((B + 2o) / B)^3`` (o: the 3D overlap; G: blocks per slab side in plane).
@@ -30,8 +30,8 @@ import math
 import numpy as np
 
 from .errors import BackendError, ConfigError
+from .grid.slabs import FLOW_DTYPE
 
-FLOW_DTYPE = np.float16
 FLOW_LIMIT = 60000.0   # clip before half precision (its largest finite value is 65504)
 
 # Cellpose's run_3D: the axis order of each orientation's planes and where its two flow
@@ -41,14 +41,6 @@ _INV = ((0, 1, 2), (1, 0, 2), (1, 2, 0))
 _FLOW_AXES = ((1, 2), (0, 2), (0, 1))
 _RUN_NET_ARGS = ("x", "rescale", "resample", "augment", "batch_size", "tile_overlap", "bsize", "anisotropy",
                  "do_3D")
-
-
-def n_orientations(ndim: int) -> int:
-    return 3 if ndim == 3 else 1
-
-
-def flow_bytes_per_voxel(ndim: int) -> int:
-    return 3 * n_orientations(ndim) * np.dtype(FLOW_DTYPE).itemsize
 
 
 def combine(stored) -> np.ndarray:
@@ -64,20 +56,6 @@ def combine(stored) -> np.ndarray:
         for j in range(2):
             out[_FLOW_AXES[p][j]] += stored[3 * p + j]
     return out
-
-
-def default_flow_halo(diameter: float | None, ndim: int) -> int:
-    """In-plane halo (voxels) of the flow step: 16 network pixels, at least 16 voxels.
-
-    Cellpose tiles a large plane with 10 % overlap (22 of 224 pixels) and blends the tiles,
-    so where two tiles meet its own output rests on 11-22 pixels of context on one side; 16
-    pixels of the network's input (cells resized to about 30 pixels) is the same order, i.e.
-    ``16 * diameter / 30`` voxels.  Measured on the shipped model (48^3 blocks, docs/pipeline.md):
-    mean IoU of matched objects vs whole-volume Cellpose 0.961 with a halo of 8, 0.989 with 16,
-    0.994 with 32 (the per-block pipeline: 0.994); object F1 1.0 in all three.
-    """
-    d = float(diameter) if diameter else 30.0
-    return int(max(16, math.ceil(16.0 * d / 30.0)))
 
 
 def check_cellpose_internals(model) -> None:

@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from . import comm as mpi
-from . import geometry as geo
+from .grid import geometry as geo
 from . import readers
 from .channels import CHANNEL_BOUNDS
 from .errors import InputError, agreed

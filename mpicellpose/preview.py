@@ -304,7 +304,7 @@ def render_preview(labels, out=None, *, image=None, dataset=None, level=None, ch
     run's record).  ``dataset``, ``channel``, ``timepoint`` and ``tile_pattern`` select the image;
     ``level`` the OME-Zarr level of both.
     """
-    from .geometry import per_axis
+    from .grid.geometry import per_axis
 
     vols = []
     try:

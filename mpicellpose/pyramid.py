@@ -2,7 +2,7 @@
 
 :func:`downsample_labels` is the pure per-block step; :func:`build_pyramid` splits each
 level's output chunks over the ranks (contiguous runs, see
-:func:`mpicellpose.geometry.contiguous_bounds`) and rewrites the group's
+:func:`mpicellpose.grid.partition.contiguous_bounds`) and rewrites the group's
 ``multiscales`` at the end; :func:`mirror_levels` reads the levels of an OME-Zarr image
 that a label pyramid must match.
 
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import comm as mpi
-from . import geometry as geo
+from .grid import geometry as geo
+from .grid.partition import contiguous_bounds
 from .errors import InputError
 from .ngff import (DOWNSAMPLE_FUNCTION, LABEL_METHODS, NGFF_FOR_FORMAT, array_options, axes_of, level_transform,
                    ome_metadata, per_axis_factor, pick_level, transforms_of)
@@ -303,7 +304,7 @@ def _write_level(group_path, layout: _Layout, k, method, rank, size) -> None:
     src = open_array(os.path.join(group_path, str(k - 1)))
     dst = open_array(os.path.join(group_path, str(k)), mode="r+")
     boxes = list(geo.chunk_boxes(layout.shapes[k], tuple(int(c) for c in dst.chunks)))
-    for i in range(*geo.contiguous_bounds(len(boxes), size, rank)):
+    for i in range(*contiguous_bounds(len(boxes), size, rank)):
         out_box = boxes[i]
         read = tuple(slice(a * x, min(b * x, s)) for (a, b), x, s in zip(out_box, f, layout.shapes[k - 1]))
         down = downsample_labels(src[read], f, method)

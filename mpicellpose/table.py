@@ -1,7 +1,7 @@
 """The object table: one row per object, written in parallel.
 
 Every rank owns a contiguous range of final IDs (:func:`id_range`), reduces the pieces of
-its objects (sort based, see :func:`mpicellpose.stitch.reduce_pieces`) and writes its rows:
+its objects (sort based, see :func:`mpicellpose.grid.stitch.reduce_pieces`) and writes its rows:
 its rows of the one CSV, in place at an offset from an exclusive scan of the ranks' byte
 counts (rank 0 creates the file at its final size and writes the header), a Parquet part (a
 multi-file dataset, when pyarrow is installed) and its rows of the (N, D, 2) boxes array.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import geometry as geo
+from .grid.partition import contiguous_bounds, contiguous_owner
 
 
 def id_range(rank: int, size: int, n: int):
@@ -29,13 +29,13 @@ def id_range(rank: int, size: int, n: int):
     >>> [id_range(r, 3, 10) for r in range(3)]
     [(1, 5), (5, 8), (8, 11)]
     """
-    lo, hi = geo.contiguous_bounds(n, size, rank)
+    lo, hi = contiguous_bounds(n, size, rank)
     return lo + 1, hi + 1
 
 
 def owner_of(ids: np.ndarray, size: int, n: int) -> np.ndarray:
     """Rank owning each final ID (consistent with :func:`id_range`)."""
-    return geo.contiguous_owner(np.asarray(ids, np.int64) - 1, n, size)
+    return contiguous_owner(np.asarray(ids, np.int64) - 1, n, size)
 
 
 def axis_names(ndim: int):

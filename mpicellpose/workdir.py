@@ -28,12 +28,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from . import storage
 from .errors import InputError, ResumeMismatchError
+from .grid.cost import flow_scratch_bytes
 
 log = logging.getLogger(__name__)
 
@@ -225,3 +227,28 @@ class WorkDir:
         except OSError:
             log.warning("kept the work directory %s: it holds files mpicellpose did not make (%s)", self.path,
                         ", ".join(sorted(os.listdir(self.path))[:5]))
+
+
+# --------------------------------------------------------------------------- its file system
+def free_bytes(path) -> int | None:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
+    p = os.path.abspath(str(path))
+    while p and not os.path.exists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            return None
+        p = parent
+    try:
+        return int(shutil.disk_usage(p).free)
+    except OSError:
+        return None
+
+
+def check_flow_space(settings, blocks, work_dir) -> None:
+    """Refuse, before any work, a flow field that the work directory's file system cannot hold."""
+    need = flow_scratch_bytes(settings, blocks)
+    free = free_bytes(work_dir)
+    if free is not None and need > free:
+        raise InputError(f"the flow field of --pipeline flows needs {need / 2**30:.1f} GiB in the work directory "
+                         f"{work_dir} but its file system has {free / 2**30:.1f} GiB free; give a --work-dir on "
+                         f"a larger scratch file system, or use --pipeline blocks (no flow field)")

@@ -9,7 +9,8 @@ import zarr
 
 import cases
 from conftest import run_mpi
-from mpicellpose import cli, distributed_eval, stitch
+from mpicellpose import cli, distributed_eval
+from mpicellpose.grid import stitch
 from mpicellpose.storage import numpy_array_to_zarr
 
 

@@ -24,12 +24,13 @@ import numpy as np
 import pytest
 import zarr
 
-from mpicellpose import cost
+from mpicellpose import workdir
+from mpicellpose.grid import cost
 from mpicellpose import flowfield as ff
-from mpicellpose import geometry as geo
+from mpicellpose.grid import geometry as geo
 from mpicellpose.metrics import match_objects
 from mpicellpose.phases.flows import cores_touching, needed_flows, needed_slabs
-from mpicellpose.slabs import SlabGrid, auto_group
+from mpicellpose.grid.slabs import SlabGrid, auto_group, flow_bytes_per_voxel
 from mpicellpose.storage import numpy_array_to_zarr
 from mpicellpose.synthetic import make_nuclei
 
@@ -72,7 +73,7 @@ def test_cost_interior_block_is_square_of_the_halo_growth():
     assert cost.network_voxels(s2, range(4), "flows") == 4 * 55 * 55
     s2 = _settings((100, 100), (50, 50), (10, 10), 5, group=2)
     assert cost.network_voxels(s2, range(4), "flows") == 100 * 100
-    assert ff.flow_bytes_per_voxel(3) == 18 and ff.flow_bytes_per_voxel(2) == 6
+    assert flow_bytes_per_voxel(3) == 18 and flow_bytes_per_voxel(2) == 6
 
 
 def test_needed_flows_cover_the_read_region():
@@ -167,11 +168,11 @@ def test_too_little_scratch_space_is_refused_before_any_work(tmp_path, monkeypat
     cfg = RunConfig(input=str(tmp_path / "in.zarr"), output=str(tmp_path / "out.zarr"), blocksize=32,
                     model_kwargs={"pretrained_model": "demo"})
     need = 32 * 64 * 64 * 18  # 18 bytes per voxel in 3D
-    monkeypatch.setattr(cost, "free_bytes", lambda path: need - 1)
+    monkeypatch.setattr(workdir, "free_bytes", lambda path: need - 1)
     with pytest.raises(InputError, match=r"flow field of --pipeline flows needs .* GiB in the work directory"):
         make_plan(cfg, open_volume(cfg), 2)
     assert not (tmp_path / "out.mpicellpose-work").exists()  # nothing written
-    monkeypatch.setattr(cost, "free_bytes", lambda path: need)
+    monkeypatch.setattr(workdir, "free_bytes", lambda path: need)
     assert make_plan(cfg, open_volume(cfg), 2).settings.pipeline == "flows"
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import mpi_env, run_mpi
-from mpicellpose import geometry as geo
-from mpicellpose import schedule as sc
+from mpicellpose.grid import geometry as geo
+from mpicellpose.grid import schedule as sc
 
 SCRIPT = Path(__file__).parent / "mpi_queue.py"
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from mpicellpose import comm as mpi
-from mpicellpose import geometry as geo
+from mpicellpose.grid import geometry as geo
 from mpicellpose.config import RunConfig
 from mpicellpose.normalization import global_normalization
 from mpicellpose.phases.plan import Settings

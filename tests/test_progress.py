@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from mpicellpose import geometry as geo
+from mpicellpose.grid import geometry as geo
 from mpicellpose.phases import segment
 from mpicellpose.quiet import quiet_libraries
 

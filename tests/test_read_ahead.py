@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
-from mpicellpose import geometry as geo
+from mpicellpose.grid import geometry as geo
 from mpicellpose.phases.segment import read_ahead
 from mpicellpose.storage import numpy_array_to_zarr
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mpicellpose import stitch as st
+from mpicellpose.grid import stitch as st
 
 
 def test_renumber_core_first_appearance_and_drops_context_labels():

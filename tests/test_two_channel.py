@@ -18,7 +18,8 @@ import pytest
 import zarr
 
 from conftest import run_mpi
-from mpicellpose import cli, comm as mpi, distributed_eval, geometry as geo, ngff_io, readers
+from mpicellpose import cli, comm as mpi, distributed_eval, ngff_io, readers
+from mpicellpose.grid import geometry as geo
 from mpicellpose.backends import apply_fixed_bounds, cellpose_version
 from mpicellpose.channels import CHANNEL_BOUNDS
 from mpicellpose.config import Channels, RunConfig, from_mapping

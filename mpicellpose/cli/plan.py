@@ -10,12 +10,13 @@ import sys
 
 import numpy as np
 
-from .. import geometry as geo
+from ..grid import geometry as geo
 from .. import outputs
 from ..cellpose4 import CPSAM_NET, STANDIN_NET, gpu_memory_estimate
-from ..cost import free_bytes, network_cost
+from ..workdir import free_bytes
+from ..grid.cost import network_cost
 from ..errors import MpiCellposeError
-from ..slabs import SLAB_BYTES_PER_VOXEL, largest_slab_voxels
+from ..grid.slabs import SLAB_BYTES_PER_VOXEL, largest_slab_voxels
 from ..table import have_parquet
 from .common import _group, _one_line, add_input_output, add_run_arguments, cli_message, config_from_args
 

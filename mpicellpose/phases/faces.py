@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import geometry as geo
-from .. import stitch as st
+from ..grid import geometry as geo
+from ..grid.partition import RunOwners
+from ..grid import stitch as st
 from ..blocks import view_key
 from ..errors import InputError
 from ..runlog import log
@@ -176,7 +177,7 @@ class FaceMatcher:
 def match_faces(cfg, plan, box, mine, offsets) -> Edges:
     """Every rank: the edges between provisional IDs across the faces of its blocks."""
     owners = plan.owners(box.size)
-    matcher = FaceMatcher(plan, box.rank, geo.RunOwners(owners), offsets, cfg.iou_threshold, mine=owners[box.rank])
+    matcher = FaceMatcher(plan, box.rank, RunOwners(owners), offsets, cfg.iou_threshold, mine=owners[box.rank])
     matcher.match_local()  # pairs inside this rank first, then the faces shared with others, streamed
     box.exchange({d: matcher.messages(k) for d, k in matcher.outgoing.items()}, matcher.sources, matcher.receive,
                  "exchanging face views")

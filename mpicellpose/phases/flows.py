@@ -1,6 +1,6 @@
 """Phase 2a (``--pipeline flows``), every rank: the network's flow field, once per voxel.
 
-The unit of work is a *slab* (:mod:`mpicellpose.slabs`): per orientation of Cellpose's 3D
+The unit of work is a *slab* (:mod:`mpicellpose.grid.slabs`): per orientation of Cellpose's 3D
 network, the planes through one layer of block cores, up to ``--flow-slab`` blocks wide in
 plane, each plane grown by the in-plane halo.  A slab's three values per voxel
 (:func:`mpicellpose.flowfield.compute_flows`) go in half precision to the work directory's
@@ -24,14 +24,14 @@ from types import SimpleNamespace
 import numpy as np
 
 from .. import flowfield as ff
-from .. import geometry as geo
+from ..grid import geometry as geo
 from .. import storage
 from ..blocks import _about, block_image, call_backend
 from ..errors import BackendError
 from ..faults import maybe_fault
 from ..runlog import log
-from ..schedule import make_shares
-from ..slabs import SlabGrid
+from ..grid.schedule import make_shares
+from ..grid.slabs import FLOW_DTYPE, SlabGrid, orientations
 from .segment import Progress, read_ahead_wanted, run_blocks
 
 NEVER_A_CELL = -1.0e4   # cell probability given to voxels of blocks the mask leaves out
@@ -59,8 +59,8 @@ def create_store(plan) -> None:
     path = store_path(plan.work_dir)
     if not path.exists():
         ndim = len(plan.shape)
-        channels = 3 * ff.n_orientations(ndim)
-        storage.create_array(path, (channels, *plan.shape), (3, *plan.blocksize), ff.FLOW_DTYPE)
+        channels = 3 * orientations(ndim)
+        storage.create_array(path, (channels, *plan.shape), (3, *plan.blocksize), FLOW_DTYPE)
 
 
 def slab_grid(settings, kept, along: int = 0) -> SlabGrid:
@@ -157,7 +157,7 @@ def flows_phase(cfg, plan, box, stop, src, backend, todo_segment, ahead=None) ->
             ahead.close()
         progress.close(finished=agreed)
     parts = box.allgather((nv, masked), "network voxels and blocks masked during the flow step")
-    total_nv = sum(n for n, _ in parts) // ff.n_orientations(len(plan.shape))
+    total_nv = sum(n for n, _ in parts) // orientations(len(plan.shape))
     masked = sorted(b for _, part in parts for b in part)
     if box.rank == 0 and masked:
         log.info("flows: the masks of %d block(s) were built during the flow step", len(masked))
@@ -263,7 +263,7 @@ class LocalFlowMasks(FlowMasks):
     def read_flows(self, blk) -> np.ndarray:
         ndim = len(self.settings.shape)
         slabs = slab_grid(self.settings, sorted(self.kept), ff.along_context(self.backend, self.settings))
-        stored = np.zeros((3 * ff.n_orientations(ndim),) + geo.box_shape(blk.read), ff.FLOW_DTYPE)
+        stored = np.zeros((3 * orientations(ndim),) + geo.box_shape(blk.read), FLOW_DTYPE)
         origin = [a for a, _ in blk.read]
         for s in needed_slabs(slabs, self.kept, [blk.linear]):
             slab = slabs.block(s)

@@ -7,7 +7,7 @@ the final IDs are the provisional ones with the merged-away IDs removed (compact
 
 Nothing here is done by one rank for all (issue 13).  The provisional IDs are split into
 contiguous ranges, one per rank (a rank's own blocks' IDs when blocks are owned in grid
-order, :func:`mpicellpose.stitch.id_bounds`); a rank holds the parent of each ID of its range
+order, :func:`mpicellpose.grid.stitch.id_bounds`); a rank holds the parent of each ID of its range
 that has an edge.  Then:
 
 1. each rank joins its own edges (union-find) and keeps a star per component (ID -> its
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import stitch as st
+from ..grid import stitch as st
 from ..faults import maybe_fault
 from ..workdir import WorkDir
 

@@ -17,14 +17,16 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from .. import geometry as geo
-from .. import outputs, readers, schedule as sched, storage
+from ..grid import geometry as geo
+from ..grid.partition import assign_contiguous
+from .. import outputs, readers, storage
+from ..grid import schedule as sched
 from .._version import __version__
 from ..backends import DEFAULT_DIAMETER, cellpose_version, check_bsize_v4, check_eval_kwargs, resolve_model
 from ..errors import ConfigError, InputError
-from ..cost import check_flow_space
-from ..flowfield import default_flow_halo as flow_halo_default
-from ..slabs import auto_group
+from ..workdir import check_flow_space
+from ..grid.slabs import default_flow_halo as flow_halo_default
+from ..grid.slabs import auto_group
 from ..precision import check_precision
 from ..outputs import OutputPlace
 from ..volume import anisotropy
@@ -58,7 +60,7 @@ class Settings:
     axes: tuple                   # spatial axis names
     pipeline: str = "blocks"      # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block)
     flow_halo: int = 0            # 'flows': in-plane context of the network around a core (voxels)
-    flow_group: int = 1           # 'flows': blocks per side of a flow slab in plane (mpicellpose.slabs)
+    flow_group: int = 1           # 'flows': blocks per side of a flow slab in plane (mpicellpose.grid.slabs)
 
     @property
     def grid(self) -> geo.BlockGrid:
@@ -81,13 +83,13 @@ class Plan:
     replaces: str | None = None   # the existing zarr node --overwrite replaces, if any
     normalization: dict | None = None  # global bounds, set after sampling (phase 1b)
     # 'static': each rank segments its share; 'dynamic': shares dealt costliest first, each rank starts
-    # with the first block of its own, the rest go at run time to whoever asks (mpicellpose.schedule)
+    # with the first block of its own, the rest go at run time to whoever asks (mpicellpose.grid.schedule)
     handout: str = "static"
 
     def owners(self, n_ranks: int) -> list:
         """Per rank, the kept blocks it stitches, relabels and reports (contiguous runs in
         grid order, balanced by core size): its share of the output, fixed by the grid."""
-        return geo.assign_contiguous(list(self.kept), geo.block_sizes(self.grid, self.kept), n_ranks)
+        return assign_contiguous(list(self.kept), geo.block_sizes(self.grid, self.kept), n_ranks)
 
     @property
     def to_segment(self) -> tuple:
@@ -250,7 +252,7 @@ def resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter) -> tuple:
 
 def resolve_flow_group(cfg, shape, blocksize, overlap) -> int:
     """Blocks per side of a flow slab in plane: ``--flow-slab``, or
-    :func:`mpicellpose.slabs.auto_group` (a fixed function of the grid: the labels never depend
+    :func:`mpicellpose.grid.slabs.auto_group` (a fixed function of the grid: the labels never depend
     on the rank count)."""
     grid = geo.BlockGrid(shape, blocksize, overlap)
     if cfg.flow_slab is None:
@@ -358,7 +360,7 @@ def output_format(cfg, vol, place) -> int:
 
 # --------------------------------------------------------------------------- the plan
 def schedule(grid, todo, n_ranks, mode: str = "static", fractions=None) -> tuple:
-    """Per rank, its share of the blocks to segment (see :mod:`mpicellpose.schedule`): ``static``,
+    """Per rank, its share of the blocks to segment (see :mod:`mpicellpose.grid.schedule`): ``static``,
     contiguous runs balanced by read volume; ``dynamic``, dealt round-robin costliest first (cost:
     read voxels times the mask's kept fraction)."""
     return sched.make_shares(mode, grid, todo, n_ranks, fractions)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from .. import comm as mpi
-from .. import geometry as geo
+from ..grid import geometry as geo
 from .. import storage
 from ..blocks import block_image, build_backend, gpu_rank_wants, number_core, record_block, segment_image
 from ..errors import BackendError

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import outputs, storage
-from .. import stitch as st
+from ..grid import stitch as st
 from .. import table as tbl
 from ..workdir import WorkDir
 

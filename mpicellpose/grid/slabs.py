@@ -18,7 +18,7 @@ two ranks write the same chunk.  The mask step sums the orientations as Cellpose
 
 Examples
 --------
->>> from mpicellpose.geometry import BlockGrid
+>>> from mpicellpose.grid.geometry import BlockGrid
 >>> s = SlabGrid(BlockGrid((160, 160, 160), (80, 80, 80), (32, 32, 32)), range(8), group=2, halo=16)
 >>> len(s), [s.block(i).read for i in (0, 1)]
 (6, [((0, 80), (0, 160), (0, 160)), ((80, 160), (0, 160), (0, 160))])
@@ -41,10 +41,32 @@ from . import geometry as geo
 # so a slab never needs much more memory than a block does under --pipeline blocks.
 SLAB_VOXELS = 1 << 24
 SLAB_BYTES_PER_VOXEL = 60
+#: The flow field is stored in half precision (the flow step clips it to its range first).
+FLOW_DTYPE = np.float16
 
 
 def orientations(ndim: int) -> int:
+    """Orientations of Cellpose's network: three planes per voxel in 3D, the image itself in 2D."""
     return 3 if ndim == 3 else 1
+
+
+def flow_bytes_per_voxel(ndim: int) -> int:
+    """Bytes of the stored flow field per voxel: three values per orientation, :data:`FLOW_DTYPE`."""
+    return 3 * orientations(ndim) * np.dtype(FLOW_DTYPE).itemsize
+
+
+def default_flow_halo(diameter: float | None, ndim: int) -> int:
+    """In-plane halo (voxels) of the flow step: 16 network pixels, at least 16 voxels.
+
+    Cellpose tiles a large plane with 10 % overlap (22 of 224 pixels) and blends the tiles,
+    so where two tiles meet its own output rests on 11-22 pixels of context on one side; 16
+    pixels of the network's input (cells resized to about 30 pixels) is the same order, i.e.
+    ``16 * diameter / 30`` voxels.  Measured on the shipped model (48^3 blocks, docs/pipeline.md):
+    mean IoU of matched objects vs whole-volume Cellpose 0.961 with a halo of 8, 0.989 with 16,
+    0.994 with 32 (the per-block pipeline: 0.994); object F1 1.0 in all three.
+    """
+    d = float(diameter) if diameter else 30.0
+    return int(max(16, math.ceil(16.0 * d / 30.0)))
 
 
 def normal_axis(ndim: int, orient: int):

@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from . import geometry as geo
+from .partition import assign_contiguous
 
 SCHEDULES = ("dynamic", "static")
 
@@ -75,7 +76,7 @@ def interleave(shares: Sequence[Sequence[int]]) -> list:
 def contiguous_shares(grid: geo.BlockGrid, blocks: Sequence[int], n_ranks: int) -> tuple:
     """Contiguous runs in grid order balanced by read volume (the static schedule)."""
     weights = geo.block_sizes(grid, blocks, "read")
-    return tuple(tuple(part) for part in geo.assign_contiguous(list(blocks), weights, n_ranks))
+    return tuple(tuple(part) for part in assign_contiguous(list(blocks), weights, n_ranks))
 
 
 def make_shares(mode: str, grid: geo.BlockGrid, todo: Sequence[int], n_ranks: int, fractions=None) -> tuple:

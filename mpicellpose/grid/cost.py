@@ -7,7 +7,7 @@ run writes:
 * ``blocks`` pipeline: Cellpose's ``eval`` on each block's read region (core + overlap), so
   ``sum(read) / sum(core)``: ``((B + 2o) / B)^3`` for interior blocks;
 * ``flows`` pipeline: per orientation, the planes through each slab of block cores
-  (:mod:`mpicellpose.slabs`, G blocks wide in plane), grown in plane by the flow halo:
+  (:mod:`mpicellpose.grid.slabs`, G blocks wide in plane), grown in plane by the flow halo:
   ``((G*B + 2h) / (G*B))^2`` for interior slabs, 1 where a slab spans the whole plane.
 
 Counted at the input's resolution; Cellpose's own resizing (diameter, anisotropy) multiplies
@@ -15,9 +15,8 @@ both alike.
 """
 from __future__ import annotations
 
-from . import flowfield as ff
 from . import geometry as geo
-from .slabs import SlabGrid, auto_group
+from .slabs import SlabGrid, auto_group, default_flow_halo, flow_bytes_per_voxel
 
 
 def network_voxels(settings, blocks, pipeline: str, halo=None, group=None) -> int:
@@ -38,7 +37,7 @@ def core_voxels(settings, blocks) -> int:
 
 def flow_scratch_bytes(settings, blocks) -> int:
     """Bytes of the flow field for ``blocks`` (their cores), as stored (uncompressed)."""
-    return core_voxels(settings, blocks) * ff.flow_bytes_per_voxel(len(settings.shape))
+    return core_voxels(settings, blocks) * flow_bytes_per_voxel(len(settings.shape))
 
 
 def network_cost(settings, blocks, cellpose: bool = True) -> dict:
@@ -47,7 +46,7 @@ def network_cost(settings, blocks, cellpose: bool = True) -> dict:
     out = {"pipeline": settings.pipeline,
            "blocks_per_voxel": round(network_voxels(settings, blocks, "blocks") / core, 4)}
     if cellpose:
-        halo = settings.flow_halo or ff.default_flow_halo(settings.eval_kwargs.get("diameter"), len(settings.shape))
+        halo = settings.flow_halo or default_flow_halo(settings.eval_kwargs.get("diameter"), len(settings.shape))
         group = settings.flow_group if settings.pipeline == "flows" else auto_group(settings.grid)
         out["flows_per_voxel"] = round(network_voxels(settings, blocks, "flows", halo, group) / core, 4)
         out["flow_halo"] = halo
@@ -67,32 +66,3 @@ def cost_summary(plan, flowed=None) -> dict:
         out["network_voxels_measured"] = flowed.network_voxels
         out["flows_seconds"] = round(flowed.seconds, 3)
     return out
-
-
-def free_bytes(path) -> int | None:
-    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
-    import os  # noqa: PLC0415
-    import shutil  # noqa: PLC0415
-
-    p = os.path.abspath(str(path))
-    while p and not os.path.exists(p):
-        parent = os.path.dirname(p)
-        if parent == p:
-            return None
-        p = parent
-    try:
-        return int(shutil.disk_usage(p).free)
-    except OSError:
-        return None
-
-
-def check_flow_space(settings, blocks, work_dir) -> None:
-    """Refuse, before any work, a flow field that the work directory's file system cannot hold."""
-    from .errors import InputError  # noqa: PLC0415
-
-    need = flow_scratch_bytes(settings, blocks)
-    free = free_bytes(work_dir)
-    if free is not None and need > free:
-        raise InputError(f"the flow field of --pipeline flows needs {need / 2**30:.1f} GiB in the work directory "
-                         f"{work_dir} but its file system has {free / 2**30:.1f} GiB free; give a --work-dir on "
-                         f"a larger scratch file system, or use --pipeline blocks (no flow field)")
