@@ -49,7 +49,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 from _bench_util import last_json_line, machine_info, mem_available, proc_stats, run_cmd  # noqa: E402
-from mpicellpose.storage import sha256_file  # noqa: E402
+from mpicellpose.volumes.storage import sha256_file  # noqa: E402
 
 GiB = float(1 << 30)
 MiB = float(1 << 20)

@@ -57,7 +57,7 @@ PHASES = ("block_counts", "match_faces", "merge", "relabel_phase", "table_phase"
 def make_volume(path, edge, blocksize, backend):
     """The lattice of 2x2x2 cubes over ``edge`` (an int: a cube of that side, or a (z, y, x) shape);
     returns the number of objects."""
-    from mpicellpose.storage import numpy_array_to_zarr
+    from mpicellpose.volumes.storage import numpy_array_to_zarr
 
     shape = (edge,) * 3 if np.isscalar(edge) else tuple(int(e) for e in edge)
     axes = []

@@ -42,7 +42,7 @@ SHAPE, BLOCK, COARSE = (32, 64, 128), 16, 4
 
 def make_volume(out_dir, seed=0):
     """(input path, mask path): the tissue map (coarse) and the image (uint8, 200 = foreground)."""
-    from mpicellpose.storage import numpy_array_to_zarr
+    from mpicellpose.volumes.storage import numpy_array_to_zarr
 
     rng = np.random.default_rng(seed)
     cshape = tuple(s // COARSE for s in SHAPE)

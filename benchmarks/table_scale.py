@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from mpicellpose import distributed_eval
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 
 edge = int(sys.argv[1]) if len(sys.argv) > 1 else 256
 img = np.zeros((edge,) * 3, np.uint8)

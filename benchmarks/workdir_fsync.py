@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def one_pass(root, blocks, edge, sync: bool) -> float:
-    from mpicellpose import storage
+    from mpicellpose.volumes import storage
     from mpicellpose.workdir import WorkDir
 
     side = int(round(blocks ** (1 / 3)))

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .channels import CHANNEL_BOUNDS
+from .volumes.channels import CHANNEL_BOUNDS
 from .cellpose4 import CP4_NORMALIZE_DEFAULTS, check_bsize_v4, cp4_normalize, load_shipped  # noqa: F401
 from .errors import BackendError, ConfigError, DependencyError, ModelNotFoundError, needs
 from .precision import check_precision, cp4_model_kwargs, lower_precision
-from .storage import sha256_file
+from .volumes.storage import sha256_file
 
 log = logging.getLogger(__name__)
 

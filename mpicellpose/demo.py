@@ -120,7 +120,7 @@ def demo_paths(out_dir) -> tuple:
 def generate(out_dir, size: int, seed: int = 1, gradient: bool = False) -> None:
     """Write the synthetic nuclei volume (``size`` per axis) and its ground truth to ``out_dir``
     (one rank); ``gradient`` adds a 1:4 brightness gradient along z."""
-    from . import storage
+    from .volumes import storage
     from .synthetic import make_nuclei
 
     image_path, gt_path, _ = demo_paths(out_dir)

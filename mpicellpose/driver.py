@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import comm as mpi
-from . import normalization, outputs, storage
+from . import normalization, outputs
+from .volumes import storage
 from .blocks import gpu_rank_wants
 from .config import RunConfig
 from .errors import DistributedError, MpiCellposeError, OutputExistsError, agreed

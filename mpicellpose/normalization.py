@@ -15,8 +15,8 @@ import numpy as np
 
 from . import comm as mpi
 from .grid import geometry as geo
-from . import readers
-from .channels import CHANNEL_BOUNDS
+from .volumes import readers
+from .volumes.channels import CHANNEL_BOUNDS
 from .errors import InputError, agreed
 from .runlog import log
 

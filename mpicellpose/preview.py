@@ -226,7 +226,7 @@ def _run_record(vol) -> dict:
 
 
 def _open(spec, what, dataset=None, **options):
-    from . import readers
+    from .volumes import readers
     from .errors import InputError
 
     options = {k: v for k, v in options.items() if v is not None}
@@ -238,7 +238,7 @@ def _open(spec, what, dataset=None, **options):
 
 def _display_image(vol, shape):
     """The image volume as an array of the labels' spatial shape (first channel if several)."""
-    from .volume import AxisView
+    from .volumes.volume import AxisView
 
     arr = vol.array
     if vol.channel_axis is not None:
@@ -269,7 +269,7 @@ def default_png(labels) -> str:
     """
     import os
 
-    from .readers import parse_hdf5_spec
+    from .volumes.readers import parse_hdf5_spec
 
     s = str(labels).rstrip("/")
     h5 = parse_hdf5_spec(s)

@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .metrics import match_objects
-from .storage import plain_json, sha256_file
+from .volumes.storage import plain_json, sha256_file
 from .synthetic import make_nuclei, split_disconnected
 
 logger = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .metrics import match_objects
-from .storage import plain_json, sha256_file
+from .volumes.storage import plain_json, sha256_file
 from .synthetic import split_disconnected
 from .synthetic_cells import CELL_DIAMETER, make_cells
 

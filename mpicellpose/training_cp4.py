@@ -54,7 +54,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from .metrics import match_objects
-from .storage import plain_json, sha256_file
+from .volumes.storage import plain_json, sha256_file
 from .synthetic import make_nuclei
 from .training_cp4_data import N_TILES, N_TRAIN_VOLUMES, SLICE_STRIDE, training_set, training_set_v2
 

@@ -10,7 +10,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from .storage import plain_json
+from .volumes.storage import plain_json
 from .synthetic import make_nuclei, split_disconnected
 
 #: ``--data v1`` training volumes: the first two of the Cellpose 3 demo model's (clean; noisy and blurred).

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import storage
+from .volumes import storage
 from .errors import InputError, ResumeMismatchError
 from .grid.cost import flow_scratch_bytes
 

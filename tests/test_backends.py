@@ -124,7 +124,7 @@ def test_demo_under_cellpose3_is_the_cp3_model_and_cp4_name_refused(monkeypatch)
 
 def test_shipped_cp4_stand_in_matches_its_provenance():
     from mpicellpose import training_cp4
-    from mpicellpose.storage import sha256_file
+    from mpicellpose.volumes.storage import sha256_file
 
     path, info = training_cp4.demo_cp4_model_path(), training_cp4.demo_cp4_model_info()
     assert path.stat().st_size == info["size_bytes"] < 5_000_000 and sha256_file(path) == info["sha256"]

@@ -11,7 +11,7 @@ import cases
 from conftest import run_mpi
 from mpicellpose import cli, distributed_eval
 from mpicellpose.grid import stitch
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 
 
 @pytest.fixture(scope="module")

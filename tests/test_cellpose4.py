@@ -36,7 +36,7 @@ import zarr  # noqa: E402
 
 from conftest import ROOT, mpi_env, run_mpi  # noqa: E402
 from mpicellpose.metrics import match_objects  # noqa: E402
-from mpicellpose.storage import numpy_array_to_zarr  # noqa: E402
+from mpicellpose.volumes.storage import numpy_array_to_zarr  # noqa: E402
 from mpicellpose.synthetic import make_nuclei  # noqa: E402
 from mpicellpose import training_cp4  # noqa: E402
 
@@ -252,7 +252,7 @@ def test_two_channel_blocks_reach_cellpose4_in_order_normalised_per_channel(mode
     """``--channel C,N`` under Cellpose 4: the block (channels last, in the chosen order) goes to ``eval``
     with ``channel_axis``, each channel scaled by its own global bounds, Cellpose's normalisation off and
     no Cellpose 3 ``channels`` argument (Cellpose 4 takes the first three channels in order)."""
-    from mpicellpose.channels import CHANNEL_BOUNDS
+    from mpicellpose.volumes.channels import CHANNEL_BOUNDS
     from mpicellpose.synthetic_cells import make_cells
 
     img, _, _ = make_cells((64, 64), seed=2, channel_axis=-1)  # Y,X,C: cytoplasm, nuclei (8x brighter)

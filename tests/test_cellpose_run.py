@@ -6,7 +6,7 @@ import zarr
 
 from conftest import run_mpi
 from mpicellpose import process_block
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 from mpicellpose.metrics import match_objects
 from mpicellpose.synthetic import make_nuclei
 

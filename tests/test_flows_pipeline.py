@@ -31,7 +31,7 @@ from mpicellpose.grid import geometry as geo
 from mpicellpose.metrics import match_objects
 from mpicellpose.phases.flows import cores_touching, needed_flows, needed_slabs
 from mpicellpose.grid.slabs import SlabGrid, auto_group, flow_bytes_per_voxel
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 from mpicellpose.synthetic import make_nuclei
 
 ROOT = Path(__file__).resolve().parents[1]

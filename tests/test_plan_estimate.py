@@ -10,7 +10,7 @@ import pytest
 from conftest import mpi_env, run_mpi
 from mpicellpose import cli
 from mpicellpose.cli.plan import memory_estimate
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 from mpicellpose.synthetic import make_nuclei
 
 # runs `mpicellpose ARGS...` in this interpreter and prints its peak resident memory at exit:

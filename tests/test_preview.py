@@ -7,7 +7,7 @@ from scipy import ndimage
 
 import cases
 from mpicellpose import cli, distributed_eval
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 from mpicellpose.preview import outlines
 
 

@@ -17,7 +17,7 @@ import zarr
 
 from mpicellpose.grid import geometry as geo
 from mpicellpose.phases.segment import read_ahead
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

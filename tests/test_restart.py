@@ -11,7 +11,7 @@ import zarr
 
 import cases
 from conftest import mpi_env, mpiexec_path, run_mpi
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 
 pytestmark = pytest.mark.mpi
 

@@ -18,16 +18,17 @@ import pytest
 import zarr
 
 from conftest import run_mpi
-from mpicellpose import cli, comm as mpi, distributed_eval, ngff_io, readers
+from mpicellpose import cli, comm as mpi, distributed_eval
+from mpicellpose.volumes import ngff_io, readers
 from mpicellpose.grid import geometry as geo
 from mpicellpose.backends import apply_fixed_bounds, cellpose_version
-from mpicellpose.channels import CHANNEL_BOUNDS
+from mpicellpose.volumes.channels import CHANNEL_BOUNDS
 from mpicellpose.config import Channels, RunConfig, from_mapping
 from mpicellpose.errors import ConfigError, InputError
 from mpicellpose.metrics import match_objects
 from mpicellpose.normalization import global_normalization
 from mpicellpose.phases.plan import Settings
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 from mpicellpose.synthetic_cells import make_cells
 
 # ---------------------------------------------------------------------------- option and reader

@@ -12,7 +12,8 @@ import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from .. import outputs, pyramid, storage
+from .. import outputs
+from ..volumes import pyramid, storage
 from .._version import __version__
 from ..workdir import WorkDir
 

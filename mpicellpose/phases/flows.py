@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import flowfield as ff
 from ..grid import geometry as geo
-from .. import storage
+from ..volumes import storage
 from ..blocks import _about, block_image, call_backend
 from ..errors import BackendError
 from ..faults import maybe_fault

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..grid import geometry as geo
 from ..grid.partition import assign_contiguous
-from .. import outputs, readers, storage
+from .. import outputs
+from ..volumes import readers, storage
 from ..grid import schedule as sched
 from .._version import __version__
 from ..backends import DEFAULT_DIAMETER, cellpose_version, check_bsize_v4, check_eval_kwargs, resolve_model
@@ -29,7 +30,7 @@ from ..grid.slabs import default_flow_halo as flow_halo_default
 from ..grid.slabs import auto_group
 from ..precision import check_precision
 from ..outputs import OutputPlace
-from ..volume import anisotropy
+from ..volumes.volume import anisotropy
 from ..workdir import WorkDir
 
 DEMO_DIAMETER = 16.0
@@ -175,7 +176,7 @@ def _voxel_size(cfg, vol, ndim):
 def resolve_settings(cfg, vol) -> Settings:
     """Validate the configuration against the volume and resolve every default.
 
-    ``vol`` is a :class:`mpicellpose.volume.Volume` (see :func:`open_volume`).
+    ``vol`` is a :class:`mpicellpose.volumes.volume.Volume` (see :func:`open_volume`).
     """
     src = vol.array
     channel_axis = cfg.channel_axis if cfg.channel_axis is not None else cfg.eval_kwargs.get("channel_axis")
@@ -261,7 +262,7 @@ def resolve_flow_group(cfg, shape, blocksize, overlap) -> int:
 
 
 def open_volume(cfg):
-    """Open the configured input as a :class:`mpicellpose.volume.Volume` (lazy)."""
+    """Open the configured input as a :class:`mpicellpose.volumes.volume.Volume` (lazy)."""
     return readers.open_volume_spec(cfg.input, cfg.dataset, level=cfg.level, channel=cfg.channel,
                                     timepoint=cfg.timepoint, tile_pattern=cfg.tile_pattern)
 

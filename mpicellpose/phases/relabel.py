@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import ngff, ngff_io, outputs, storage
+from ..volumes import ngff, ngff_io, storage
+from .. import outputs
+from ..volumes.safety import remove_zarr
 from .._version import __version__
 from ..errors import OutputExistsError
 from ..faults import maybe_fault
@@ -39,7 +41,7 @@ def prepare_output(cfg, plan, dtype) -> None:
         WorkDir(plan.work_dir).clear_relabel_markers()
     # an NGFF label image: replace only the label group, never the image it belongs to
     if os.path.lexists(place.root) and storage.node_kind(place.root) is not None:
-        outputs.remove_zarr(place.root, plan.replaces or f"the zarr node {place.root}")
+        remove_zarr(place.root, plan.replaces or f"the zarr node {place.root}")
     attrs = {"mpicellpose": {"run_id": plan.run_id, "complete": False, "version": __version__}}
     extra = {}
     if place.group is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .. import comm as mpi
 from ..grid import geometry as geo
-from .. import storage
+from ..volumes import storage
 from ..blocks import block_image, build_backend, gpu_rank_wants, number_core, record_block, segment_image
 from ..errors import BackendError
 from ..faults import maybe_fault

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import outputs, storage
+from .. import outputs
+from ..volumes import storage
 from ..grid import stitch as st
 from .. import table as tbl
 from ..workdir import WorkDir

@@ -1,11 +1,11 @@
 """OME-Zarr (OME-NGFF) on disk: open multiscale images, write images and label metadata.
 
-Reading gives a :class:`mpicellpose.volume.Volume`: a lazily sliced array with the
+Reading gives a :class:`mpicellpose.volumes.volume.Volume`: a lazily sliced array with the
 chosen resolution level, time point and channel, its axis names and its physical voxel
 size.  Writing turns the label array of a run into an NGFF ``labels`` image, inside the
 input's OME-Zarr group (``<image>/labels/<name>/0``) or as a stand-alone OME-Zarr; the
-metadata dicts themselves are built by :mod:`mpicellpose.ngff`, and
-:func:`mpicellpose.pyramid.build_pyramid` adds lower resolution levels in parallel.
+metadata dicts themselves are built by :mod:`mpicellpose.volumes.ngff`, and
+:func:`mpicellpose.volumes.pyramid.build_pyramid` adds lower resolution levels in parallel.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .ngff import (NGFF_FOR_FORMAT, array_options, axes_of, channel_index, level_transform, multiscales_metadata,
                    ome_metadata, pick_level)
 from .storage import (array_format, create_array, node_attrs, node_kind, open_zarr_node, remove_path, zarr_major,
@@ -193,7 +193,7 @@ def write_multiscales_metadata(group_path, axes, voxel_size=None, *, zarr_format
     Examples
     --------
     >>> import tempfile, os
-    >>> from mpicellpose.storage import create_array
+    >>> from mpicellpose.volumes.storage import create_array
     >>> g = os.path.join(tempfile.mkdtemp(), "x.ome.zarr")
     >>> _ = create_array(os.path.join(g, "0"), (4, 5), (4, 5), np.uint8)
     >>> write_multiscales_metadata(g, ("y", "x"), (0.5, 0.5))["datasets"][0]["path"]
@@ -235,13 +235,13 @@ def write_labels_metadata(group_path, axes, voxel_size=None, *, name: str | None
     OME-Zarr image holding ``group_path`` under ``labels/``) the label is also listed
     in ``<image_group>/labels``'s ``labels`` list (other names there are kept) and its
     ``source`` points back to the image.  Call it on one rank, before
-    :func:`mpicellpose.pyramid.build_pyramid` (which rewrites the level list when it adds levels).
+    :func:`mpicellpose.volumes.pyramid.build_pyramid` (which rewrites the level list when it adds levels).
 
     Parameters
     ----------
     group_path : str
-        The label image group (see :func:`mpicellpose.ngff.label_paths` /
-        :func:`~mpicellpose.ngff.standalone_label_paths`).
+        The label image group (see :func:`mpicellpose.volumes.ngff.label_paths` /
+        :func:`~mpicellpose.volumes.ngff.standalone_label_paths`).
     axes : sequence of str
         Spatial axis names of the labels, e.g. ``Volume.spatial_axes``.
     voxel_size : VoxelSize or sequence of float, optional
@@ -262,8 +262,8 @@ def write_labels_metadata(group_path, axes, voxel_size=None, *, name: str | None
     Examples
     --------
     >>> import tempfile, os
-    >>> from mpicellpose.ngff import label_paths
-    >>> from mpicellpose.storage import create_array
+    >>> from mpicellpose.volumes.ngff import label_paths
+    >>> from mpicellpose.volumes.storage import create_array
     >>> img = os.path.join(tempfile.mkdtemp(), "img.ome.zarr")
     >>> _ = write_image(img, np.zeros((4, 6, 8), np.uint16), ("z", "y", "x"), voxel_size=(2, 1, 1))
     >>> grp, arr0 = label_paths(img, "cells")

@@ -7,8 +7,8 @@ Two versions of the specification are handled:
 * NGFF 0.5 on the zarr v3 on-disk format: the same keys sit under ``attributes["ome"]``
   of the group's ``zarr.json``, together with ``"version": "0.5"``.
 
-Reading and writing OME-Zarr groups on disk is :mod:`mpicellpose.ngff_io`; label
-pyramids are :mod:`mpicellpose.pyramid`.
+Reading and writing OME-Zarr groups on disk is :mod:`mpicellpose.volumes.ngff_io`; label
+pyramids are :mod:`mpicellpose.volumes.pyramid`.
 """
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ import os
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .volume import SPATIAL, VoxelSize, default_axes
 
 NGFF_FOR_FORMAT = {2: "0.4", 3: "0.5"}
 LABEL_METHODS = ("mode", "nearest")
 # what the "metadata.method" of a label pyramid names (the function that computed its levels)
-DOWNSAMPLE_FUNCTION = "mpicellpose.pyramid.downsample_labels"
+DOWNSAMPLE_FUNCTION = "mpicellpose.volumes.pyramid.downsample_labels"
 
 
 def ome_metadata(attrs: dict) -> tuple:
@@ -238,7 +238,7 @@ def multiscales_metadata(axes, voxel_size=None, *, n_levels: int = 1, factor=2, 
 
 
 def array_options(zarr_format: int, axes) -> dict:
-    """Extra :func:`mpicellpose.storage.create_array` arguments for an NGFF level array.
+    """Extra :func:`mpicellpose.volumes.storage.create_array` arguments for an NGFF level array.
 
     NGFF 0.4 (zarr v2) wants ``/`` as chunk-key separator; NGFF 0.5 (zarr v3) wants the
     axis names as ``dimension_names``.

@@ -1,7 +1,7 @@
 """``mpicellpose convert``: copy any supported input into a (OME-)zarr array, block by block.
 
 Reads TIFF files and stacks, globs of TIFF tiles, HDF5 datasets, zarr arrays and
-OME-Zarr images (anything :func:`mpicellpose.readers.open_volume_spec` opens) and writes a
+OME-Zarr images (anything :func:`mpicellpose.volumes.readers.open_volume_spec` opens) and writes a
 chunked zarr array (``--ome``: an OME-Zarr image group with the array as level ``0``).
 The volume is never loaded whole: the output is cut into work units made of whole
 output chunks (grown to cover the input's own chunks where that saves re-reading, within
@@ -19,10 +19,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .grid import geometry as geo
-from .grid.partition import contiguous_bounds
-from . import ngff, ngff_io, outputs, readers, storage
-from .errors import ConfigError, InputError, UnsafeOutputError
+from ..grid import geometry as geo
+from ..grid.partition import contiguous_bounds
+from . import ngff, ngff_io, readers, storage
+from . import safety
+from ..errors import ConfigError, InputError, UnsafeOutputError
 from .volume import SPATIAL, VoxelSize, normalize_unit
 
 log = logging.getLogger(__name__)
@@ -154,11 +155,11 @@ def _prepare(vol, source, output, *, chunks, zarr_format, as_ome, voxel_size, un
         raise ConfigError(f"output {str(output)!r} is the same path as the input")
     if not str(output).strip():
         raise UnsafeOutputError("OUTPUT is empty (an unset shell variable?): give the path of the zarr to write")
-    protected = outputs.protected_paths(SimpleNamespace(input=source, mask=None, config_file=None))
-    outputs.check_target("OUTPUT", repr(str(output)), output, protected)
-    replaces = outputs.replaceable(output, repr(str(output)), overwrite, runs=False)
+    protected = safety.protected_paths(SimpleNamespace(input=source, mask=None, config_file=None))
+    safety.check_target("OUTPUT", repr(str(output)), output, protected)
+    replaces = safety.replaceable(output, repr(str(output)), overwrite, runs=False)
     if replaces:
-        outputs.remove_zarr(output, replaces)
+        safety.remove_zarr(output, replaces)
     parent = os.path.dirname(os.path.abspath(output)) or "."
     os.makedirs(parent, exist_ok=True)
     storage.check_writable(parent)
@@ -205,7 +206,7 @@ def convert(source, output, *, chunks=DEFAULT_CHUNK, zarr_format: int = 2, as_om
     Parameters
     ----------
     source : str or array-like
-        Anything :func:`mpicellpose.readers.open_volume_spec` opens.
+        Anything :func:`mpicellpose.volumes.readers.open_volume_spec` opens.
     output : str
         Zarr array to create (``as_ome``: OME-Zarr group with level ``0``).
     chunks : int or tuple
@@ -219,7 +220,7 @@ def convert(source, output, *, chunks=DEFAULT_CHUNK, zarr_format: int = 2, as_om
     unit : str, optional
         Unit of the voxel size (``micrometer``; ``um`` is understood).
     dataset, level, channel, timepoint, axes, tile_pattern
-        Passed to :func:`mpicellpose.readers.open_volume_spec`.
+        Passed to :func:`mpicellpose.volumes.readers.open_volume_spec`.
     overwrite : bool
         Replace an existing ``output`` (otherwise :class:`OutputExistsError`).
     budget : int
@@ -241,7 +242,7 @@ def convert(source, output, *, chunks=DEFAULT_CHUNK, zarr_format: int = 2, as_om
     >>> bool((storage.open_array(r.path)[...] == data).all())
     True
     """
-    from . import comm as mpi
+    from .. import comm as mpi
 
     t0 = time.perf_counter()
     if zarr_format not in (2, 3):

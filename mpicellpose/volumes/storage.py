@@ -2,8 +2,8 @@
 formats v2 and v3), remove paths, check that a directory is writable, atomic JSON /
 npz files, JSON coercion of numpy values, file checksums.
 
-Reading inputs of every kind is :mod:`mpicellpose.readers`; OME-NGFF metadata is
-:mod:`mpicellpose.ngff` / :mod:`mpicellpose.ngff_io`.
+Reading inputs of every kind is :mod:`mpicellpose.volumes.readers`; OME-NGFF metadata is
+:mod:`mpicellpose.volumes.ngff` / :mod:`mpicellpose.volumes.ngff_io`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, InputNotFoundError, needs
+from ..errors import InputError, InputNotFoundError, needs
 
 
 def zarr_module():
@@ -68,7 +68,7 @@ def create_array(path, shape, chunks, dtype, *, zarr_format: int = 2, attrs: dic
     """Create a zarr array on disk (fill value 0) with zarr-python 2.18 or 3.x.
 
     ``dimension_separator`` (v2 format) and ``dimension_names`` (v3 format) are what
-    OME-Zarr level arrays want (see :func:`mpicellpose.ngff.array_options`); each is
+    OME-Zarr level arrays want (see :func:`mpicellpose.volumes.ngff.array_options`); each is
     ignored for the other format.
 
     Examples

@@ -4,7 +4,7 @@ A :class:`Volume` is a lazily sliced array plus what is known about it: the name
 each axis (``"t"``, ``"c"``, ``"z"``, ``"y"``, ``"x"``), where the channel axis is and
 the physical voxel size.  :func:`make_volume` builds one from an array and axis names,
 selecting a channel and a time point through an :class:`AxisView` (nothing is read).
-The readers (:mod:`mpicellpose.readers`, :mod:`mpicellpose.ngff_io`) return volumes.
+The readers (:mod:`mpicellpose.volumes.readers`, :mod:`mpicellpose.volumes.ngff_io`) return volumes.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 SPATIAL = ("z", "y", "x")
 

@@ -1,6 +1,6 @@
 """Choosing channels of a multi-channel input, lazily: ``--channel 1,0`` (cytoplasm 1, nucleus 0).
 
-:func:`select_channels` turns an opened :class:`mpicellpose.volume.Volume` into one whose
+:func:`select_channels` turns an opened :class:`mpicellpose.volumes.volume.Volume` into one whose
 channel axis holds the chosen channels in the chosen order (:class:`ChannelView`: nothing
 is read until a block is sliced).  The channel axis is the input's own ``c`` axis (OME-Zarr,
 OME-TIFF, ImageJ, ``axes=``) or, for an array without axis names, ``--channel-axis``.
@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 from .volume import AxisView, default_axes
 
 
@@ -134,7 +134,7 @@ def select_channels(vol, channels, axis=None):
 
     Examples
     --------
-    >>> from mpicellpose.volume import make_volume
+    >>> from mpicellpose.volumes.volume import make_volume
     >>> v = select_channels(make_volume(np.zeros((5, 6, 7, 3), np.uint8)), [2, 0], axis=-1)
     >>> v.shape, v.channel_axis, v.axes
     ((5, 6, 7, 2), 3, ('z', 'y', 'x', 'c'))

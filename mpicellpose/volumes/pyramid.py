@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import comm as mpi
-from .grid import geometry as geo
-from .grid.partition import contiguous_bounds
-from .errors import InputError
+from .. import comm as mpi
+from ..grid import geometry as geo
+from ..grid.partition import contiguous_bounds
+from ..errors import InputError
 from .ngff import (DOWNSAMPLE_FUNCTION, LABEL_METHODS, NGFF_FOR_FORMAT, array_options, axes_of, level_transform,
                    ome_metadata, per_axis_factor, pick_level, transforms_of)
 from .ngff_io import open_group_for_write, update_ome_attrs
@@ -115,8 +115,8 @@ def mirror_levels(image_group, level=0, axes=None) -> dict:
     Examples
     --------
     >>> import tempfile, os
-    >>> from mpicellpose.ngff_io import write_multiscales_metadata
-    >>> from mpicellpose.storage import create_array
+    >>> from mpicellpose.volumes.ngff_io import write_multiscales_metadata
+    >>> from mpicellpose.volumes.storage import create_array
     >>> g = os.path.join(tempfile.mkdtemp(), "img.ome.zarr")
     >>> for k, shp in enumerate([(4, 9, 11), (4, 4, 5)]):
     ...     _ = create_array(os.path.join(g, str(k)), shp, shp, np.uint8)
@@ -167,7 +167,7 @@ def build_pyramid(group_path, n_levels=None, comm=None, factor=2, method: str = 
     written by exactly one rank; all ranks wait for each other between levels.  Rank 0
     then rewrites the group's ``multiscales`` to list every level (scale times the
     factor, translation moved to the cell centre for ``"mode"``), keeping the axes,
-    level-0 scale and other metadata written before by :func:`mpicellpose.ngff_io.write_labels_metadata`.
+    level-0 scale and other metadata written before by :func:`mpicellpose.volumes.ngff_io.write_labels_metadata`.
     An error on any rank is raised on every rank.
 
     Parameters
@@ -197,8 +197,8 @@ def build_pyramid(group_path, n_levels=None, comm=None, factor=2, method: str = 
     Examples
     --------
     >>> import tempfile, os
-    >>> from mpicellpose.ngff_io import open_volume, write_labels_metadata
-    >>> from mpicellpose.storage import create_array, open_array
+    >>> from mpicellpose.volumes.ngff_io import open_volume, write_labels_metadata
+    >>> from mpicellpose.volumes.storage import create_array, open_array
     >>> g = os.path.join(tempfile.mkdtemp(), "lab.ome.zarr")
     >>> a = create_array(os.path.join(g, "0"), (4, 4), (2, 2), np.uint32)
     >>> a[...] = np.array([[1, 1, 0, 0], [1, 2, 0, 3], [0, 0, 4, 4], [0, 0, 4, 4]])
