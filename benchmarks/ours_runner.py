@@ -86,7 +86,8 @@ def _wrap(obj, attr, key):
 
 
 def install_hooks():
-    from mpicellpose import backends, blocks, driver, normalization
+    from mpicellpose.cellpose import backends, segmenter
+    from mpicellpose import blocks, driver, normalization
     from mpicellpose.grid import stitch
     from mpicellpose import comm as mcomm
     from mpicellpose.comm import streams
@@ -104,16 +105,16 @@ def install_hooks():
     _wrap(stitch, "merge_edges", "union_find")
     _wrap(stitch, "block_lut", "lut")
     _wrap(mcomm.Mailbox, "agree", "agree")
-    for cls in (backends.CellposeSegmenter, backends.ThresholdSegmenter, backends.LabelsSegmenter):
+    for cls in (segmenter.CellposeSegmenter, backends.ThresholdSegmenter, backends.LabelsSegmenter):
         _wrap(cls, "segment", "backend")
-    orig_init = backends.CellposeSegmenter.__init__
+    orig_init = segmenter.CellposeSegmenter.__init__
 
     @functools.wraps(orig_init)
     def init(self, *a, **kw):  # split Cellpose's eval into network and masks, on this model instance
         orig_init(self, *a, **kw)
         _wrap(self.model, "_run_net", "cp_network")
         _wrap(self.model, "_compute_masks", "cp_masks")
-    backends.CellposeSegmenter.__init__ = init
+    segmenter.CellposeSegmenter.__init__ = init
     holder = {}
     orig_run = driver.run
 

@@ -227,7 +227,7 @@ def ensure_model(env: Env):
         path = os.path.abspath(env.args.model)
         kind = "given"
     else:
-        from mpicellpose.models import demo_model_path
+        from mpicellpose.cellpose.shipped import demo_model_path
         path = str(demo_model_path())
         kind = "demo_nuclei_v1 (shipped, trained)"
         if not os.path.isfile(path):

@@ -15,7 +15,7 @@ import numpy as np
 
 from .grid import geometry as geo
 from .grid import stitch as st
-from .backends import make_backend
+from .cellpose.backends import make_backend
 from .errors import BackendError, ConfigError, InputError, MpiCellposeError
 from .runlog import log
 from .workdir import VIEW_PREFIX
@@ -156,7 +156,7 @@ def gpu_rank_wants(mode: str, backend) -> bool:
 def build_backend(cfg, settings, normalization, box, load=True):
     """This rank's backend.  Collective: every rank calls it, also one with no block to
     segment (``load=False``: it takes part in the device binding but loads no model)."""
-    from .gpu import bind_device  # noqa: PLC0415 - lazy, torch is optional
+    from .cellpose.gpu import bind_device  # noqa: PLC0415 - lazy, torch is optional
 
     ndim = len(settings.shape)
     if not isinstance(cfg.backend, str):

@@ -227,7 +227,7 @@ def import_backend(cfg, box):
     except Exception:  # noqa: BLE001 - build_backend raises the clear error
         return
     if box.rank == 0:
-        from .backends import cellpose_version
+        from .cellpose.models import cellpose_version
 
         log.info("imported Cellpose %s in %.1f s", cellpose_version()[1], time.perf_counter() - t)
 

@@ -8,7 +8,7 @@ Run it exactly as the job runs, so that it reports what every rank sees::
 Rank 0 prints one report: the versions of the stack (read from package
 metadata, so Cellpose is never imported), the MPI library, whether MPI looks
 CUDA-aware, and one line per rank (host, GPUs seen, the device
-:func:`mpicellpose.gpu.bind_device` would choose).  Works without torch,
+:func:`mpicellpose.cellpose.gpu.bind_device` would choose).  Works without torch,
 Cellpose or even mpi4py installed ("not installed").
 """
 from __future__ import annotations
@@ -179,7 +179,7 @@ def mpi_summary(comm=None) -> Dict[str, object]:
 
 def rank_record(comm=None, device: Optional[str] = None) -> Dict[str, object]:
     """What this rank sees: host, GPUs, the binding; collective over ``comm``."""
-    from .gpu import bind_device  # noqa: PLC0415
+    from .cellpose.gpu import bind_device  # noqa: PLC0415
 
     torch = _torch_facts()
     rec: Dict[str, object] = {

@@ -42,16 +42,12 @@ from .metrics import match_objects
 from .volumes.storage import plain_json, sha256_file
 from .synthetic import split_disconnected
 from .synthetic_cells import CELL_DIAMETER, make_cells
+from .cellpose.shipped import CYTO2CH_MODEL_NAME as MODEL_NAME
+from .cellpose.shipped import CYTO2CH_SELECT_NAME as SELECT_NAME
+from .cellpose.shipped import NBASE, STYLE_ON, build_narrow_cpnet, demo_cyto2ch_path, load_small
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "demo_cyto2ch_v1"
-#: The name ``--model`` takes (any name starting with it selects this file).
-SELECT_NAME = "demo_cyto2ch"
-#: ``resolve_model()['loader']`` of this file.
-LOADER = "cp3-small-cpnet"
-#: Channels of the narrow CPnet: input (cytoplasm, nucleus), then the four levels.
-NBASE = (2, 8, 16, 32, 64)
 DEFAULT_STEPS = 300
 DEFAULT_LR = 0.01
 DEFAULT_BATCH = 8
@@ -67,90 +63,6 @@ TRAIN_2D: Tuple[Dict, ...] = tuple(dict(shape=(128, 128), seed=40 + i, nuclear_s
                                    for i in range(8))
 VAL_2D = dict(shape=(192, 192), seed=9201)
 VAL_3D = dict(shape=(48, 96, 96), seed=9202)
-
-
-def demo_cyto2ch_path() -> Path:
-    """Path of the shipped weights (returned whether or not the file exists).
-
-    >>> demo_cyto2ch_path().name
-    'demo_cyto2ch_v1'
-    """
-    return Path(__file__).resolve().parent / "models" / MODEL_NAME
-
-
-def resolve(name: str, major, full) -> dict:
-    """``resolve_model`` for ``demo_cyto2ch*``: Cellpose 3 only (it is a Cellpose 3 CPnet)."""
-    from .errors import ConfigError, ModelNotFoundError
-
-    if major is not None and major >= 4:
-        raise ConfigError(f"{name!r} is a Cellpose 3 two-channel model and the installed Cellpose {full} cannot "
-                          f"load Cellpose 3 weights; under Cellpose 4 use a Cellpose 4 model (cpsam), which takes "
-                          f"the first three channels in order")
-    path = demo_cyto2ch_path()
-    if not path.exists():
-        raise ModelNotFoundError(f"the shipped two-channel demo model is missing from the installation: {path}")
-    return {"kind": "path", "name": SELECT_NAME, "path": str(path), "sha256": sha256_file(path), "loader": LOADER,
-            "diameter": CELL_DIAMETER}
-
-
-#: Length of the style vector Cellpose 3's ``run_net`` expects (``nbase[-1]`` of the full CPnet).
-STYLE_LENGTH = 256
-#: CPnet's "style" (a global average of the deepest features, added back everywhere) makes every
-#: output depend on the whole tile, padding included: off, the network sees only a neighbourhood,
-#: so block-wise and whole-volume labels may differ only at block faces (what the tests check).
-STYLE_ON = False
-
-
-def build_net(nbase: Sequence[int] = NBASE, diameter: float = CELL_DIAMETER, seed: int = 0,
-              style_on: bool = STYLE_ON):
-    """A seeded float32 narrow ``CPnet`` (Cellpose 3) whose style vector is zero-padded to the
-    length Cellpose expects (it only returns styles; masks do not depend on them)."""
-    import torch
-    import torch.nn.functional as F
-    from cellpose.resnet_torch import CPnet
-
-    class NarrowCPnet(CPnet):
-        def forward(self, data):
-            out = super().forward(data)
-            style = out[1]
-            if style.shape[-1] < STYLE_LENGTH:
-                style = F.pad(style, (0, STYLE_LENGTH - style.shape[-1]))
-            return (out[0], style) + tuple(out[2:])
-
-    torch.manual_seed(int(seed))
-    net = NarrowCPnet(list(nbase), 3, sz=3, mkldnn=False, max_pool=True, diam_mean=float(diameter))
-    net.style_on = bool(style_on)
-    return net
-
-
-def load_small(path, **model_kwargs):
-    """``cellpose.models.CellposeModel`` with the narrow network of ``path`` in place of its own.
-
-    ``model_kwargs``: ``gpu``, ``device`` (others are ignored).  The file holds a float16 state
-    dict plus ``nbase`` (the widths); the network is float32 on the model's device.
-    """
-    import torch
-    from cellpose import models
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):  # Cellpose would silently download cyto3
-        raise FileNotFoundError(f"two-channel demo weights not found: {path}")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict) or "nbase" not in sd:
-        raise ValueError(f"{path} is not a narrow-CPnet file of mpicellpose.training_2ch (no 'nbase' entry)")
-    nbase = [int(v) for v in sd.pop("nbase").tolist()]
-    style_on = bool(int(sd.pop("style_on").item())) if "style_on" in sd else True
-    diameter = float(sd["diam_mean"].float().item())
-    mk = {k: v for k, v in model_kwargs.items() if k in ("gpu", "device")}
-    model = models.CellposeModel(pretrained_model=False, nchan=nbase[0], diam_mean=diameter, **mk)
-    net = build_net(nbase, diameter, style_on=style_on)
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
-    model.net = net.to(model.device)
-    model.net.eval()
-    model.nbase, model.net_ortho = nbase, None
-    model.diam_mean = model.diam_labels = diameter
-    model.pretrained_model = path
-    return model
 
 
 def save_net(net, path, nbase: Sequence[int] = NBASE, diameter: float = CELL_DIAMETER) -> None:
@@ -221,7 +133,7 @@ def train_demo_cyto2ch(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, lr
     t0 = time.perf_counter()
     images, labels = training_set(seed)
     t_data = time.perf_counter() - t0
-    net = build_net(seed=seed)
+    net = build_narrow_cpnet(seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
         t1, c1 = time.perf_counter(), time.process_time()
         fp32, losses, _ = train.train_seg(
@@ -237,7 +149,7 @@ def train_demo_cyto2ch(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, lr
     info = {
         "name": MODEL_NAME, "select_with": f"--model {SELECT_NAME} (Cellpose 3)",
         "format": "Cellpose 3 CPnet state dict, float16, plus 'nbase'; load with "
-                  "mpicellpose.training_2ch.load_small",
+                  "mpicellpose.cellpose.shipped.load_small",
         "nbase": list(NBASE), "style_on": STYLE_ON, "parameters": int(sum(p.numel() for p in net.parameters())),
         "diam_mean": CELL_DIAMETER, "channels": "[cytoplasm, nucleus] = Cellpose 3 channels=[1, 2]",
         "sha256": sha256_file(weights), "size_bytes": weights.stat().st_size,

@@ -27,7 +27,7 @@ encoder.pos_embed``); it never half-loads it.
 
 **Scale.** The stand-in is trained at native scale on nuclei of mean diameter 16 voxels (stored
 in the network's ``diam_mean``/``diam_labels``).  Cellpose 4 has no ``diam_mean`` argument: it
-resizes by ``30 / diameter``.  :class:`mpicellpose.backends.CellposeSegmenter` therefore passes
+resizes by ``30 / diameter``.  :class:`mpicellpose.cellpose.segmenter.CellposeSegmenter` therefore passes
 ``diameter * 30 / 16`` to ``eval`` for this model only, so that ``--diameter D`` means "objects
 are D voxels across", as for ``cpsam`` and for the Cellpose 3 demo model.
 
@@ -36,7 +36,8 @@ its float32 or bfloat16 network) and ``<out>/demo_cp4_v1.json`` (provenance: see
 learning rate, data, timings, versions, sha256, validation F1 and eval times).
 
 Only numpy is imported at module level; torch and cellpose are imported inside the functions.
-:func:`resolve_demo` (which shipped file ``--model demo`` means) lives here too, for both versions.
+What a run needs of the stand-in (its path, :func:`mpicellpose.cellpose.shipped.resolve_demo`, the
+loader :func:`mpicellpose.cellpose.shipped.load_standin`) is in :mod:`mpicellpose.cellpose.shipped`.
 """
 from __future__ import annotations
 
@@ -57,21 +58,15 @@ from .metrics import match_objects
 from .volumes.storage import plain_json, sha256_file
 from .synthetic import make_nuclei
 from .training_cp4_data import N_TILES, N_TRAIN_VOLUMES, SLICE_STRIDE, training_set, training_set_v2
+from .cellpose.shipped import CP4_MODEL_NAME as MODEL_NAME
+from .cellpose.shipped import CONFIG_KEY, CP4_DIAMETER, _import_cellpose, load_standin, standin_encoder
 
 logger = logging.getLogger(__name__)
 
-#: File name of the shipped stand-in inside ``mpicellpose/models``.
-MODEL_NAME = "demo_cp4_v1"
 #: Reduced SAM encoder of the stand-in (SAM ViT-L: 1024 wide, 24 blocks, 16 heads, neck 256).
 ENCODER = {"embed_dim": 64, "depth": 2, "num_heads": 2, "out_chans": 64}
-#: Extra state-dict key holding ``[embed_dim, depth, num_heads(, out_chans)]`` (``out_chans``, the
-#: width of SAM's neck, is 256 when absent); ignored by Cellpose's loader.
-CONFIG_KEY = "standin.config"
 #: Mean nucleus diameter of the training data = the stand-in's native object size (voxels).
 NATIVE_DIAMETER = 16.0
-#: Cellpose 4 resizes by ``CP4_DIAMETER / diameter``.
-CP4_DIAMETER = 30.0
-
 DEFAULT_STEPS = 2400
 DEFAULT_LR = 2e-3
 DEFAULT_DATA = "v2"
@@ -84,139 +79,6 @@ WEIGHT_DECAY = 1e-4
 VAL_2D = dict(shape=(256, 256), seed=9001)
 VAL_3D = (dict(shape=(32, 64, 64), seed=9002), dict(shape=(64, 128, 128), seed=9002))
 EVAL_NORMALIZE = {"normalize": True, "percentile": [1.0, 99.0]}
-
-
-def demo_cp4_model_path() -> Path:
-    """Path of the shipped stand-in weights (returned whether or not the file exists).
-
-    Examples
-    --------
-    >>> demo_cp4_model_path().name
-    'demo_cp4_v1'
-    """
-    return Path(__file__).resolve().parent / "models" / MODEL_NAME
-
-
-def demo_cp4_model_info() -> dict:
-    """The provenance record ``models/demo_cp4_v1.json``."""
-    with open(demo_cp4_model_path().with_name(MODEL_NAME + ".json"), encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def _import_cellpose():
-    """``cellpose.models`` (the backend imports it first, through
-    :func:`mpicellpose.backends.import_cellpose_models`, for a one-line install hint)."""
-    from cellpose import models
-
-    return models
-
-
-#: ``resolve_model()['loader']`` of the shipped stand-in: load it with :func:`load_standin`.
-CP4_STANDIN_LOADER = "cp4-demo-standin"
-
-
-def resolve_demo(name: str, major, full) -> dict:
-    """The shipped model behind ``--model demo`` for the installed Cellpose ``major`` (``full``
-    version): ``models/demo_nuclei_v1`` (a Cellpose 3 CPnet) under 3.x, this module's stand-in
-    under 4.x (with ``loader`` :data:`CP4_STANDIN_LOADER`).  The explicit names
-    ``demo_nuclei*``/``demo_cp4*`` are refused, with a hint, by the other major version.
-    Called by :func:`mpicellpose.backends.resolve_model`.
-    """
-    from .errors import ConfigError, ModelNotFoundError
-    from .models import demo_model_path
-
-    v4 = major is not None and major >= 4
-    if name.startswith("demo_nuclei") and v4:
-        raise ConfigError(
-            f"{name!r} is a Cellpose 3 model and the installed Cellpose {full} cannot load Cellpose 3 weights; "
-            "use --model demo (the Cellpose 4 stand-in) or install 'cellpose>=3.1.1,<4' "
-            "(pip install 'mpicellpose[cellpose]')")
-    if name.startswith("demo_cp4") and not v4:
-        raise ConfigError(
-            f"{name!r} is a Cellpose 4 model and the installed Cellpose is {full or 'missing'}; use --model demo "
-            "(the Cellpose 3 demo model) or install 'cellpose>=4,<5' (pip install 'mpicellpose[cellpose4]')")
-    path = demo_cp4_model_path() if v4 else demo_model_path()
-    if not path.exists():
-        raise ModelNotFoundError(f"the shipped demo model is missing from the installation: {path}")
-    res = {"kind": "path", "name": "demo", "path": str(path), "sha256": sha256_file(path)}
-    if v4:
-        res["loader"] = CP4_STANDIN_LOADER
-    return res
-
-
-@contextlib.contextmanager
-def standin_encoder(embed_dim: int, depth: int, num_heads: int, out_chans: int = 256):
-    """While active, ``cellpose.vit.CPSAM()`` builds a reduced SAM encoder instead of ViT-L.
-
-    ``CPSAM.__init__`` calls ``sam_model_registry["vit_l"](None).image_encoder``; that
-    module-level registry entry is swapped and restored.  Image size (1024) and patch size (16)
-    stay as in SAM because CPSAM derives its 8x8-patch, 32x32-token position embedding from them.
-    """
-    from functools import partial
-    from types import SimpleNamespace
-
-    _import_cellpose()
-    import torch
-    import cellpose.vit as cvit
-    from segment_anything.modeling import ImageEncoderViT
-
-    def build(checkpoint=None):
-        enc = ImageEncoderViT(
-            depth=int(depth), embed_dim=int(embed_dim), img_size=1024, mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=int(num_heads),
-            patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(),
-            window_size=14, out_chans=int(out_chans))
-        return SimpleNamespace(image_encoder=enc)
-
-    reg = cvit.sam_model_registry
-    old = reg["vit_l"]
-    reg["vit_l"] = build
-    try:
-        yield
-    finally:
-        reg["vit_l"] = old
-
-
-def read_standin_config(path) -> Optional[dict]:
-    """The encoder size stored in a stand-in file, or None for any other file."""
-    import torch
-
-    sd = torch.load(os.fspath(path), map_location="cpu", mmap=True, weights_only=True)
-    if not isinstance(sd, dict) or CONFIG_KEY not in sd:
-        return None
-    vals = [int(v) for v in sd[CONFIG_KEY].tolist()]
-    cfg = {"embed_dim": vals[0], "depth": vals[1], "num_heads": vals[2], "out_chans": 256}
-    if len(vals) > 3:
-        cfg["out_chans"] = vals[3]
-    return cfg
-
-
-def load_standin(path, **model_kwargs):
-    """``cellpose.models.CellposeModel`` for a stand-in file written by :func:`save_net`.
-
-    ``model_kwargs`` go to ``CellposeModel`` (``gpu``, ``device``, ``use_bfloat16``; the
-    default here is ``use_bfloat16=False``, i.e. float32, unlike Cellpose's).
-    """
-    models = _import_cellpose()
-    path = os.fspath(path)
-    if not os.path.isfile(path):  # Cellpose would silently try to download cpsam_v2
-        raise FileNotFoundError(f"Cellpose 4 stand-in weights not found: {path}")
-    cfg = read_standin_config(path)
-    if cfg is None:
-        raise ValueError(f"{path} is not a Cellpose 4 stand-in file (no {CONFIG_KEY!r} entry)")
-    mk = dict(model_kwargs)
-    mk.setdefault("use_bfloat16", False)
-    mk["pretrained_model"] = path
-    with standin_encoder(**cfg):
-        return models.CellposeModel(**mk)
-
-
-def native_diameter(model) -> float:
-    """Object diameter the (stand-in) network was trained at, from its ``diam_mean``."""
-    try:
-        return float(model.net.diam_mean.item())
-    except (AttributeError, RuntimeError, ValueError):
-        return CP4_DIAMETER
 
 
 def build_net(config: Optional[dict] = None, seed: int = 0):
@@ -365,7 +227,7 @@ def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, 
                   "out_chans]",
         "what": "offline stand-in for Cellpose 4's cpsam: cellpose.vit.CPSAM with a tiny SAM ImageEncoderViT, "
                 "trained on synthetic nuclei; for the demo and tests only, not for real data",
-        "load_with": "mpicellpose.training_cp4.load_standin(path[, use_bfloat16=False, gpu=False, device=None])",
+        "load_with": "mpicellpose.cellpose.shipped.load_standin(path[, use_bfloat16=False, gpu=False, device=None])",
         "eval_with": "model.eval(img, diameter=30, normalize={'normalize': True, 'percentile': [1, 99]}"
                      "[, do_3D=True, z_axis=0]) for 16-voxel nuclei (Cellpose 4 resizes by 30/diameter)",
         "encoder": dict(encoder, img_size=1024, patch_size=16, use_rel_pos=True),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mpicellpose.metrics import match_objects
-from mpicellpose.models import DEMO_MODEL_NAME, demo_model_info, demo_model_path
+from mpicellpose.cellpose.shipped import DEMO_MODEL_NAME, demo_model_info, demo_model_path
 from mpicellpose.synthetic import make_nuclei
 
 

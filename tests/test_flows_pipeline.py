@@ -26,7 +26,7 @@ import zarr
 
 from mpicellpose import workdir
 from mpicellpose.grid import cost
-from mpicellpose import flowfield as ff
+from mpicellpose.cellpose import flowfield as ff
 from mpicellpose.grid import geometry as geo
 from mpicellpose.metrics import match_objects
 from mpicellpose.phases.flows import cores_touching, needed_flows, needed_slabs
@@ -180,7 +180,8 @@ def test_too_little_scratch_space_is_refused_before_any_work(tmp_path, monkeypat
 @pytest.fixture(scope="module")
 def demo_segmenter():
     pytest.importorskip("cellpose")
-    from mpicellpose.backends import make_backend, resolve_model
+    from mpicellpose.cellpose.backends import make_backend
+    from mpicellpose.cellpose.models import resolve_model
 
     def build(eval_kwargs):
         return make_backend("cellpose", model_kwargs={"pretrained_model": "demo"}, eval_kwargs=eval_kwargs,

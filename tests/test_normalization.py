@@ -69,7 +69,7 @@ def test_fixed_bounds_reproduce_cellpose_percentile_path(shape):
     normalize=True. Passing them to Cellpose as a (2,) ``lowhigh`` shifts its zero-filled extra
     channel to -low/(high-low) and changes the labels (found in the end-to-end benchmark)."""
     pytest.importorskip("cellpose")
-    from mpicellpose.backends import make_backend
+    from mpicellpose.cellpose.backends import make_backend
     from mpicellpose.synthetic import make_nuclei
 
     img, _ = make_nuclei(shape, seed=11, touching_fraction=0.4)

@@ -11,7 +11,7 @@ import pytest
 from mpicellpose.config import RunConfig, from_mapping
 from mpicellpose.errors import ConfigError
 from mpicellpose.metrics import match_objects
-from mpicellpose.precision import check_precision, cp4_model_kwargs
+from mpicellpose.cellpose.precision import check_precision, cp4_model_kwargs
 from mpicellpose.synthetic import make_nuclei
 
 
@@ -55,7 +55,7 @@ def test_bfloat16_network_agrees_with_float32(image2d):
     pytest.importorskip("cellpose")
     import torch
 
-    from mpicellpose.backends import CellposeSegmenter
+    from mpicellpose.cellpose.segmenter import CellposeSegmenter
 
     img, truth = image2d
     kw = dict(resolved=None, device="cpu", threads=1, ndim=2)

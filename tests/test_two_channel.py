@@ -21,7 +21,8 @@ from conftest import run_mpi
 from mpicellpose import cli, comm as mpi, distributed_eval
 from mpicellpose.volumes import ngff_io, readers
 from mpicellpose.grid import geometry as geo
-from mpicellpose.backends import apply_fixed_bounds, cellpose_version
+from mpicellpose.cellpose.segmenter import apply_fixed_bounds
+from mpicellpose.cellpose.models import cellpose_version
 from mpicellpose.volumes.channels import CHANNEL_BOUNDS
 from mpicellpose.config import Channels, RunConfig, from_mapping
 from mpicellpose.errors import ConfigError, InputError
@@ -168,8 +169,9 @@ MIN_F1_VS_TRUTH = 0.9   # measured 1.0
 def _whole(img_cyx, norm):
     """The serial oracle: whole-volume eval of the same model with the run's per-channel bounds."""
     from mpicellpose import training_2ch
+    from mpicellpose.cellpose import shipped
 
-    model = training_2ch.load_small(training_2ch.demo_cyto2ch_path())
+    model = shipped.load_small(shipped.demo_cyto2ch_path())
     return training_2ch.segment(model, img_cyx, normalize={"lowhigh": norm["normalize"][CHANNEL_BOUNDS]})
 
 

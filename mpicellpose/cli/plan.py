@@ -12,7 +12,7 @@ import numpy as np
 
 from ..grid import geometry as geo
 from .. import outputs
-from ..cellpose4 import CPSAM_NET, STANDIN_NET, gpu_memory_estimate
+from ..cellpose.cellpose4 import CPSAM_NET, STANDIN_NET, gpu_memory_estimate
 from ..workdir import free_bytes
 from ..grid.cost import network_cost
 from ..errors import MpiCellposeError
@@ -68,8 +68,8 @@ ASSUMED_GPU_GIB = 16.0
 
 def cellpose4_network(cfg, model: dict):
     """The Cellpose 4 network a run loads (:data:`CPSAM_NET` or the stand-in's), None otherwise."""
-    from ..backends import BUILTIN_V4, cellpose_version
-    from ..training_cp4 import CP4_STANDIN_LOADER
+    from ..cellpose.models import BUILTIN_V4, cellpose_version
+    from ..cellpose.shipped import CP4_STANDIN_LOADER
 
     if cfg.backend != "cellpose":
         return None

@@ -3,7 +3,7 @@
 The unit of work is a *slab* (:mod:`mpicellpose.grid.slabs`): per orientation of Cellpose's 3D
 network, the planes through one layer of block cores, up to ``--flow-slab`` blocks wide in
 plane, each plane grown by the in-plane halo.  A slab's three values per voxel
-(:func:`mpicellpose.flowfield.compute_flows`) go in half precision to the work directory's
+(:func:`mpicellpose.cellpose.flowfield.compute_flows`) go in half precision to the work directory's
 ``flows.zarr``, in its orientation's channels (one chunk per orientation and block, so no two
 ranks write the same chunk), then a done-marker ``flows/<linear // 1000>/<linear>.done`` once
 the chunks are on disk.  The segmentation phase that follows builds each block's masks from
@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .. import flowfield as ff
+from ..cellpose import flowfield as ff
 from ..grid import geometry as geo
 from ..volumes import storage
 from ..blocks import _about, block_image, call_backend
@@ -65,7 +65,7 @@ def create_store(plan) -> None:
 
 def slab_grid(settings, kept, along: int = 0) -> SlabGrid:
     """The run's slabs; ``along``: voxels read beyond a slab along its planes' normal (context
-    for Cellpose's resizing, see :func:`mpicellpose.flowfield.along_context`; nothing else
+    for Cellpose's resizing, see :func:`mpicellpose.cellpose.flowfield.along_context`; nothing else
     depends on it)."""
     return SlabGrid(settings.grid, kept, settings.flow_group, settings.flow_halo, along)
 
@@ -166,7 +166,7 @@ def flows_phase(cfg, plan, box, stop, src, backend, todo_segment, ahead=None) ->
 
 def _flow_slabs(cfg, plan, slabs, box, stop, src, backend, shares, ahead, progress):
     """This rank's slabs; (the error to agree on or None, network voxels).  What the slabs read
-    beyond their planes (:func:`mpicellpose.flowfield.along_context`) asks the model, and the
+    beyond their planes (:func:`mpicellpose.cellpose.flowfield.along_context`) asks the model, and the
     store is opened, inside the loop: an error there is one slab's, agreed like any other."""
     lazy = {}
 

@@ -18,7 +18,7 @@ from .volume import AxisView, default_axes
 
 
 #: Key of the per-channel bounds ``[[low, high], ...]`` in the ``normalize`` dict of a multi-channel
-#: input (:func:`mpicellpose.backends.apply_fixed_bounds` applies them; Cellpose never sees the key).
+#: input (:func:`mpicellpose.cellpose.segmenter.apply_fixed_bounds` applies them; Cellpose never sees the key).
 #: ``lowhigh`` there holds the first channel's (the one segmented).
 CHANNEL_BOUNDS = "lowhigh_per_channel"
 

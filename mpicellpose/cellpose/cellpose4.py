@@ -1,15 +1,12 @@
-"""Cellpose 4 specifics of the Cellpose backend, and the loaders of the shipped small models.
+"""Cellpose 4 specifics of the Cellpose backend.
 
-Kept apart from :mod:`mpicellpose.backends` (which re-exports the names it always had):
-Cellpose 4's ``normalize`` dict and tile size, and :func:`load_shipped`, which builds the
-``CellposeModel`` of a shipped model that a plain ``CellposeModel(pretrained_model=PATH)``
-cannot load (``resolve_model()['loader']``): the Cellpose 4 stand-in of ``--model demo``
-(:mod:`mpicellpose.training_cp4`) and the narrow two-channel Cellpose 3 network of
-``--model demo_cyto2ch`` (:mod:`mpicellpose.training_2ch`).  Imports no Cellpose at module level.
+Cellpose 4's ``normalize`` dict and tile size (used by :mod:`mpicellpose.cellpose.segmenter`),
+and the GPU memory its networks need (``mpicellpose plan``).  The loaders of the shipped small
+models are in :mod:`mpicellpose.cellpose.shipped`.  Imports no Cellpose at module level.
 """
 from __future__ import annotations
 
-from .errors import BackendError, ConfigError
+from ..errors import ConfigError
 
 #: Cellpose 4.2.1.1's ``models.normalize_default``.  Cellpose 4 writes a *bool* ``normalize`` into
 #: that module-level dict (it leaks into later calls) and merges a dict into a copy: pass full dicts.
@@ -42,36 +39,6 @@ def cp4_normalize(ek: dict, keys=None) -> dict:
         norm = {k: v for k, v in norm.items() if k in keys or (isinstance(user, dict) and k in user)}
     ek["normalize"] = norm
     return ek
-
-
-def load_shipped(res: dict, mk: dict):
-    """``(model, diam_mean, diameter_factor)`` for a resolved model with a ``loader``.
-
-    ``diameter_factor`` multiplies the ``diameter`` given to ``eval``: Cellpose 4 resizes by
-    ``30 / diameter``, and its stand-in was trained on 16-voxel objects at native scale.
-    """
-    from .training_2ch import LOADER as CP3_SMALL_LOADER
-    from .training_cp4 import CP4_DIAMETER, CP4_STANDIN_LOADER
-
-    kw = {k: v for k, v in mk.items() if k != "pretrained_model"}
-    if res["loader"] == CP4_STANDIN_LOADER:
-        from .training_cp4 import load_standin, native_diameter
-
-        what, load = "the Cellpose 4 stand-in demo model", load_standin
-    elif res["loader"] == CP3_SMALL_LOADER:
-        from .training_2ch import load_small
-
-        what, load = "the two-channel demo model", load_small
-    else:
-        raise BackendError(f"unknown model loader {res['loader']!r}")
-    try:
-        model = load(res["path"], **kw)
-    except Exception as exc:
-        raise BackendError(f"could not load {what} {res['path']}: {exc}") from exc
-    if res["loader"] == CP4_STANDIN_LOADER:
-        diam = native_diameter(model)
-        return model, diam, CP4_DIAMETER / diam
-    return model, float(model.diam_mean), 1.0
 
 
 # --------------------------------------------------------------------------- memory (mpicellpose plan)

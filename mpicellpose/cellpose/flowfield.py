@@ -29,8 +29,8 @@ import math
 
 import numpy as np
 
-from .errors import BackendError, ConfigError
-from .grid.slabs import FLOW_DTYPE
+from ..errors import BackendError, ConfigError
+from ..grid.slabs import FLOW_DTYPE
 
 FLOW_LIMIT = 60000.0   # clip before half precision (its largest finite value is 65504)
 
@@ -165,7 +165,7 @@ def compute_flows(seg, image, core_local, ndim: int, orient: int = 0):
     """(orientation ``orient``'s three values over the core, float32 ``(3, *core)``; network
     voxels evaluated).  2D: the one orientation (dy, dx, cell probability).
 
-    ``seg``: a :class:`mpicellpose.backends.CellposeSegmenter`; ``image``: the slab's read
+    ``seg``: a :class:`mpicellpose.cellpose.segmenter.CellposeSegmenter`; ``image``: the slab's read
     region (channel axis last, if any); ``core_local``: slices of the core in that region.
     """
     core_local = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(core_local, np.shape(image)[:ndim]))

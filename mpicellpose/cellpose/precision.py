@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger("mpicellpose")
 
