@@ -1,6 +1,6 @@
 """One mpicellpose rank with timing hooks; run it under mpiexec (project venv).
 
-Two modes, both ending in ``mpicellpose.driver.run(cfg, comm)`` on every rank:
+Two modes, both ending in ``mpicellpose.runner.driver.run(cfg, comm)`` on every rank:
 
 ``cli``      exactly ``python -m mpicellpose ARGS...`` (the command users type)::
 
@@ -87,11 +87,12 @@ def _wrap(obj, attr, key):
 
 def install_hooks():
     from mpicellpose.cellpose import backends, segmenter
-    from mpicellpose import blocks, driver, normalization
+    from mpicellpose.runner import blocks, driver
+    from mpicellpose.runner.phases import normalize as normalization
     from mpicellpose.grid import stitch
     from mpicellpose import comm as mcomm
     from mpicellpose.comm import streams
-    from mpicellpose.phases import segment, table
+    from mpicellpose.runner.phases import segment, table
 
     _wrap(blocks, "read_block_image", "read")
     _wrap(segment, "number_core", "finish")
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     try:
         if a.library:
             from mpicellpose.config import from_mapping
-            from mpicellpose.driver import run
+            from mpicellpose.runner.driver import run
             cfg = from_mapping(json.loads(a.library))
             run(cfg, MPI.COMM_WORLD)
             code = 0

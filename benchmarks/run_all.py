@@ -828,8 +828,8 @@ def predict_comm(shape, blocksize, overlap, rule, connectivity, depth, ranks, it
     face pair (a, b) with owners ra != rb, ra sends block a's view ``view_boxes(...)[offset]``
     (uint32) to rb.  Payload bytes only (pickle framing adds ~100 bytes per message).
     """
-    from mpicellpose import blocks
-    from mpicellpose.phases import faces
+    from mpicellpose.runner import blocks
+    from mpicellpose.runner.phases import faces
     from mpicellpose.grid import geometry as geo
     from mpicellpose.grid import partition
     grid = geo.BlockGrid(tuple(shape), blocksize, overlap)

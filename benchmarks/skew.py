@@ -60,8 +60,8 @@ def worker(a) -> int:
     from mpi4py import MPI
 
     from mpicellpose.config import RunConfig
-    from mpicellpose.driver import run
-    from mpicellpose.phases import segment
+    from mpicellpose.runner.driver import run
+    from mpicellpose.runner.phases import segment
     from segmenters import SkewedSleep
 
     busy = {"s": 0.0, "blocks": 0, "first": None, "last": None}

@@ -20,7 +20,7 @@ img[::2, ::2, ::2] = 200
 d = tempfile.mkdtemp()
 numpy_array_to_zarr(f"{d}/in.zarr", img, 64)
 t = time.time()
-from mpicellpose.driver import run
+from mpicellpose.runner.driver import run
 from mpicellpose.config import RunConfig
 
 res = run(RunConfig(input=f"{d}/in.zarr", output=f"{d}/out.zarr", blocksize=64, backend="threshold",

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def one_pass(root, blocks, edge, sync: bool) -> float:
     from mpicellpose.volumes import storage
-    from mpicellpose.workdir import WorkDir
+    from mpicellpose.runner.workdir import WorkDir
 
     side = int(round(blocks ** (1 / 3)))
     shape = (side * edge,) * 3

@@ -32,7 +32,7 @@ def __getattr__(name):  # lazy: importing the package stays cheap and MPI-free
         from .config import RunConfig
         return RunConfig
     if name == "run":
-        from .driver import run
+        from .runner.driver import run
         return run
     if name == "BlockGrid":
         from .grid.geometry import BlockGrid

@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 import zarr
 
-from mpicellpose import workdir
+from mpicellpose.runner import workdir
 from mpicellpose.grid import cost
 from mpicellpose.cellpose import flowfield as ff
 from mpicellpose.grid import geometry as geo
 from mpicellpose.metrics import match_objects
-from mpicellpose.phases.flows import cores_touching, needed_flows, needed_slabs
+from mpicellpose.runner.phases.flows import cores_touching, needed_flows, needed_slabs
 from mpicellpose.grid.slabs import SlabGrid, auto_group, flow_bytes_per_voxel
 from mpicellpose.volumes.storage import numpy_array_to_zarr
 from mpicellpose.synthetic import make_nuclei
@@ -116,7 +116,7 @@ def test_slabs_cover_each_kept_core_once_per_orientation():
 def test_default_halo_is_sixteen_network_pixels_and_never_exceeds_the_block(tmp_path):
     from mpicellpose.config import RunConfig
     from mpicellpose.errors import ConfigError
-    from mpicellpose.phases.plan import open_volume, resolve_settings
+    from mpicellpose.runner.phases.plan import open_volume, resolve_settings
 
     img = np.zeros((40, 64, 64), np.uint16)
     cfg = RunConfig(input=img, blocksize=(12, 32, 32), model_kwargs={"pretrained_model": "demo"})
@@ -145,7 +145,7 @@ def test_resume_with_other_slabs_is_refused_by_name(tmp_path):
     """The slabs decide the flow field: a resume with another --flow-slab is refused and says so."""
     from mpicellpose.config import RunConfig
     from mpicellpose.errors import ResumeMismatchError
-    from mpicellpose.phases.plan import make_plan, open_volume
+    from mpicellpose.runner.phases.plan import make_plan, open_volume
 
     numpy_array_to_zarr(tmp_path / "in.zarr", np.zeros((32, 64, 64), np.uint16), (32, 32, 32))
 
@@ -162,7 +162,7 @@ def test_resume_with_other_slabs_is_refused_by_name(tmp_path):
 def test_too_little_scratch_space_is_refused_before_any_work(tmp_path, monkeypatch):
     from mpicellpose.config import RunConfig
     from mpicellpose.errors import InputError
-    from mpicellpose.phases.plan import make_plan, open_volume
+    from mpicellpose.runner.phases.plan import make_plan, open_volume
 
     numpy_array_to_zarr(tmp_path / "in.zarr", np.zeros((32, 64, 64), np.uint16), (32, 32, 32))
     cfg = RunConfig(input=str(tmp_path / "in.zarr"), output=str(tmp_path / "out.zarr"), blocksize=32,

@@ -16,8 +16,8 @@ import pytest
 
 from mpicellpose.grid import stitch as st
 from mpicellpose.comm.mailbox import Mailbox
-from mpicellpose.phases import merge as mg
-from mpicellpose.phases.faces import Edges
+from mpicellpose.runner.phases import merge as mg
+from mpicellpose.runner.phases.faces import Edges
 
 
 class _Hub:

@@ -5,8 +5,8 @@ import pytest
 from mpicellpose import comm as mpi
 from mpicellpose.grid import geometry as geo
 from mpicellpose.config import RunConfig
-from mpicellpose.normalization import global_normalization
-from mpicellpose.phases.plan import Settings
+from mpicellpose.runner.phases.normalize import global_normalization
+from mpicellpose.runner.phases.plan import Settings
 from mpicellpose.errors import InputError
 
 

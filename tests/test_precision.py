@@ -34,7 +34,7 @@ def test_bad_precision_and_batch_size_are_refused_with_one_message():
 
 
 def test_precision_is_part_of_the_fingerprint():
-    from mpicellpose.phases.plan import fingerprint_of, open_volume, resolve_settings, run_id_of
+    from mpicellpose.runner.phases.plan import fingerprint_of, open_volume, resolve_settings, run_id_of
 
     img = np.zeros((32, 32), np.uint16)
     ids = []

@@ -1,6 +1,6 @@
 """--read-ahead: the next block's image is read in a thread while the current block is worked on.
 
-The generator behind it (``phases.segment.read_ahead``) pairs every block with its own input,
+The generator behind it (``runner.phases.blockloop.read_ahead``) pairs every block with its own input,
 reads in another thread, reports a read's error with the block it belongs to and stops reading
 when the loop ends early; end to end the labels do not change.
 """
@@ -16,7 +16,7 @@ import pytest
 import zarr
 
 from mpicellpose.grid import geometry as geo
-from mpicellpose.phases.segment import read_ahead
+from mpicellpose.runner.phases.blockloop import read_ahead
 from mpicellpose.volumes.storage import numpy_array_to_zarr
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@ import zarr
 
 import cases
 from conftest import read_table, ROOT
-from mpicellpose import distributed_eval, table
+from mpicellpose import distributed_eval
+from mpicellpose.runner import table
 
 
 def test_id_ranges_partition_ids():

@@ -27,8 +27,8 @@ from mpicellpose.volumes.channels import CHANNEL_BOUNDS
 from mpicellpose.config import Channels, RunConfig, from_mapping
 from mpicellpose.errors import ConfigError, InputError
 from mpicellpose.metrics import match_objects
-from mpicellpose.normalization import global_normalization
-from mpicellpose.phases.plan import Settings
+from mpicellpose.runner.phases.normalize import global_normalization
+from mpicellpose.runner.phases.plan import Settings
 from mpicellpose.volumes.storage import numpy_array_to_zarr
 from mpicellpose.synthetic_cells import make_cells
 
@@ -233,7 +233,7 @@ def test_2d_ome_zarr_channels_by_name(tmp_path):
 
 def test_the_chosen_channels_are_in_the_fingerprint_of_an_in_memory_array():
     from mpicellpose.config import RunConfig
-    from mpicellpose.phases.plan import fingerprint_of, open_volume, resolve_settings, run_id_of
+    from mpicellpose.runner.phases.plan import fingerprint_of, open_volume, resolve_settings, run_id_of
 
     ids = set()
     for ch in ("1,0", "0,1", None):

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import cases  # noqa: E402
 from mpicellpose import distributed_eval  # noqa: E402
 from mpicellpose.errors import MpiCellposeError, ResumeMismatchError  # noqa: E402
-from mpicellpose.workdir import FANOUT, LAYOUT, WorkDir  # noqa: E402
+from mpicellpose.runner.workdir import FANOUT, LAYOUT, WorkDir  # noqa: E402
 from segmenters import FailOnMarker  # noqa: E402
 
 THR = {"backend": "threshold", "backend_kwargs": {"threshold": 100}}

@@ -70,7 +70,7 @@ def main(args) -> int:
                                 threads=args.threads)
 
     def runner(cfg, comm):
-        from ..driver import run
+        from ..runner.driver import run
 
         holder["result"] = run(cfg, comm)
         return holder["result"]

@@ -11,13 +11,13 @@ import sys
 import numpy as np
 
 from ..grid import geometry as geo
-from .. import outputs
+from ..runner import outputs
 from ..cellpose.cellpose4 import CPSAM_NET, STANDIN_NET, gpu_memory_estimate
-from ..workdir import free_bytes
+from ..runner.workdir import free_bytes
 from ..grid.cost import network_cost
 from ..errors import MpiCellposeError
 from ..grid.slabs import SLAB_BYTES_PER_VOXEL, largest_slab_voxels
-from ..table import have_parquet
+from ..runner.table import have_parquet
 from .common import _group, _one_line, add_input_output, add_run_arguments, cli_message, config_from_args
 
 # Peak resident memory of one rank (bytes): a constant (Python, numpy, zarr, the MPI library; for
@@ -297,7 +297,7 @@ def main(args) -> int:
 
 
 def _plan_and_print(args, launched: int) -> int:
-    from ..phases.plan import make_plan, open_volume
+    from ..runner.phases.plan import make_plan, open_volume
 
     ranks = args.ranks if args.ranks is not None else launched
     ns = args

@@ -21,7 +21,7 @@ def contiguous_owner(position, total, n_parts: int):
     arithmetic for integer positions (item ``i`` of ``total`` items), floating point
     otherwise (a position along a cumulative weight).  The one rule behind every
     contiguous split: :func:`contiguous_bounds` (items per rank),
-    :func:`assign_contiguous` (weighted blocks), :func:`mpicellpose.table.owner_of`.
+    :func:`assign_contiguous` (weighted blocks), :func:`mpicellpose.runner.table.owner_of`.
 
     Examples
     --------

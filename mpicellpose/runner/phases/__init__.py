@@ -10,7 +10,7 @@
 :mod:`.finish`            label pyramid, provenance, completion marker, clean-up
 ========================  ==========================================================
 
-Each phase is a function taking and returning frozen values; :func:`mpicellpose.driver.run`
+Each phase is a function taking and returning frozen values; :func:`mpicellpose.runner.driver.run`
 calls them in this order.  Every phase ends in a collective agreement of the MPI gateway
 (:class:`mpicellpose.comm.Mailbox`), so an error on one rank stops all of them.
 """

@@ -88,7 +88,7 @@ class _Guard(threading.Thread):
         self.t_first = None
 
     def run(self):
-        from .comm import stop_grace_seconds
+        from ..comm import stop_grace_seconds
 
         while not self.done.is_set():
             if self.read_fd is not None:

@@ -13,10 +13,10 @@ import os
 
 import numpy as np
 
-from .grid import geometry as geo
-from .grid import stitch as st
-from .cellpose.backends import make_backend
-from .errors import BackendError, ConfigError, InputError, MpiCellposeError
+from ..grid import geometry as geo
+from ..grid import stitch as st
+from ..cellpose.backends import make_backend
+from ..errors import BackendError, ConfigError, InputError, MpiCellposeError
 from .runlog import log
 from .workdir import VIEW_PREFIX
 
@@ -97,7 +97,7 @@ def segment_image(src, blk: geo.Block, settings, preprocessing_steps, backend, s
     backend call; nothing of the block is recorded then).  Errors raised here name the
     block (their attribute ``block`` says so); others come from the libraries called.
 
-    A backend with ``from_flows`` (``--pipeline flows``, :mod:`mpicellpose.phases.flows`)
+    A backend with ``from_flows`` (``--pipeline flows``, :mod:`mpicellpose.runner.phases.flows`)
     builds the masks from the flow field already computed: it reads no image.  ``img``: the
     block's image when it was read already (``block_image``, e.g. by the read-ahead thread)."""
     ndim = len(settings.shape)
@@ -156,7 +156,7 @@ def gpu_rank_wants(mode: str, backend) -> bool:
 def build_backend(cfg, settings, normalization, box, load=True):
     """This rank's backend.  Collective: every rank calls it, also one with no block to
     segment (``load=False``: it takes part in the device binding but loads no model)."""
-    from .cellpose.gpu import bind_device  # noqa: PLC0415 - lazy, torch is optional
+    from ..cellpose.gpu import bind_device  # noqa: PLC0415 - lazy, torch is optional
 
     ndim = len(settings.shape)
     if not isinstance(cfg.backend, str):

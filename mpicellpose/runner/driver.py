@@ -1,10 +1,10 @@
 """A run, top to bottom: plan -> segment -> match faces -> merge -> relabel -> table -> finish.
 
 :func:`run` sets up what every phase shares (the MPI gateway, signal handling, the output's
-lock) and calls the phases of :mod:`mpicellpose.phases` in order; each takes and returns
+lock) and calls the phases of :mod:`mpicellpose.runner.phases` in order; each takes and returns
 frozen values.  Every phase ends with a collective agreement, so an error on any rank stops
 all of them with the same message, and every phase leaves its result on disk in the work
-directory (:class:`mpicellpose.workdir.WorkDir`), so re-running the same command resumes
+directory (:class:`mpicellpose.runner.workdir.WorkDir`), so re-running the same command resumes
 where it stopped.
 """
 from __future__ import annotations
@@ -16,13 +16,14 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import comm as mpi
-from . import normalization, outputs
-from .volumes import storage
+from .. import comm as mpi
+from .phases import normalize as normalization
+from . import outputs
+from ..volumes import storage
 from .blocks import gpu_rank_wants
-from .config import RunConfig
-from .errors import DistributedError, MpiCellposeError, OutputExistsError, agreed
-from .grid.cost import cost_summary
+from ..config import RunConfig
+from ..errors import DistributedError, MpiCellposeError, OutputExistsError, agreed
+from ..grid.cost import cost_summary
 from .phases import faces, finish, flows, maskahead, merge, relabel, segment, table
 from .phases.plan import Plan, make_plan, open_volume, resolve_settings, spatial_shape, validate_input  # noqa: F401
 from .phases.plan import fingerprint_of, output_format
@@ -218,7 +219,7 @@ def _raise_from_root(payload):
 def import_backend(cfg, box):
     """Every rank imports Cellpose and torch, once the plan is agreed (timed apart: "import").
 
-    A failure is not raised here: :func:`mpicellpose.blocks.build_backend` reports it clearly."""
+    A failure is not raised here: :func:`mpicellpose.runner.blocks.build_backend` reports it clearly."""
     t = time.perf_counter()
     if box.rank == 0:
         log.info("importing Cellpose and torch on %d rank(s) (5-30 s, longer the first time on a node)", box.size)
@@ -227,7 +228,7 @@ def import_backend(cfg, box):
     except Exception:  # noqa: BLE001 - build_backend raises the clear error
         return
     if box.rank == 0:
-        from .cellpose.models import cellpose_version
+        from ..cellpose.models import cellpose_version
 
         log.info("imported Cellpose %s in %.1f s", cellpose_version()[1], time.perf_counter() - t)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .grid.partition import contiguous_bounds, contiguous_owner
+from ..grid.partition import contiguous_bounds, contiguous_owner
 
 
 def id_range(rank: int, size: int, n: int):

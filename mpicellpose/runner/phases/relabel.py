@@ -1,7 +1,7 @@
 """Phase 5, every rank: write its blocks into the output with their final IDs.
 
 Rank 0 creates the output (or keeps this run's own when resuming; ``--overwrite`` replaces
-only a zarr node, see :mod:`mpicellpose.outputs`).  Each output chunk is one block, written
+only a zarr node, see :mod:`mpicellpose.runner.outputs`).  Each output chunk is one block, written
 once by the rank that owns it; a done-marker per block lets a resume skip it.
 """
 from __future__ import annotations
@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..volumes import ngff, ngff_io, storage
+from ...volumes import ngff, ngff_io, storage
 from .. import outputs
-from ..volumes.safety import remove_zarr
-from .._version import __version__
-from ..errors import OutputExistsError
+from ...volumes.safety import remove_zarr
+from ..._version import __version__
+from ...errors import OutputExistsError
 from ..faults import maybe_fault
 from ..workdir import WorkDir
 

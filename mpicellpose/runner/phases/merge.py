@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..grid import stitch as st
+from ...grid import stitch as st
 from ..faults import maybe_fault
 from ..workdir import WorkDir
 

@@ -4,7 +4,7 @@ Torch warns from inside Cellpose's mask finding on every block (``torch.sparse_c
 "Sparse invariant checks are implicitly disabled"), torch's TorchScript deprecation warnings
 come with importing Cellpose, and Cellpose logs every stage (and its tqdm bars) at INFO.  None
 of it is something a user can act on.  :func:`quiet_libraries` is installed by
-:func:`mpicellpose.driver.run` around the whole run and puts everything back afterwards, so an
+:func:`mpicellpose.runner.driver.run` around the whole run and puts everything back afterwards, so an
 in-situ host (a notebook, a workflow engine) keeps its own warning filters and logger levels.
 Our own warnings and the libraries' errors are untouched.
 """

@@ -1,10 +1,8 @@
-"""Phase 2, every rank: start the backend once, then segment this rank's blocks.
+"""Rank 0's progress display of a per-block phase (the segmentation, the flow step).
 
-Each block goes through :mod:`mpicellpose.blocks` (read, check, preprocess, backend, number
-the core, scratch chunk + record).  Rank 0 shows the progress while it works and while it waits
-(:class:`Progress`); a failing rank tells the others at once (they stop after their block in
-progress), and the phase ends in one agreement, so an error or a stop request ends every rank
-alike.
+Work is counted in voxels of the blocks' read regions; the estimate (:meth:`Progress.estimate`)
+is pure but for the clock; a small thread draws (one redrawn line on a terminal, plain log lines
+otherwise) and makes no MPI call.
 """
 from __future__ import annotations
 
@@ -14,27 +12,18 @@ import math
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
-from .. import comm as mpi
 from ..grid import geometry as geo
-from ..volumes import storage
-from ..blocks import block_image, build_backend, gpu_rank_wants, number_core, record_block, segment_image
-from ..errors import BackendError
-from ..faults import maybe_fault
-from ..runlog import log
-from ..signals import StopNow
-from ..workdir import WorkDir
+from .runlog import log
+
 
 PROGRESS_EVERY = 5.0   # seconds between progress lines in a log at first (at most 30 s later on)
+
+
 REDRAW_EVERY = 0.5     # seconds between redraws of the progress line on a terminal
+
+
 BAR_WIDTH = 24
-
-
-@dataclass(frozen=True)
-class Segmented:
-    blocks_now: int      # blocks segmented by all ranks in this run
-    seconds: float
 
 
 def fmt_eta(seconds):
@@ -238,132 +227,3 @@ def _isatty(stream) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):
         return False
-
-
-def start_backend(cfg, plan, box, my_blocks):
-    """(backend or None, scratch array): every rank takes part, with or without blocks."""
-    model = plan.resolved_model
-    if box.rank == 0 and model and isinstance(cfg.backend, str) and cfg.backend == "cellpose":
-        log.info("loading model %s (%s) on the rank(s) with blocks", model.get("name"),
-                 model.get("path") or "downloaded by Cellpose")
-    with box.step("backend start-up"):
-        scratch = storage.open_array(WorkDir(plan.work_dir).scratch, mode="r+")
-        backend = build_backend(cfg, plan.settings, plan.normalization, box, load=bool(my_blocks))
-    return backend, scratch
-
-
-def _block_error(exc, blk):
-    """The error to report for a block: ours name it already; others get its name."""
-    if getattr(exc, "block", None) is not None:
-        return exc
-    err = BackendError(f"block {blk.index} (#{blk.linear}): {mpi.describe(exc)}")
-    err.__cause__ = exc
-    return err
-
-
-def segment_phase(cfg, plan, box, stop, src, my_blocks, backend, scratch) -> Segmented:
-    t0 = time.perf_counter()
-    box.start_progress("segment")
-    label = "masks" if getattr(backend, "from_flows", False) else "segment"  # --pipeline flows: the mask step
-    progress, agreed = Progress(box, plan, label=label).start(), False
-    try:
-        err = _segment_blocks(cfg, plan, box, stop, src, my_blocks, backend, scratch, progress)
-        if stop and err is None:
-            box.notify_abort("stop requested by signal")
-        box.agree(err, interrupted=bool(stop), where="segmentation", progress=progress)
-        agreed = True
-    finally:
-        progress.close(finished=agreed)
-    return Segmented(progress.total, time.perf_counter() - t0)
-
-
-def _segment_blocks(cfg, plan, box, stop, src, my_blocks, backend, scratch, progress):
-    """This rank's blocks; returns the error to agree on (or None)."""
-    grid, work = plan.grid, WorkDir(plan.work_dir)
-
-    def one(blk, done, get):
-        labels = segment_image(src, blk, plan.settings, cfg.preprocessing_steps, backend, stop,
-                               img=get() if get is not None else None)
-        read_local, n, core = number_core(labels, blk)
-        maybe_fault("segment", box.rank, done)
-        record_block(work, scratch, grid, blk, plan.settings, cfg.iou_depth, read_local, n, core)
-
-    dynamic = getattr(plan, "handout", "static") == "dynamic"
-    load = None
-    if read_ahead_wanted(cfg, backend) and not getattr(backend, "from_flows", False):
-        def load(blk):
-            return block_image(src, blk, plan.settings, cfg.preprocessing_steps)
-    err, _ = run_blocks(box, grid, plan.segment_assignment, dynamic, "segment", progress, stop, one, _block_error,
-                        load)
-    return err
-
-
-def read_ahead_wanted(cfg, backend) -> bool:
-    """``--read-ahead`` for this rank: auto is on for a rank whose model runs on a GPU."""
-    return gpu_rank_wants(getattr(cfg, "read_ahead", "auto"), backend)
-
-
-def run_blocks(box, grid, shares, dynamic, label, progress, stop, work, block_error, load=None):
-    """The block loop of a per-block phase (segmentation, flows): this rank's share of ``shares``,
-    or blocks handed out at run time (:class:`mpicellpose.comm.Handout`; every rank enters it, with
-    or without blocks).  ``work(blk, done, get)`` does one block and may return a count; a block stopped
-    by a signal is not counted (a resume redoes it); an error is logged, told to the other ranks and
-    returned (``block_error(exc, blk)`` names the block).  Returns (error or None, sum of the counts).
-
-    ``load(blk)`` (optional, ``--read-ahead``): the block's input, read in a thread while the block
-    before it is worked on; ``get()`` then returns it (or raises the read's error) and is None
-    without ``load``."""
-    mine = shares[box.rank] if box.rank < len(shares) else ()
-    total = -1 if dynamic and box.size > 1 else len(mine)
-    err, done, vox, seconds, counted = None, 0, 0, 0.0, 0
-    with mpi.Handout(box, shares, dynamic=dynamic, label=label, progress=progress) as blocks:
-        ahead = read_ahead(blocks, grid, load)
-        try:
-            for blk, get in ahead:
-                if box.poll() or stop:
-                    break
-                if done:  # rank 0 hears of a finished block with the size of the next one
-                    box.send_progress(done, total, seconds, work=(vox, geo.box_size(blk.read)))
-                    progress()
-                t_block = time.perf_counter()
-                try:
-                    counted += work(blk, done, get) or 0
-                except StopNow:
-                    break  # the block in progress is not recorded: a resume redoes it
-                except Exception as exc:  # noqa: BLE001 - agreed by the caller, on every rank
-                    err = block_error(exc, blk)
-                    log.error("rank %d: %s", box.rank, err)
-                    box.notify_abort(str(err))
-                    break
-                done, vox, seconds = done + 1, vox + geo.box_size(blk.read), time.perf_counter() - t_block
-        finally:
-            ahead.close()  # a read still running is waited for, one not started is dropped
-        if done:
-            box.send_progress(done, total, seconds, work=(vox, 0))
-            progress()
-    return err, counted
-
-
-def read_ahead(blocks, grid, load):
-    """(block, get) for each block of ``blocks``.  With ``load``, the next block is taken (from the
-    hand-out, in this thread: MPI stays on the main thread) as soon as the current one is given
-    out, and ``load`` reads it in a second thread meanwhile: a GPU rank's network does not wait
-    for the disk.  The cost: one more block's input in memory, and a block taken one step early."""
-    if load is None:
-        for linear in blocks:
-            yield grid.block(linear), None
-        return
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="mpicellpose-read")
-    try:
-        it = iter(blocks)
-        nxt = next(it, None)
-        fut = pool.submit(load, grid.block(nxt)) if nxt is not None else None
-        while nxt is not None:
-            blk, cur = grid.block(nxt), fut
-            nxt = next(it, None)
-            fut = pool.submit(load, grid.block(nxt)) if nxt is not None else None
-            yield blk, cur.result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)

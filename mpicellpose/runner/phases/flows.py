@@ -23,16 +23,17 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..cellpose import flowfield as ff
-from ..grid import geometry as geo
-from ..volumes import storage
+from ...cellpose import flowfield as ff
+from ...grid import geometry as geo
+from ...volumes import storage
 from ..blocks import _about, block_image, call_backend
-from ..errors import BackendError
+from ...errors import BackendError
 from ..faults import maybe_fault
 from ..runlog import log
-from ..grid.schedule import make_shares
-from ..grid.slabs import FLOW_DTYPE, SlabGrid, orientations
-from .segment import Progress, read_ahead_wanted, run_blocks
+from ...grid.schedule import make_shares
+from ...grid.slabs import FLOW_DTYPE, SlabGrid, orientations
+from ..progress import Progress
+from .blockloop import read_ahead_wanted, run_blocks
 
 NEVER_A_CELL = -1.0e4   # cell probability given to voxels of blocks the mask leaves out
 
@@ -129,7 +130,7 @@ def flow_slab(settings, src, steps, backend, slab, stop=None, read=None):
 
 def flows_phase(cfg, plan, box, stop, src, backend, todo_segment, ahead=None) -> Flowed:
     """Every rank: compute the flows this run still needs, then agree.  ``ahead``: builds the
-    thread that masks blocks during this step (:mod:`mpicellpose.phases.maskahead`), or None."""
+    thread that masks blocks during this step (:mod:`mpicellpose.runner.phases.maskahead`), or None."""
     t0 = time.perf_counter()
     box.on_root(lambda: create_store(plan), "creating the flow field")
     ahead = ahead() if ahead is not None else None

@@ -13,8 +13,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from .. import outputs
-from ..volumes import pyramid, storage
-from .._version import __version__
+from ...volumes import pyramid, storage
+from ..._version import __version__
 from ..workdir import WorkDir
 
 

@@ -18,7 +18,7 @@ import os
 import signal
 import time
 
-from . import comm as mpi
+from .. import comm as mpi
 from .runlog import log
 
 FAULT_ENV = "MPICELLPOSE_FAULT"

@@ -13,12 +13,12 @@ import os
 
 import numpy as np
 
-from . import comm as mpi
-from .grid import geometry as geo
-from .volumes import readers
-from .volumes.channels import CHANNEL_BOUNDS
-from .errors import InputError, agreed
-from .runlog import log
+from ... import comm as mpi
+from ...grid import geometry as geo
+from ...volumes import readers
+from ...volumes.channels import CHANNEL_BOUNDS
+from ...errors import InputError, agreed
+from ..runlog import log
 
 NORM_SAMPLE_BLOCKS = 64
 NORM_SAMPLE_VOXELS = 1 << 18

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import outputs
-from ..volumes import storage
-from ..grid import stitch as st
+from ...volumes import storage
+from ...grid import stitch as st
 from .. import table as tbl
 from ..workdir import WorkDir
 

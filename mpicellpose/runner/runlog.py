@@ -1,7 +1,7 @@
 """The run's logger: every record carries this run's rank on its communicator.
 
 All phases log through ``mpicellpose.run`` so that a user reads one name for the whole run;
-the rank comes from a context variable set by :func:`mpicellpose.driver.run`, which is
+the rank comes from a context variable set by :func:`mpicellpose.runner.driver.run`, which is
 correct also for in-situ runs on a sub-communicator (the world rank would not be).
 """
 from __future__ import annotations
