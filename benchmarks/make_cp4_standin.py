@@ -2,7 +2,7 @@
 weights) or a reduced-encoder stand-in, without downloading anything.
 
 The tiny stand-in that ships (``mpicellpose/models/demo_cp4_v1``) is trained by
-``python -m mpicellpose.training_cp4`` (the code that used to live here); this script keeps what
+``python -m mpicellpose.training.cp4`` (the code that used to live here); this script keeps what
 the benchmarks need beside it:
 
 ``--kind full [--half]``
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mpicellpose import training_cp4  # noqa: E402
+from mpicellpose.training import cp4 as training_cp4  # noqa: E402
 from mpicellpose.cellpose import shipped  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def load(path, use_bfloat16=False):
 
 def check(path, sizes3d=((32, 64, 64),), use_bfloat16=False):
     """Load, then time 2D 256x256 and 3D evals of synthetic nuclei (JSON lines)."""
-    from mpicellpose.synthetic import make_nuclei
+    from mpicellpose.synthetic.nuclei import make_nuclei
 
     t0 = time.perf_counter()
     model = load(path, use_bfloat16)

@@ -84,8 +84,8 @@ def main(argv=None) -> int:
     precisions = (a.precisions.split(",") if a.precisions else
                   ["float32", "bfloat16"] + (["float16"] if a.device.startswith("cuda") else []))
     batches = [int(b) for b in a.batches.split(",")]
-    from mpicellpose.metrics import match_objects
-    from mpicellpose.synthetic import make_nuclei
+    from mpicellpose.synthetic.metrics import match_objects
+    from mpicellpose.synthetic.nuclei import make_nuclei
 
     shape = tuple(int(s) for s in a.shape.split(","))
     img, truth = make_nuclei(shape, seed=1, density=0.3)

@@ -274,7 +274,7 @@ def versions_ours():
 def make_case_volume(env: Env, name, case):
     """image.zarr + truth.zarr (zarr format 2, chunks = blocksize) from make_nuclei."""
     from _zarrcompat import create_v2
-    from mpicellpose.synthetic import make_nuclei
+    from mpicellpose.synthetic.nuclei import make_nuclei
     d = os.path.join(env.work, name)
     meta_path = os.path.join(d, "volume.json")
     key = {k: list(v) if isinstance(v, tuple) else v for k, v in case.items()}
@@ -289,7 +289,7 @@ def make_case_volume(env: Env, name, case):
     chunks = (case["blocksize"],) * len(case["shape"])
     create_v2(os.path.join(d, "image.zarr"), img.shape, chunks, img.dtype)[...] = img
     create_v2(os.path.join(d, "truth.zarr"), gt.shape, chunks, np.uint32)[...] = gt
-    from mpicellpose.synthetic import adjacent_label_pairs
+    from mpicellpose.synthetic.labels import adjacent_label_pairs
     meta = {"case": key, "n_objects": int(gt.max()), "touching_pairs": int(len(adjacent_label_pairs(gt))),
             "foreground_fraction": round(float((gt > 0).mean()), 4), "seconds": round(time.perf_counter() - t, 2)}
     json.dump(meta, open(meta_path, "w"), indent=1)
@@ -562,7 +562,7 @@ def seam_quality(env: Env, name, d, case, keep):
     """F1 vs ground truth and vs whole-volume Cellpose, seam splits/merges (repeat 0 outputs)."""
     import zarr
     from mpicellpose.demo import seam_report
-    from mpicellpose.metrics import match_objects
+    from mpicellpose.synthetic.metrics import match_objects
     q = {}
     try:
         gt = np.asarray(zarr.open(os.path.join(d, "truth.zarr"), mode="r")[...])

@@ -44,7 +44,7 @@ def seam_report(pred, gt, blocksize, iou_threshold=0.5) -> dict:
     """
     from scipy import ndimage
 
-    from .metrics import contingency
+    from .synthetic.metrics import contingency
 
     pred = np.asarray(pred)
     gt = np.asarray(gt)
@@ -121,7 +121,7 @@ def generate(out_dir, size: int, seed: int = 1, gradient: bool = False) -> None:
     """Write the synthetic nuclei volume (``size`` per axis) and its ground truth to ``out_dir``
     (one rank); ``gradient`` adds a 1:4 brightness gradient along z."""
     from .volumes import storage
-    from .synthetic import make_nuclei
+    from .synthetic.nuclei import make_nuclei
 
     image_path, gt_path, _ = demo_paths(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -151,7 +151,7 @@ def evaluate(res, out_dir, n_ranks: int, generate_s: float) -> dict:
     and return the report (F1, seams, time per phase, outputs)."""
     import zarr
 
-    from .metrics import match_objects
+    from .synthetic.metrics import match_objects
     from .preview import write_preview
 
     image_path, gt_path, out_path = demo_paths(out_dir)

@@ -37,10 +37,10 @@ if MAJOR is None or MAJOR < 4:
 import zarr  # noqa: E402
 
 from conftest import ROOT, mpi_env, run_mpi  # noqa: E402
-from mpicellpose.metrics import match_objects  # noqa: E402
+from mpicellpose.synthetic.metrics import match_objects  # noqa: E402
 from mpicellpose.volumes.storage import numpy_array_to_zarr  # noqa: E402
-from mpicellpose.synthetic import make_nuclei  # noqa: E402
-from mpicellpose import training_cp4  # noqa: E402
+from mpicellpose.synthetic.nuclei import make_nuclei  # noqa: E402
+from mpicellpose.training import cp4 as training_cp4  # noqa: E402
 from mpicellpose.cellpose import shipped  # noqa: E402
 
 pytestmark = pytest.mark.cellpose
@@ -125,7 +125,7 @@ def test_2d_two_ranks_equal_one_rank_and_agree_with_whole_image(tmp_path, model)
     assert vs_truth["f1"] >= MIN_F1_VS_TRUTH[2], vs_truth
     # exact: one block covering the image is whole-image eval (nothing of ours changes the labels)
     from mpicellpose import distributed_eval
-    from mpicellpose.metrics import label_equivalent
+    from mpicellpose.synthetic.metrics import label_equivalent
 
     one, _ = distributed_eval(str(tmp_path / "in.zarr"), 256, str(tmp_path / "one.zarr"), overlap=1,
                               model_kwargs={"pretrained_model": "demo"}, threads=THREADS, device="cpu")
@@ -256,7 +256,7 @@ def test_two_channel_blocks_reach_cellpose4_in_order_normalised_per_channel(mode
     with ``channel_axis``, each channel scaled by its own global bounds, Cellpose's normalisation off and
     no Cellpose 3 ``channels`` argument (Cellpose 4 takes the first three channels in order)."""
     from mpicellpose.volumes.channels import CHANNEL_BOUNDS
-    from mpicellpose.synthetic_cells import make_cells
+    from mpicellpose.synthetic.cells import make_cells
 
     img, _, _ = make_cells((64, 64), seed=2, channel_axis=-1)  # Y,X,C: cytoplasm, nuclei (8x brighter)
     bounds = [[float(v) for v in np.percentile(img[..., c], [1, 99])] for c in range(2)]

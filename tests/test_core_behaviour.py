@@ -11,7 +11,7 @@ import cases
 from conftest import ROOT
 from mpicellpose import distributed_eval, numpy_array_to_zarr, process_block
 from mpicellpose.errors import ConfigError, InputError
-from mpicellpose.metrics import equivalence_report, label_equivalent
+from mpicellpose.synthetic.metrics import equivalence_report, label_equivalent
 from segmenters import Identity
 
 

@@ -28,11 +28,11 @@ from mpicellpose.runner import workdir
 from mpicellpose.grid import cost
 from mpicellpose.cellpose import flowfield as ff
 from mpicellpose.grid import geometry as geo
-from mpicellpose.metrics import match_objects
+from mpicellpose.synthetic.metrics import match_objects
 from mpicellpose.runner.phases.flows import cores_touching, needed_flows, needed_slabs
 from mpicellpose.grid.slabs import SlabGrid, auto_group, flow_bytes_per_voxel
 from mpicellpose.volumes.storage import numpy_array_to_zarr
-from mpicellpose.synthetic import make_nuclei
+from mpicellpose.synthetic.nuclei import make_nuclei
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

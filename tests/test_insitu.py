@@ -6,7 +6,7 @@ import zarr
 
 import cases
 from conftest import ROOT
-from mpicellpose.metrics import label_equivalent
+from mpicellpose.synthetic.metrics import label_equivalent
 
 
 @pytest.mark.mpi

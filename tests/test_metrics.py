@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from mpicellpose.metrics import contingency, equivalence_report, label_equivalent, match_objects
+from mpicellpose.synthetic.metrics import contingency, equivalence_report, label_equivalent, match_objects
 
 
 def blocks2d():

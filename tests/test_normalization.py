@@ -70,7 +70,7 @@ def test_fixed_bounds_reproduce_cellpose_percentile_path(shape):
     channel to -low/(high-low) and changes the labels (found in the end-to-end benchmark)."""
     pytest.importorskip("cellpose")
     from mpicellpose.cellpose.backends import make_backend
-    from mpicellpose.synthetic import make_nuclei
+    from mpicellpose.synthetic.nuclei import make_nuclei
 
     img, _ = make_nuclei(shape, seed=11, touching_fraction=0.4)
     img = (img * 1000 + 80).astype(np.uint16)

@@ -11,7 +11,7 @@ from conftest import mpi_env, run_mpi
 from mpicellpose import cli
 from mpicellpose.cli.plan import memory_estimate
 from mpicellpose.volumes.storage import numpy_array_to_zarr
-from mpicellpose.synthetic import make_nuclei
+from mpicellpose.synthetic.nuclei import make_nuclei
 
 # runs `mpicellpose ARGS...` in this interpreter and prints its peak resident memory at exit:
 # VmHWM (this address space only; ru_maxrss would also count the parent's memory, which Linux

@@ -10,9 +10,9 @@ import pytest
 
 from mpicellpose.config import RunConfig, from_mapping
 from mpicellpose.errors import ConfigError
-from mpicellpose.metrics import match_objects
+from mpicellpose.synthetic.metrics import match_objects
 from mpicellpose.cellpose.precision import check_precision, cp4_model_kwargs
-from mpicellpose.synthetic import make_nuclei
+from mpicellpose.synthetic.nuclei import make_nuclei
 
 
 def test_bad_precision_and_batch_size_are_refused_with_one_message():

@@ -96,7 +96,7 @@ def test_preview_image_shows_the_raw_image_under_the_outlines(tmp_path, monkeypa
     pytest.importorskip("matplotlib")
     from mpicellpose import preview
 
-    from mpicellpose.synthetic import make_nuclei
+    from mpicellpose.synthetic.nuclei import make_nuclei
 
     img, _ = make_nuclei((20, 32, 30), seed=82, mean_diameter=10)  # textured: the grey levels must follow it
     numpy_array_to_zarr(tmp_path / "in.zarr", img, 10)

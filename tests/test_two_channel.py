@@ -26,11 +26,11 @@ from mpicellpose.cellpose.models import cellpose_version
 from mpicellpose.volumes.channels import CHANNEL_BOUNDS
 from mpicellpose.config import Channels, RunConfig, from_mapping
 from mpicellpose.errors import ConfigError, InputError
-from mpicellpose.metrics import match_objects
+from mpicellpose.synthetic.metrics import match_objects
 from mpicellpose.runner.phases.normalize import global_normalization
 from mpicellpose.runner.phases.plan import Settings
 from mpicellpose.volumes.storage import numpy_array_to_zarr
-from mpicellpose.synthetic_cells import make_cells
+from mpicellpose.synthetic.cells import make_cells
 
 # ---------------------------------------------------------------------------- option and reader
 
@@ -168,7 +168,7 @@ MIN_F1_VS_TRUTH = 0.9   # measured 1.0
 
 def _whole(img_cyx, norm):
     """The serial oracle: whole-volume eval of the same model with the run's per-channel bounds."""
-    from mpicellpose import training_2ch
+    from mpicellpose.training import two_channel as training_2ch
     from mpicellpose.cellpose import shipped
 
     model = shipped.load_small(shipped.demo_cyto2ch_path())

@@ -322,7 +322,7 @@ def load_small(path, **model_kwargs):
         raise FileNotFoundError(f"two-channel demo weights not found: {path}")
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict) or "nbase" not in sd:
-        raise ValueError(f"{path} is not a narrow-CPnet file of mpicellpose.training_2ch (no 'nbase' entry)")
+        raise ValueError(f"{path} is not a narrow-CPnet file of mpicellpose.training.two_channel (no 'nbase' entry)")
     nbase = [int(v) for v in sd.pop("nbase").tolist()]
     style_on = bool(int(sd.pop("style_on").item())) if "style_on" in sd else True
     diameter = float(sd["diam_mean"].float().item())

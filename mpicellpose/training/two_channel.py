@@ -3,13 +3,13 @@
 
 Run as a script (Cellpose 3)::
 
-    python -m mpicellpose.training_2ch --out DIR [--steps 300] [--seed 0]
+    python -m mpicellpose.training.two_channel --out DIR [--steps 300] [--seed 0]
 
 **What it is.** A Cellpose 3 ``CPnet`` (the network of ``cyto3``: 2 input channels, Cellpose's
 ``channels=[cytoplasm, nucleus]``), but 4x narrower (``nbase`` :data:`NBASE`: 0.42M
 parameters, ~0.9 MB in float16, against 6.6M) and without the style vector (:data:`STYLE_ON`),
 trained from seeded random weights on synthetic
-cells with a cytoplasm stain and a nuclear stain (:func:`mpicellpose.synthetic_cells.make_cells`)
+cells with a cytoplasm stain and a nuclear stain (:func:`mpicellpose.synthetic.cells.make_cells`)
 with Cellpose's own ``cellpose.train.train_seg(channels=[1, 2])``.  It exists so that the
 two-channel path (``--channel-axis``/``--channel C,N``, per-channel normalisation) is tested
 with a real network that uses both channels, offline and in seconds.  It is not a model for
@@ -17,7 +17,7 @@ real data.  The one-channel demo model cannot stand in: trained with an empty se
 it finds nothing once that channel holds a nuclear stain.
 
 **How it loads.** ``CellposeModel`` always builds the full-width ``CPnet``, so
-:func:`load_small` builds a ``CellposeModel`` without weights and puts the narrow network,
+:func:`mpicellpose.cellpose.shipped.load_small` builds a ``CellposeModel`` without weights and puts the narrow network,
 loaded from the file, in its place (``--model demo_cyto2ch`` does this through
 ``resolve_model()['loader']``).  A plain ``CellposeModel(pretrained_model=PATH)`` refuses the
 file (``size mismatch``).
@@ -38,13 +38,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .metrics import match_objects
-from .volumes.storage import plain_json, sha256_file
-from .synthetic import split_disconnected
-from .synthetic_cells import CELL_DIAMETER, make_cells
-from .cellpose.shipped import CYTO2CH_MODEL_NAME as MODEL_NAME
-from .cellpose.shipped import CYTO2CH_SELECT_NAME as SELECT_NAME
-from .cellpose.shipped import NBASE, STYLE_ON, build_narrow_cpnet, demo_cyto2ch_path, load_small
+from ..synthetic.metrics import match_objects
+from ..volumes.storage import plain_json, sha256_file
+from ..synthetic.labels import split_disconnected
+from ..synthetic.cells import CELL_DIAMETER, make_cells
+from ..cellpose.shipped import CYTO2CH_MODEL_NAME as MODEL_NAME
+from ..cellpose.shipped import CYTO2CH_SELECT_NAME as SELECT_NAME
+from ..cellpose.shipped import NBASE, STYLE_ON, build_narrow_cpnet, demo_cyto2ch_path, load_small
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def train_demo_cyto2ch(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, lr
         "diam_mean": CELL_DIAMETER, "channels": "[cytoplasm, nucleus] = Cellpose 3 channels=[1, 2]",
         "sha256": sha256_file(weights), "size_bytes": weights.stat().st_size,
         "training": {
-            "command": f"python -m mpicellpose.training_2ch --steps {steps} --seed {seed} --lr {lr}",
+            "command": f"python -m mpicellpose.training.two_channel --steps {steps} --seed {seed} --lr {lr}",
             "seed": seed, "steps": int(steps), "batch_size": batch_size, "learning_rate": lr,
             "weight_decay": WEIGHT_DECAY, "crop_px": crop, "scale_range": 0.4, "rescale": False,
             "n_images": len(images), "volumes": plain_json(list(TRAIN_VOLUMES)), "images_2d": plain_json(list(TRAIN_2D)),
@@ -172,7 +172,7 @@ def train_demo_cyto2ch(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, lr
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mpicellpose.training_2ch", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mpicellpose.training.two_channel", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(demo_cyto2ch_path().parent), help="output folder (default: the package's)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--seed", type=int, default=0)

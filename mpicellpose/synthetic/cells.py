@@ -1,7 +1,7 @@
 """Synthetic two-channel fluorescence: cell bodies (a cytoplasm stain) and their nuclei.
 
 The test data of two-channel (cytoplasm + nucleus) models: :func:`make_cells` places cells
-with :func:`mpicellpose.synthetic.make_nuclei` (touching, jittered ellipsoids; the cytoplasm
+with :func:`mpicellpose.synthetic.nuclei.make_nuclei` (touching, jittered ellipsoids; the cytoplasm
 channel is that image, dimmer where the nucleus is) and gives every cell one nucleus, the
 inner part of the cell, drawn in a second channel with its own brightness scale.  The
 channels are deliberately on very different intensity scales, as in real two-colour data,
@@ -14,7 +14,7 @@ from typing import Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from .synthetic import make_nuclei
+from .nuclei import make_nuclei
 
 #: Default cell diameter (voxels) and the nucleus's share of the cell radius.
 CELL_DIAMETER = 16.0
@@ -61,7 +61,7 @@ def make_cells(shape: Sequence[int], *, seed: int = 0, mean_diameter: float = CE
     seed : int
         Equal arguments give identical output.
     mean_diameter, density, touching_fraction
-        Of the cells, as for :func:`mpicellpose.synthetic.make_nuclei`.
+        Of the cells, as for :func:`mpicellpose.synthetic.nuclei.make_nuclei`.
     nuclear_scale : float
         Brightness of the nuclear channel relative to the cytoplasm channel (uint16 values
         ``50 + 1000 * nuclear_scale * signal``): the channels need normalising apart.

@@ -4,7 +4,7 @@ Run as a script::
 
     python -m mpicellpose.training [--out DIR] [--steps N] [--seed S]
 
-It generates synthetic 3D nuclei volumes (:func:`mpicellpose.synthetic.make_nuclei`),
+It generates synthetic 3D nuclei volumes (:func:`mpicellpose.synthetic.nuclei.make_nuclei`),
 cuts 2D training images out of them along all three axes (Cellpose's 3D mode
 runs the 2D network on YX, ZY and ZX planes, so all three orientations must
 look familiar), trains a standard Cellpose 3 CPnet from random weights on the
@@ -39,13 +39,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .metrics import match_objects
-from .volumes.storage import plain_json, sha256_file
-from .synthetic import make_nuclei, split_disconnected
+from ..synthetic.metrics import match_objects
+from ..volumes.storage import plain_json, sha256_file
+from ..synthetic.nuclei import make_nuclei
+from ..cellpose.shipped import DEMO_MODEL_FILE as MODEL_NAME
+from ..cellpose.shipped import MODELS_DIR
+from ..synthetic.labels import split_disconnected
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "demo_nuclei_v1"
 MEAN_DIAMETER = 16.0
 DEFAULT_STEPS = 160
 DEFAULT_BATCH = 8
@@ -83,7 +85,7 @@ def training_slices(volumes: Sequence[Dict] = TRAIN_VOLUMES, *, seed: int = 0,
     Parameters
     ----------
     volumes : sequence of dict
-        Keyword arguments of :func:`~mpicellpose.synthetic.make_nuclei`, one
+        Keyword arguments of :func:`~mpicellpose.synthetic.nuclei.make_nuclei`, one
         dict per volume (``shape`` included).
     seed : int, optional
         Added to every volume's ``seed``.
@@ -206,7 +208,7 @@ def validate(model, *, timing_sizes: Sequence[int] = TIMING_SIZES) -> Dict:
     -------
     dict
         ``val_2d`` and ``val_3d`` (generator settings and the
-        :func:`~mpicellpose.metrics.match_objects` result at IoU 0.5 with
+        :func:`~mpicellpose.synthetic.metrics.match_objects` result at IoU 0.5 with
         its time) and ``eval_3d_timing`` (one entry per size).
     """
     out: Dict = {}
@@ -417,7 +419,7 @@ def retime(out_dir, sizes: Sequence[int] = TIMING_SIZES, *, threads: int = 2,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point (``python -m mpicellpose.training``)."""
-    here = Path(__file__).resolve().parent / "models"
+    here = MODELS_DIR
     p = argparse.ArgumentParser(prog="python -m mpicellpose.training",
                                 description="Train the demo nuclei Cellpose model on CPU.")
     p.add_argument("--out", default=str(here), help="output folder (default: %(default)s)")

@@ -1,4 +1,4 @@
-"""Training data of the Cellpose 4 stand-in (:mod:`mpicellpose.training_cp4`): ``--data v1`` and ``v2``.
+"""Training data of the Cellpose 4 stand-in (:mod:`mpicellpose.training.cp4`): ``--data v1`` and ``v2``.
 
 Both are 2D images with labels built from :mod:`mpicellpose.synthetic`; ``v2`` (the shipped model's)
 normalises each source before slicing and cropping, and pads crops into the 256x256 tile so that the
@@ -10,8 +10,9 @@ from typing import List, Tuple
 
 import numpy as np
 
-from .volumes.storage import plain_json
-from .synthetic import make_nuclei, split_disconnected
+from ..volumes.storage import plain_json
+from ..synthetic.nuclei import make_nuclei
+from ..synthetic.labels import split_disconnected
 
 #: ``--data v1`` training volumes: the first two of the Cellpose 3 demo model's (clean; noisy and blurred).
 N_TRAIN_VOLUMES = 2
@@ -23,7 +24,7 @@ N_TILES = 8
 def training_set(seed: int = 0) -> Tuple[List[np.ndarray], List[np.ndarray]]:
     """2D training images: slices of the first :data:`N_TRAIN_VOLUMES` Cellpose 3 demo training
     volumes along all three axes, plus :data:`N_TILES` synthetic 256x256 images."""
-    from .training import TRAIN_VOLUMES, training_slices
+    from .nuclei import TRAIN_VOLUMES, training_slices
 
     images, labels = training_slices(TRAIN_VOLUMES[:N_TRAIN_VOLUMES], seed=seed, stride=SLICE_STRIDE)
     for i in range(N_TILES):
@@ -95,7 +96,7 @@ def training_set_v2(seed: int = 0, diameter: float = 16.0) -> Tuple[List[np.ndar
 
     Returns images, labels and a description (for the provenance record).
     """
-    from .training import TRAIN_VOLUMES
+    from .nuclei import TRAIN_VOLUMES
 
     rng = np.random.default_rng(2000 + seed)
     sources = []

@@ -2,7 +2,7 @@
 
 Run as a script (needs Cellpose 4 and an importable torchvision, see docs/cellpose4.md)::
 
-    python -m mpicellpose.training_cp4 --out DIR [--steps 2400] [--seed 0] [--lr 0.002] [--threads 1]
+    python -m mpicellpose.training.cp4 --out DIR [--steps 2400] [--seed 0] [--lr 0.002] [--threads 1]
 
 **What it is.** Cellpose 4's real model, ``cpsam`` (Cellpose-SAM), is a SAM ViT-L image encoder
 (24 blocks, width 1024, 305M parameters, a 1.2 GB download) inside ``cellpose.vit.CPSAM``.  It
@@ -54,12 +54,12 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from .metrics import match_objects
-from .volumes.storage import plain_json, sha256_file
-from .synthetic import make_nuclei
-from .training_cp4_data import N_TILES, N_TRAIN_VOLUMES, SLICE_STRIDE, training_set, training_set_v2
-from .cellpose.shipped import CP4_MODEL_NAME as MODEL_NAME
-from .cellpose.shipped import CONFIG_KEY, CP4_DIAMETER, _import_cellpose, load_standin, standin_encoder
+from ..synthetic.metrics import match_objects
+from ..volumes.storage import plain_json, sha256_file
+from ..synthetic.nuclei import make_nuclei
+from .cp4_data import N_TILES, N_TRAIN_VOLUMES, SLICE_STRIDE, training_set, training_set_v2
+from ..cellpose.shipped import CP4_MODEL_NAME as MODEL_NAME
+from ..cellpose.shipped import CONFIG_KEY, CP4_DIAMETER, _import_cellpose, load_standin, standin_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, 
     val = {"float32": validate(load_standin(path))}
     if validate_bf16:
         val["bfloat16"] = validate(load_standin(path, use_bfloat16=True), sizes3d=VAL_3D[:1])
-    from . import training as cp3_training
+    from . import nuclei as cp3_training
 
     info = {
         "name": name, "file": name,
@@ -234,7 +234,7 @@ def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, 
         "params": n_params, "native_diameter": NATIVE_DIAMETER,
         "sha256": sha256_file(path), "size_bytes": os.path.getsize(path),
         "training": dict(training, command=command or (
-                             f"python -m mpicellpose.training_cp4 --out DIR --steps {steps} --seed {seed} --lr {lr} "
+                             f"python -m mpicellpose.training.cp4 --out DIR --steps {steps} --seed {seed} --lr {lr} "
                              f"--batch-size {batch_size} --threads {threads} --data {data} "
                              f"--embed-dim {encoder['embed_dim']} --depth {encoder['depth']} "
                              f"--heads {encoder['num_heads']} --out-chans {encoder['out_chans']}"
@@ -270,8 +270,8 @@ def _version_or_none(dist):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point (``python -m mpicellpose.training_cp4``)."""
-    p = argparse.ArgumentParser(prog="python -m mpicellpose.training_cp4",
+    """Command-line entry point (``python -m mpicellpose.training.cp4``)."""
+    p = argparse.ArgumentParser(prog="python -m mpicellpose.training.cp4",
                                 description="Train the tiny Cellpose 4 stand-in demo model on CPU.")
     p.add_argument("--out", required=True, help="output folder (the shipped copy is mpicellpose/models)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimiser steps (default %(default)s)")
