@@ -561,7 +561,7 @@ def summarize_e2e(runs):
 def seam_quality(env: Env, name, d, case, keep):
     """F1 vs ground truth and vs whole-volume Cellpose, seam splits/merges (repeat 0 outputs)."""
     import zarr
-    from mpicellpose.demo import seam_report
+    from mpicellpose.tools.demo import seam_report
     from mpicellpose.synthetic.metrics import match_objects
     q = {}
     try:

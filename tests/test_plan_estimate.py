@@ -9,7 +9,7 @@ import pytest
 
 from conftest import mpi_env, run_mpi
 from mpicellpose import cli
-from mpicellpose.cli.plan import memory_estimate
+from mpicellpose.tools.dryrun import memory_estimate
 from mpicellpose.volumes.storage import numpy_array_to_zarr
 from mpicellpose.synthetic.nuclei import make_nuclei
 

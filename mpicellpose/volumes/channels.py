@@ -38,7 +38,7 @@ class ChannelView:
 
     def __init__(self, base, axis: int, index):
         self.base, self.axis, self.index = base, int(axis), tuple(int(i) for i in index)
-        self.fixed = {}  # nothing selected away (mpicellpose.preview walks .base through views)
+        self.fixed = {}  # nothing selected away (mpicellpose.tools.preview walks .base through views)
 
     @property
     def shape(self) -> tuple:

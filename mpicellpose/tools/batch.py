@@ -13,7 +13,7 @@ its current block, and a trailer that says how to resume (or resubmits)::
 This module is the single source of truth for the scripts: the templates
 shipped in ``scripts/`` are exactly what :func:`render` produces with
 :data:`SHIPPED_TEMPLATES`' options (a test checks it).  Regenerate them with
-``python -m mpicellpose.batch --write-templates scripts``.
+``python -m mpicellpose.tools.batch --write-templates scripts``.
 
 Signals (the "walltime-aware" part):
 

@@ -10,7 +10,7 @@ import logging
 import numpy as np
 from scipy import ndimage
 
-from .errors import needs
+from ..errors import needs
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +226,8 @@ def _run_record(vol) -> dict:
 
 
 def _open(spec, what, dataset=None, **options):
-    from .volumes import readers
-    from .errors import InputError
+    from ..volumes import readers
+    from ..errors import InputError
 
     options = {k: v for k, v in options.items() if v is not None}
     try:
@@ -238,7 +238,7 @@ def _open(spec, what, dataset=None, **options):
 
 def _display_image(vol, shape):
     """The image volume as an array of the labels' spatial shape (first channel if several)."""
-    from .volumes.volume import AxisView
+    from ..volumes.volume import AxisView
 
     arr = vol.array
     if vol.channel_axis is not None:
@@ -269,7 +269,7 @@ def default_png(labels) -> str:
     """
     import os
 
-    from .volumes.readers import parse_hdf5_spec
+    from ..volumes.readers import parse_hdf5_spec
 
     s = str(labels).rstrip("/")
     h5 = parse_hdf5_spec(s)
@@ -304,7 +304,7 @@ def render_preview(labels, out=None, *, image=None, dataset=None, level=None, ch
     run's record).  ``dataset``, ``channel``, ``timepoint`` and ``tile_pattern`` select the image;
     ``level`` the OME-Zarr level of both.
     """
-    from .grid.geometry import per_axis
+    from ..grid.geometry import per_axis
 
     vols = []
     try:
@@ -317,7 +317,7 @@ def render_preview(labels, out=None, *, image=None, dataset=None, level=None, ch
         img = None
         img_vol = None
         if image:
-            from .config import channel_selection
+            from ..config import channel_selection
 
             channel = channel_selection(channel)  # "1" -> 1; of "1,0" (segment's syntax) the first is shown
             channel = channel[0] if isinstance(channel, tuple) else channel

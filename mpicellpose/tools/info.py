@@ -21,7 +21,7 @@ import sys
 from importlib import metadata
 from typing import Dict, List, Optional, Tuple
 
-from . import comm as mpi
+from .. import comm as mpi
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def collect_versions() -> Dict[str, str]:
     >>> sorted(k for k in ("python", "numpy", "mpicellpose") if k in v)
     ['mpicellpose', 'numpy', 'python']
     """
-    from . import __version__  # noqa: PLC0415
+    from .. import __version__  # noqa: PLC0415
 
     out = {"mpicellpose": __version__,
            "python": f"{platform.python_version()} ({platform.python_implementation()}, "
@@ -179,7 +179,7 @@ def mpi_summary(comm=None) -> Dict[str, object]:
 
 def rank_record(comm=None, device: Optional[str] = None) -> Dict[str, object]:
     """What this rank sees: host, GPUs, the binding; collective over ``comm``."""
-    from .cellpose.gpu import bind_device  # noqa: PLC0415
+    from ..cellpose.gpu import bind_device  # noqa: PLC0415
 
     torch = _torch_facts()
     rec: Dict[str, object] = {

@@ -1,6 +1,6 @@
-"""The text of the batch scripts that :mod:`mpicellpose.batch` writes.
+"""The text of the batch scripts that :mod:`mpicellpose.tools.batch` writes.
 
-Fields written ``@NAME@`` are filled by :func:`mpicellpose.batch.render` (in one pass:
+Fields written ``@NAME@`` are filled by :func:`mpicellpose.tools.batch.render` (in one pass:
 inserted text is not rescanned).  A script is a header (shared lines + SLURM, LSF/mpirun or
 LSF/jsrun directives), the variables with the scheduler's placement block and the
 environment set-up, then the scheduler-independent runner and its resume trailer.

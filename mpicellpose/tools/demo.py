@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .grid import geometry as geo
+from ..grid import geometry as geo
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def seam_report(pred, gt, blocksize, iou_threshold=0.5) -> dict:
     """
     from scipy import ndimage
 
-    from .synthetic.metrics import contingency
+    from ..synthetic.metrics import contingency
 
     pred = np.asarray(pred)
     gt = np.asarray(gt)
@@ -120,8 +120,8 @@ def demo_paths(out_dir) -> tuple:
 def generate(out_dir, size: int, seed: int = 1, gradient: bool = False) -> None:
     """Write the synthetic nuclei volume (``size`` per axis) and its ground truth to ``out_dir``
     (one rank); ``gradient`` adds a 1:4 brightness gradient along z."""
-    from .volumes import storage
-    from .synthetic.nuclei import make_nuclei
+    from ..volumes import storage
+    from ..synthetic.nuclei import make_nuclei
 
     image_path, gt_path, _ = demo_paths(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -136,7 +136,7 @@ def demo_config(out_dir, size: int, blocksize=None, overlap="16", normalize="glo
                 threads=None):
     """The RunConfig of the demo: the shipped model on the volume of :func:`generate`, two blocks along z
     unless ``blocksize`` is given."""
-    from .config import RunConfig
+    from ..config import RunConfig
 
     image_path, _, out_path = demo_paths(out_dir)
     blocksize = blocksize or (size // 2, size, size)
@@ -151,7 +151,7 @@ def evaluate(res, out_dir, n_ranks: int, generate_s: float) -> dict:
     and return the report (F1, seams, time per phase, outputs)."""
     import zarr
 
-    from .synthetic.metrics import match_objects
+    from ..synthetic.metrics import match_objects
     from .preview import write_preview
 
     image_path, gt_path, out_path = demo_paths(out_dir)
