@@ -16,6 +16,7 @@ import numpy as np
 from ..grid import geometry as geo
 from ..grid import stitch as st
 from ..cellpose.backends import make_backend
+from ..cellpose.flowfield import check_cellpose_internals
 from ..errors import BackendError, ConfigError, InputError, MpiCellposeError
 from .runlog import log
 from .workdir import VIEW_PREFIX
@@ -155,7 +156,9 @@ def gpu_rank_wants(mode: str, backend) -> bool:
 
 def build_backend(cfg, settings, normalization, box, load=True):
     """This rank's backend.  Collective: every rank calls it, also one with no block to
-    segment (``load=False``: it takes part in the device binding but loads no model)."""
+    segment (``load=False``: it takes part in the device binding but loads no model).  Under
+    ``--pipeline flows`` a loaded Cellpose model must have the private calls the flow and mask
+    steps use (:func:`mpicellpose.cellpose.flowfield.check_cellpose_internals`)."""
     from ..cellpose.gpu import bind_device  # noqa: PLC0415 - lazy, torch is optional
 
     ndim = len(settings.shape)
@@ -173,4 +176,6 @@ def build_backend(cfg, settings, normalization, box, load=True):
                            precision=cfg.precision)
     if backend.ignored and box.rank == 0:
         log.warning("Cellpose %s ignores these arguments: %s", backend.version, ", ".join(backend.ignored))
+    if settings.pipeline == "flows":  # the flow and mask steps call two private methods of Cellpose's model
+        check_cellpose_internals(backend.model)
     return backend

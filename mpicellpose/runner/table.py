@@ -140,13 +140,6 @@ def _csv_text(cols: dict):
     return format_csv(cols).encode()
 
 
-def write_csv_part(path, cols: dict) -> None:
-    """Write a partition's rows (no header) to a file of its own."""
-    with open(path, "wb") as f:
-        for chunk in csv_chunks(cols):
-            f.write(chunk)
-
-
 def header_bytes(ndim: int) -> bytes:
     return (",".join(header(ndim)) + "\n").encode()
 

@@ -119,7 +119,6 @@ def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None) -> dict:
     grid = plan.grid
     shape = plan.shape
     nvox = int(np.prod(shape, dtype=np.int64))
-    itemsize = np.dtype(src.dtype).itemsize
     nchan = 1 if plan.channel_axis is None else int(src.shape[plan.channel_axis])
     kept = plan.kept
     todo = [b for part in plan.segment_assignment for b in part]
@@ -128,12 +127,7 @@ def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None) -> dict:
     per_rank = [len(p) for p in plan.segment_assignment]
     biggest_read = max((geo.box_size(grid.block(b).read) for b in kept), default=0)
     backend = cfg.backend if isinstance(cfg.backend, str) else "custom"
-    model = plan.resolved_model or {}
-    weights = os.path.getsize(model["path"]) if model.get("path") and os.path.isfile(model["path"]) else None
-    net4 = cellpose4_network(cfg, model)
-    if net4 is CPSAM_NET and weights is None:  # to be downloaded: the fp32 file
-        weights = 4 * CPSAM_NET["parameters"]
-    memory = with_flow_step(memory_estimate(backend, biggest_read, itemsize, nchan, weights), plan.settings)
+    memory, net4 = _rank_memory(cfg, plan, src, backend, nchan, biggest_read)
     mem = memory["bytes"]
     inflation = read_vox / core_vox if core_vox else 0.0
     out_bytes = nvox * 4
@@ -155,11 +149,30 @@ def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None) -> dict:
         "work_dir_free_bytes": free_bytes(plan.work_dir),
         "warnings": [],
     }
-    w = report["warnings"]
     if net4 is not None:
         report["gpu_memory_estimate"], warning = cellpose4_memory(cfg, plan, net4, biggest_read, gpu_memory)
         if warning:
-            w.append(warning)
+            report["warnings"].append(warning)
+    report["warnings"] += _warnings(plan, report, src, inflation, n_ranks, len(todo), backend, net4)
+    return report
+
+
+def _rank_memory(cfg, plan, src, backend: str, nchan: int, biggest_read: int) -> tuple:
+    """(:func:`memory_estimate` of the largest block, with the flow step's; the Cellpose 4 network
+    the run loads or None)."""
+    itemsize = np.dtype(src.dtype).itemsize
+    model = plan.resolved_model or {}
+    weights = os.path.getsize(model["path"]) if model.get("path") and os.path.isfile(model["path"]) else None
+    net4 = cellpose4_network(cfg, model)
+    if net4 is CPSAM_NET and weights is None:  # to be downloaded: the fp32 file
+        weights = 4 * CPSAM_NET["parameters"]
+    return with_flow_step(memory_estimate(backend, biggest_read, itemsize, nchan, weights), plan.settings), net4
+
+
+def _warnings(plan, report, src, inflation: float, n_ranks: int, n_todo: int, backend: str, net4) -> list:
+    """The warnings about risky settings, after the Cellpose 4 GPU memory's."""
+    w = []
+    mem, model = report["memory_per_rank_estimate_bytes"], plan.resolved_model or {}
     if inflation > 2.5:
         what = (f"the mask step works on {inflation:.1f}x the output voxels (the network on "
                 f"{report['network']['flows_per_voxel']}x)" if plan.pipeline == "flows" else
@@ -171,10 +184,10 @@ def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None) -> dict:
     if backend == "cellpose" and model.get("name") != "demo" and net4 is None:
         w.append("the memory estimate was measured with the shipped model (Cellpose 3); other models may need more "
                  "(Cellpose 4's cpsam much more): check a first run's peak memory")
-    if n_ranks > len(todo) and todo:
-        w.append(f"more ranks than blocks: {n_ranks} ranks for {len(todo)} block(s) to segment, so "
-                 f"{n_ranks - len(todo)} rank(s) will idle (they wait for the others and the run finishes, but "
-                 f"their memory and GPUs are wasted); use at most {len(todo)} rank(s), or a smaller --blocksize "
+    if n_ranks > n_todo and n_todo:
+        w.append(f"more ranks than blocks: {n_ranks} ranks for {n_todo} block(s) to segment, so "
+                 f"{n_ranks - n_todo} rank(s) will idle (they wait for the others and the run finishes, but "
+                 f"their memory and GPUs are wasted); use at most {n_todo} rank(s), or a smaller --blocksize "
                  f"to give every rank work")
     net = report["network"]
     free = report["work_dir_free_bytes"]
@@ -188,7 +201,7 @@ def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None) -> dict:
         if any(b % c for b, c in zip(plan.blocksize, sp)):
             w.append(f"blocksize {tuple(plan.blocksize)} is not a multiple of the input chunks {tuple(sp)}: "
                      "neighbouring blocks read the same chunks")
-    return report
+    return w
 
 
 def _already_complete(cfg, plan) -> bool:

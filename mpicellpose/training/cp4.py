@@ -218,8 +218,6 @@ def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, 
     val = {"float32": validate(load_standin(path))}
     if validate_bf16:
         val["bfloat16"] = validate(load_standin(path, use_bfloat16=True), sizes3d=VAL_3D[:1])
-    from . import nuclei as cp3_training
-
     info = {
         "name": name, "file": name,
         "format": "Cellpose 4 CPSAM state dict (torch.save) with a reduced SAM encoder; float16 tensors "
@@ -233,21 +231,8 @@ def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, 
         "encoder": dict(encoder, img_size=1024, patch_size=16, use_rel_pos=True),
         "params": n_params, "native_diameter": NATIVE_DIAMETER,
         "sha256": sha256_file(path), "size_bytes": os.path.getsize(path),
-        "training": dict(training, command=command or (
-                             f"python -m mpicellpose.training.cp4 --out DIR --steps {steps} --seed {seed} --lr {lr} "
-                             f"--batch-size {batch_size} --threads {threads} --data {data} "
-                             f"--embed-dim {encoder['embed_dim']} --depth {encoder['depth']} "
-                             f"--heads {encoder['num_heads']} --out-chans {encoder['out_chans']}"
-                             + (f" --init {init}" if init else "")),
-                         init=None if init is None else {"file": os.path.basename(os.fspath(init)),
-                                                         "sha256": sha256_file(init), "made_by": init_made_by},
-                         seed=seed, torch_threads=int(threads),
-                         **({} if data != "v1" else dict(
-                             volumes=plain_json([dict(v, seed=v["seed"] + seed)
-                                                 for v in cp3_training.TRAIN_VOLUMES[:N_TRAIN_VOLUMES]]),
-                             tiles={"shape": [256, 256], "n": N_TILES, "seeds": f"500+seed+i, i<{N_TILES}",
-                                    "density": "0.15+0.03*i", "touching_fraction": 0.3})),
-                         load_average_after=[round(v, 2) for v in os.getloadavg()]),
+        "training": _training_record(training, command, steps, seed, lr, batch_size, threads, data, encoder, init,
+                                     init_made_by),
         "validation": plain_json(val),
         "versions": {"cellpose": version("cellpose"), "torch": torch.__version__,
                      "torchvision": _version_or_none("torchvision"),
@@ -258,6 +243,29 @@ def train_demo_cp4_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0, 
     }
     (out_dir / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _training_record(training, command, steps, seed, lr, batch_size, threads, data, encoder, init,
+                     init_made_by) -> Dict:
+    """The ``training`` entry of the provenance: :func:`train_net`'s record, the command that
+    reproduces the run, where its initial weights came from, and (``--data v1``) its volumes."""
+    from . import nuclei_data as cp3_training
+
+    return dict(training, command=command or (
+                    f"python -m mpicellpose.training.cp4 --out DIR --steps {steps} --seed {seed} --lr {lr} "
+                    f"--batch-size {batch_size} --threads {threads} --data {data} "
+                    f"--embed-dim {encoder['embed_dim']} --depth {encoder['depth']} "
+                    f"--heads {encoder['num_heads']} --out-chans {encoder['out_chans']}"
+                    + (f" --init {init}" if init else "")),
+                init=None if init is None else {"file": os.path.basename(os.fspath(init)),
+                                                "sha256": sha256_file(init), "made_by": init_made_by},
+                seed=seed, torch_threads=int(threads),
+                **({} if data != "v1" else dict(
+                    volumes=plain_json([dict(v, seed=v["seed"] + seed)
+                                        for v in cp3_training.TRAIN_VOLUMES[:N_TRAIN_VOLUMES]]),
+                    tiles={"shape": [256, 256], "n": N_TILES, "seeds": f"500+seed+i, i<{N_TILES}",
+                           "density": "0.15+0.03*i", "touching_fraction": 0.3})),
+                load_average_after=[round(v, 2) for v in os.getloadavg()])
 
 
 def _version_or_none(dist):

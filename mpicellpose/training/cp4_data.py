@@ -24,7 +24,7 @@ N_TILES = 8
 def training_set(seed: int = 0) -> Tuple[List[np.ndarray], List[np.ndarray]]:
     """2D training images: slices of the first :data:`N_TRAIN_VOLUMES` Cellpose 3 demo training
     volumes along all three axes, plus :data:`N_TILES` synthetic 256x256 images."""
-    from .nuclei import TRAIN_VOLUMES, training_slices
+    from .nuclei_data import TRAIN_VOLUMES, training_slices
 
     images, labels = training_slices(TRAIN_VOLUMES[:N_TRAIN_VOLUMES], seed=seed, stride=SLICE_STRIDE)
     for i in range(N_TILES):
@@ -96,7 +96,7 @@ def training_set_v2(seed: int = 0, diameter: float = 16.0) -> Tuple[List[np.ndar
 
     Returns images, labels and a description (for the provenance record).
     """
-    from .nuclei import TRAIN_VOLUMES
+    from .nuclei_data import TRAIN_VOLUMES
 
     rng = np.random.default_rng(2000 + seed)
     sources = []

@@ -39,35 +39,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..synthetic.metrics import match_objects
-from ..volumes.storage import plain_json, sha256_file
-from ..synthetic.nuclei import make_nuclei
 from ..cellpose.shipped import DEMO_MODEL_FILE as MODEL_NAME
 from ..cellpose.shipped import MODELS_DIR
-from ..synthetic.labels import split_disconnected
+from ..synthetic.metrics import match_objects
+from ..synthetic.nuclei import make_nuclei
+from ..volumes.storage import plain_json, sha256_file
+from .nuclei_data import MEAN_DIAMETER, SLICE_STRIDE, TRAIN_VOLUMES, training_slices
 
 logger = logging.getLogger(__name__)
 
-MEAN_DIAMETER = 16.0
 DEFAULT_STEPS = 160
 DEFAULT_BATCH = 8
 DEFAULT_LR = 0.005
 DEFAULT_CROP = 128
-
-#: Generator settings of the training volumes (``seed`` is offset by the
-#: run's seed). They span sparse to dense, dim to bright, sharp to blurred,
-#: with and without an illumination gradient.
-TRAIN_VOLUMES: Tuple[Dict, ...] = (
-    dict(shape=(112, 112, 112), seed=11, density=0.25, touching_fraction=0.3),
-    dict(shape=(112, 112, 112), seed=12, density=0.32, touching_fraction=0.5,
-         noise=0.06, photons=60.0, blur_sigma=1.4),
-    dict(shape=(112, 112, 112), seed=13, density=0.15, touching_fraction=0.2,
-         noise=0.02, photons=400.0, blur_sigma=0.7, intensity_jitter=0.35),
-    dict(shape=(112, 112, 112), seed=14, density=0.28, touching_fraction=0.4,
-         gradient=(0, 0.4, 1.6), diameter_jitter=0.3),
-)
-#: Distance between the training slices cut out of each volume, per axis.
-SLICE_STRIDE = 14
 
 #: Held-out data (seeds far from the training seeds).
 VAL_2D = dict(shape=(256, 256), seed=9001)
@@ -76,48 +60,6 @@ VAL_3D = dict(shape=(128, 128, 128), seed=9002)
 VAL_3D_GRADIENT = dict(shape=(128, 128, 128), seed=9003, gradient=(2, 0.25, 1.0))
 TIMING_SIZES = (96, 128, 160)
 TIMING_SEED = 9100
-
-
-def training_slices(volumes: Sequence[Dict] = TRAIN_VOLUMES, *, seed: int = 0,
-                    stride: int = SLICE_STRIDE) -> Tuple[List[np.ndarray], List[np.ndarray]]:
-    """2D training images and labels cut from synthetic 3D volumes.
-
-    Parameters
-    ----------
-    volumes : sequence of dict
-        Keyword arguments of :func:`~mpicellpose.synthetic.nuclei.make_nuclei`, one
-        dict per volume (``shape`` included).
-    seed : int, optional
-        Added to every volume's ``seed``.
-    stride : int, optional
-        Distance between slices along each axis.
-
-    Returns
-    -------
-    images : list of numpy.ndarray
-        float32 2D images.
-    labels : list of numpy.ndarray
-        uint32 2D labels; labels split by the cut are renumbered so that
-        every label is one connected piece.
-
-    Examples
-    --------
-    >>> imgs, labs = training_slices([dict(shape=(32, 32, 32), seed=1)], stride=16)
-    >>> len(imgs), imgs[0].shape
-    (6, (32, 32))
-    """
-    images, labels = [], []
-    for spec in volumes:
-        kw = dict(spec)
-        kw["seed"] = int(kw.get("seed", 0)) + int(seed)
-        kw.setdefault("mean_diameter", MEAN_DIAMETER)
-        img, lab = make_nuclei(**kw)
-        for axis in range(3):
-            n = img.shape[axis]
-            for pos in range(stride // 2, n, stride):
-                images.append(np.take(img, pos, axis=axis).astype(np.float32))
-                labels.append(split_disconnected(np.take(lab, pos, axis=axis)))
-    return images, labels
 
 
 def save_half_precision(src: Path, dst: Path, diam_labels: Optional[float] = None) -> None:
@@ -302,7 +244,7 @@ def train_demo_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0,
         The provenance record also written to ``<name>.json``.
     """
     import torch
-    from cellpose import models, train
+    from cellpose import models
     from cellpose.version import version as cp_version
 
     out_dir = Path(out_dir)
@@ -321,13 +263,8 @@ def train_demo_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0,
     with tempfile.TemporaryDirectory() as tmp:
         t1 = time.perf_counter()
         c1 = time.process_time()
-        # one "epoch" = one batch, so n_epochs counts optimiser steps
-        fp32_path, train_losses, _ = train.train_seg(
-            model.net, train_data=images, train_labels=labels, channels=[0, 0],
-            normalize=True, batch_size=batch_size, nimg_per_epoch=batch_size,
-            n_epochs=int(steps), learning_rate=learning_rate, weight_decay=1e-5,
-            rescale=False, scale_range=0.4, bsize=crop, min_train_masks=1,
-            save_path=tmp, save_every=10 ** 9, model_name=name)
+        fp32_path, train_losses = _train_seg(model.net, images, labels, steps, batch_size, learning_rate, crop,
+                                             tmp, name)
         t_train = time.perf_counter() - t1
         c_train = time.process_time() - c1
         logger.info("trained %d steps in %.1f s", steps, t_train)
@@ -349,23 +286,8 @@ def train_demo_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0,
                              "and eval without diameter should not resize"),
         "sha256": sha256_file(weights),
         "size_bytes": weights.stat().st_size,
-        "training": {
-            "command": f"python -m mpicellpose.training --steps {steps} --seed {seed}",
-            "seed": seed, "steps": int(steps), "batch_size": batch_size,
-            "n_epochs_cellpose": int(steps), "nimg_per_epoch": batch_size,
-            "optimizer": "AdamW (cellpose.train.train_seg default)",
-            "learning_rate": learning_rate, "weight_decay": 1e-5,
-            "crop_px": crop, "scale_range": 0.4, "rescale": False,
-            "n_slices": len(images), "slice_stride": SLICE_STRIDE,
-            "slice_axes": [0, 1, 2],
-            "volumes": plain_json([dict(v, seed=v["seed"] + seed) for v in TRAIN_VOLUMES]),
-            "mean_diameter": MEAN_DIAMETER,
-            "final_train_loss": float(np.mean(train_losses[-10:])),
-            "data_s": round(t_data, 1), "train_s": round(t_train, 1),
-            "train_cpu_s": round(c_train, 1),
-            "load_average_after": [round(v, 2) for v in os.getloadavg()],
-            "torch_threads": int(threads),
-        },
+        "training": _training_record(steps, seed, batch_size, learning_rate, crop, threads, len(images),
+                                     train_losses, (t_data, t_train, c_train)),
         "validation": val,
         "versions": {
             "cellpose": cp_version, "torch": torch.__version__,
@@ -375,6 +297,44 @@ def train_demo_model(out_dir, *, steps: int = DEFAULT_STEPS, seed: int = 0,
     }
     (out_dir / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _train_seg(net, images, labels, steps, batch_size, learning_rate, crop, save_path, name):
+    """(float32 weights file, losses): Cellpose's ``train_seg`` with the demo model's settings;
+    one "epoch" is one batch, so ``n_epochs`` counts optimiser steps."""
+    from cellpose import train
+
+    fp32_path, train_losses, _ = train.train_seg(
+        net, train_data=images, train_labels=labels, channels=[0, 0],
+        normalize=True, batch_size=batch_size, nimg_per_epoch=batch_size,
+        n_epochs=int(steps), learning_rate=learning_rate, weight_decay=1e-5,
+        rescale=False, scale_range=0.4, bsize=crop, min_train_masks=1,
+        save_path=save_path, save_every=10 ** 9, model_name=name)
+    return fp32_path, train_losses
+
+
+def _training_record(steps, seed, batch_size, learning_rate, crop, threads, n_slices, train_losses,
+                     seconds) -> Dict:
+    """The ``training`` entry of the provenance: the settings, the data, the final loss and the
+    ``seconds`` (data, training, training CPU) of a :func:`train_demo_model` run."""
+    t_data, t_train, c_train = seconds
+    return {
+        "command": f"python -m mpicellpose.training --steps {steps} --seed {seed}",
+        "seed": seed, "steps": int(steps), "batch_size": batch_size,
+        "n_epochs_cellpose": int(steps), "nimg_per_epoch": batch_size,
+        "optimizer": "AdamW (cellpose.train.train_seg default)",
+        "learning_rate": learning_rate, "weight_decay": 1e-5,
+        "crop_px": crop, "scale_range": 0.4, "rescale": False,
+        "n_slices": n_slices, "slice_stride": SLICE_STRIDE,
+        "slice_axes": [0, 1, 2],
+        "volumes": plain_json([dict(v, seed=v["seed"] + seed) for v in TRAIN_VOLUMES]),
+        "mean_diameter": MEAN_DIAMETER,
+        "final_train_loss": float(np.mean(train_losses[-10:])),
+        "data_s": round(t_data, 1), "train_s": round(t_train, 1),
+        "train_cpu_s": round(c_train, 1),
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "torch_threads": int(threads),
+    }
 
 
 def retime(out_dir, sizes: Sequence[int] = TIMING_SIZES, *, threads: int = 2,
