@@ -21,8 +21,8 @@ repository for the subprocesses it starts).  What is hashed:
   segment``), with and without a mask; the shipped Cellpose 3 ``demo`` model under ``--pipeline
   flows`` and ``--pipeline blocks`` (48x64x64, blocksize 32, one thread); the shipped two-channel
   ``demo_cyto2ch`` model on a small 2D image; the ``demo`` subcommand's labels;
-* tools: ``convert`` (a TIFF into zarr), ``plan --json`` (whole, paths replaced, the free space left out), ``batch`` (the script
-  it prints), ``preview`` (the PNG's pixels);
+* tools: ``convert`` (a TIFF into zarr), ``plan --json`` (whole, paths replaced, the free space
+  left out), ``batch`` (the script it prints), ``preview`` (the PNG's pixels);
 * the stdout of ``python -m mpicellpose --help`` and of ``<subcommand> --help`` for every
   subcommand (``COLUMNS=100``).
 

@@ -6,12 +6,12 @@ import logging
 import numpy as np
 
 from . import comm as mpi
-from .runner import driver
-from .runner.phases import normalize as normalization
-from .grid import stitch as st
-from .runner.blocks import build_backend, number_core, segment_image
 from .config import RunConfig
 from .errors import ConfigError
+from .grid import stitch as st
+from .runner import driver
+from .runner.blocks import build_backend, number_core, segment_image
+from .runner.phases import normalize as normalization
 from .runner.phases.flows import LocalFlowMasks
 from .runner.phases.plan import kept_blocks, open_volume, resolve_settings
 from .runner.quiet import quiet_libraries

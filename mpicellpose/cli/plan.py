@@ -27,11 +27,11 @@ def format_report(r: dict) -> str:
         f"memory per rank (estimate, CPU) {human_bytes(r['memory_per_rank_estimate_bytes'])}: "
         f"{human_bytes(r['memory_model']['constant'])} for Python, the libraries and the model + "
         f"{r['memory_model']['per_voxel']} B x {r['memory_model']['read_voxels']:,} voxels of the largest block "
-        f"with its overlap" + (f"; the flow step {human_bytes(r['memory_model']['flow_step_bytes'])} (~{SLAB_BYTES_PER_VOXEL} B "
-                               f"x {r['memory_model']['largest_slab_voxels']:,} voxels of the largest slab)"
-                               if "flow_step_bytes" in r["memory_model"] else ""),
-        f"scratch up to {human_bytes(r['scratch_bytes_max'])}, output up to {human_bytes(r['output_bytes_max'])} before "
-        f"compression",
+        f"with its overlap" + (f"; the flow step {human_bytes(r['memory_model']['flow_step_bytes'])} "
+                               f"(~{SLAB_BYTES_PER_VOXEL} B x {r['memory_model']['largest_slab_voxels']:,} voxels "
+                               f"of the largest slab)" if "flow_step_bytes" in r["memory_model"] else ""),
+        f"scratch up to {human_bytes(r['scratch_bytes_max'])}, output up to {human_bytes(r['output_bytes_max'])} "
+        f"before compression",
     ]
     lines += _gpu_lines(r)
     lines += _network_lines(r)
@@ -56,8 +56,8 @@ def _gpu_lines(r: dict) -> list:
     assumed = " (assumed)" if g["device_bytes_assumed"] else ""
     return [f"GPU memory per rank (estimate, Cellpose 4 {g['network']}, {g['precision']}, batch_size "
             f"{g['batch_size']}) {human_bytes(g['bytes'])}: weights {human_bytes(g['weights'])} + max(network "
-            f"{human_bytes(g['tiles'])}, mask step {human_bytes(g['masks'])}) + CUDA {human_bytes(g['cuda_overhead'])}; GPU "
-            f"{human_bytes(g['device_bytes'])}{assumed}"]
+            f"{human_bytes(g['tiles'])}, mask step {human_bytes(g['masks'])}) + CUDA "
+            f"{human_bytes(g['cuda_overhead'])}; GPU {human_bytes(g['device_bytes'])}{assumed}"]
 
 
 def _network_lines(r: dict) -> list:

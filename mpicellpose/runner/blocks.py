@@ -13,11 +13,11 @@ import os
 
 import numpy as np
 
-from ..grid import geometry as geo
-from ..grid import stitch as st
 from ..cellpose.backends import make_backend
 from ..cellpose.flowfield import check_cellpose_internals
 from ..errors import BackendError, ConfigError, InputError, MpiCellposeError
+from ..grid import geometry as geo
+from ..grid import stitch as st
 from .runlog import log
 from .workdir import VIEW_PREFIX
 

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .. import comm as mpi
-from .phases import normalize as normalization
-from . import outputs
-from ..volumes import storage
-from .blocks import gpu_rank_wants
 from ..config import RunConfig
 from ..errors import DistributedError, MpiCellposeError, OutputExistsError, agreed
 from ..grid.cost import cost_summary
+from ..volumes import storage
+from . import outputs
+from .blocks import gpu_rank_wants
+from .phases import normalize as normalization
 from .phases import faces, finish, flows, maskahead, merge, relabel, segment, table
 from .phases.plan import Plan, make_plan, open_volume, resolve_settings, spatial_shape, validate_input  # noqa: F401
 from .phases.plan import fingerprint_of, output_format

@@ -16,8 +16,9 @@ So, before any work:
   was given;
 * one run per output at a time: :class:`mpicellpose.runner.lock.OutputLock`.
 
-Everything here is pure path logic (the lock file is :mod:`mpicellpose.runner.lock`'s); nothing MPI.  The rules for any path a
-command writes are :mod:`mpicellpose.volumes.safety`'s (also used by ``mpicellpose convert``).
+Everything here is pure path logic (the lock file is :mod:`mpicellpose.runner.lock`'s); nothing
+MPI.  The rules for any path a command writes are :mod:`mpicellpose.volumes.safety`'s (also used
+by ``mpicellpose convert``).
 """
 from __future__ import annotations
 

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..volumes import storage
 from ..errors import InputError, ResumeMismatchError
 from ..grid.cost import flow_scratch_bytes
+from ..volumes import storage
 
 log = logging.getLogger(__name__)
 

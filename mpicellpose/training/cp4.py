@@ -54,12 +54,12 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from ..synthetic.metrics import match_objects
-from ..volumes.storage import plain_json, sha256_file
-from ..synthetic.nuclei import make_nuclei
-from .cp4_data import N_TILES, N_TRAIN_VOLUMES, SLICE_STRIDE, training_set, training_set_v2
 from ..cellpose.shipped import CP4_MODEL_NAME as MODEL_NAME
 from ..cellpose.shipped import CONFIG_KEY, CP4_DIAMETER, _import_cellpose, load_standin, standin_encoder
+from ..synthetic.metrics import match_objects
+from ..synthetic.nuclei import make_nuclei
+from ..volumes.storage import plain_json, sha256_file
+from .cp4_data import N_TILES, N_TRAIN_VOLUMES, SLICE_STRIDE, training_set, training_set_v2
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from typing import List, Tuple
 
 import numpy as np
 
-from ..volumes.storage import plain_json
-from ..synthetic.nuclei import make_nuclei
 from ..synthetic.labels import split_disconnected
+from ..synthetic.nuclei import make_nuclei
+from ..volumes.storage import plain_json
 
 #: ``--data v1`` training volumes: the first two of the Cellpose 3 demo model's (clean; noisy and blurred).
 N_TRAIN_VOLUMES = 2

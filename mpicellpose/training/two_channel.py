@@ -38,13 +38,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..synthetic.metrics import match_objects
-from ..volumes.storage import plain_json, sha256_file
-from ..synthetic.labels import split_disconnected
-from ..synthetic.cells import CELL_DIAMETER, make_cells
 from ..cellpose.shipped import CYTO2CH_MODEL_NAME as MODEL_NAME
 from ..cellpose.shipped import CYTO2CH_SELECT_NAME as SELECT_NAME
 from ..cellpose.shipped import NBASE, STYLE_ON, build_narrow_cpnet, demo_cyto2ch_path, load_small
+from ..synthetic.cells import CELL_DIAMETER, make_cells
+from ..synthetic.labels import split_disconnected
+from ..synthetic.metrics import match_objects
+from ..volumes.storage import plain_json, sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -19,11 +19,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..errors import ConfigError, InputError, UnsafeOutputError
 from ..grid import geometry as geo
 from ..grid.partition import contiguous_bounds
-from . import ngff, ngff_io, readers, storage
-from . import safety
-from ..errors import ConfigError, InputError, UnsafeOutputError
+from . import ngff, ngff_io, readers, safety, storage
 from .volume import SPATIAL, VoxelSize, normalize_unit
 
 log = logging.getLogger(__name__)

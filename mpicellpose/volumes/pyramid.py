@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import comm as mpi
+from ..errors import InputError
 from ..grid import geometry as geo
 from ..grid.partition import contiguous_bounds
-from ..errors import InputError
 from .ngff import (DOWNSAMPLE_FUNCTION, LABEL_METHODS, NGFF_FOR_FORMAT, array_options, axes_of, level_transform,
                    ome_metadata, per_axis_factor, pick_level, transforms_of)
 from .ngff_io import open_group_for_write, update_ome_attrs

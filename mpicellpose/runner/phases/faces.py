@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...grid import geometry as geo
-from ...grid.partition import RunOwners
-from ...grid import stitch as st
-from ..blocks import view_key
 from ...errors import InputError
+from ...grid import geometry as geo
+from ...grid import stitch as st
+from ...grid.partition import RunOwners
+from ..blocks import view_key
 from ..runlog import log
 from ..workdir import WorkDir
 

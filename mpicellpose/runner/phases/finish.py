@@ -12,9 +12,9 @@ import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from .. import outputs
-from ...volumes import pyramid, storage
 from ..._version import __version__
+from ...volumes import pyramid, storage
+from .. import outputs
 from ..workdir import WorkDir
 
 

@@ -24,15 +24,15 @@ from types import SimpleNamespace
 import numpy as np
 
 from ...cellpose import flowfield as ff
-from ...grid import geometry as geo
-from ...volumes import storage
-from ..blocks import _about, block_image, call_backend
 from ...errors import BackendError
-from ..faults import maybe_fault
-from ..runlog import log
+from ...grid import geometry as geo
 from ...grid.schedule import make_shares
 from ...grid.slabs import FLOW_DTYPE, SlabGrid, orientations
+from ...volumes import storage
+from ..blocks import _about, block_image, call_backend
+from ..faults import maybe_fault
 from ..progress import Progress
+from ..runlog import log
 from .blockloop import read_ahead_wanted, run_blocks
 
 NEVER_A_CELL = -1.0e4   # cell probability given to voxels of blocks the mask leaves out

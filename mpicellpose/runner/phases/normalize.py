@@ -14,10 +14,10 @@ import os
 import numpy as np
 
 from ... import comm as mpi
+from ...errors import InputError, agreed
 from ...grid import geometry as geo
 from ...volumes import readers
 from ...volumes.channels import CHANNEL_BOUNDS
-from ...errors import InputError, agreed
 from ..runlog import log
 
 NORM_SAMPLE_BLOCKS = 64

@@ -17,23 +17,22 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from ...grid import geometry as geo
-from ...grid.partition import assign_contiguous
-from .. import outputs
-from ...volumes import readers, storage
-from ...grid import schedule as sched
 from ..._version import __version__
-from ...cellpose.segmenter import DEFAULT_DIAMETER, check_eval_kwargs
-from ...cellpose.models import cellpose_version, resolve_model
 from ...cellpose.cellpose4 import check_bsize_v4
+from ...cellpose.models import cellpose_version, resolve_model
+from ...cellpose.precision import check_precision
+from ...cellpose.segmenter import DEFAULT_DIAMETER, check_eval_kwargs
 from ...errors import ConfigError, InputError
-from ..workdir import check_flow_space
+from ...grid import geometry as geo
+from ...grid import schedule as sched
+from ...grid.partition import assign_contiguous
 from ...grid.slabs import default_flow_halo as flow_halo_default
 from ...grid.slabs import auto_group
-from ...cellpose.precision import check_precision
-from ..outputs import OutputPlace
+from ...volumes import readers, storage
 from ...volumes.volume import anisotropy
-from ..workdir import WorkDir
+from .. import outputs
+from ..outputs import OutputPlace
+from ..workdir import WorkDir, check_flow_space
 
 DEMO_DIAMETER = 16.0
 

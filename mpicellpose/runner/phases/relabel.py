@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...volumes import ngff, ngff_io, storage
-from .. import outputs
-from ...volumes.safety import remove_zarr
 from ..._version import __version__
 from ...errors import OutputExistsError
+from ...volumes import ngff, ngff_io, storage
+from ...volumes.safety import remove_zarr
+from .. import outputs
 from ..faults import maybe_fault
 from ..workdir import WorkDir
 

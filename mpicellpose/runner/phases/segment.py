@@ -1,10 +1,10 @@
 """Phase 2, every rank: start the backend once, then segment this rank's blocks.
 
-Each block goes through :mod:`mpicellpose.runner.blocks` (read, check, preprocess, backend, number
-the core, scratch chunk + record), in the loop of :mod:`.blockloop`.  Rank 0 shows the progress while it works and while it waits
-(:class:`mpicellpose.runner.progress.Progress`); a failing rank tells the others at once (they stop after their block in
-progress), and the phase ends in one agreement, so an error or a stop request ends every rank
-alike.
+Each block goes through :mod:`mpicellpose.runner.blocks` (read, check, preprocess, backend,
+number the core, scratch chunk + record), in the loop of :mod:`.blockloop`.  Rank 0 shows the
+progress while it works and while it waits (:class:`mpicellpose.runner.progress.Progress`); a
+failing rank tells the others at once (they stop after their block in progress), and the phase
+ends in one agreement, so an error or a stop request ends every rank alike.
 """
 from __future__ import annotations
 

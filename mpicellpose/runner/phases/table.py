@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import outputs
-from ...volumes import storage
 from ...grid import stitch as st
+from ...volumes import storage
+from .. import outputs
 from .. import table as tbl
 from ..workdir import WorkDir
 
