@@ -2,6 +2,9 @@
 
 ========================  ==========================================================
 :mod:`.plan`              rank 0 checks everything and decides the grid -> ``Plan``
+:mod:`.normalize`         global intensity bounds, sampled by every rank (phase 1b)
+:mod:`.flows`             ``--pipeline flows``: the network's flow field, slab by slab (2a);
+                          :mod:`.maskahead` builds masks meanwhile
 :mod:`.segment`           every rank segments its blocks -> records + scratch chunks
 :mod:`.faces`             neighbours exchange face views and match labels -> ``Edges``
 :mod:`.merge`             per-block counts, offsets and the union of matched labels -> ``Merge``
@@ -10,6 +13,7 @@
 :mod:`.finish`            label pyramid, provenance, completion marker, clean-up
 ========================  ==========================================================
 
+The flow step and the segmentation share their block loop (:mod:`.blockloop`).
 Each phase is a function taking and returning frozen values; :func:`mpicellpose.runner.driver.run`
 calls them in this order.  Every phase ends in a collective agreement of the MPI gateway
 (:class:`mpicellpose.comm.Mailbox`), so an error on one rank stops all of them.
