@@ -71,7 +71,7 @@ class DeviceBinding:
     reason : str
         One human-readable sentence explaining the choice.
     rank : int
-        Rank in the communicator given to :func:`bind_device` (0 without one).
+        Rank in the communicator given to :func:`mpicellpose.cellpose.gpu.bind_device` (0 without one).
     visible_devices : str or None
         The raw ``CUDA_VISIBLE_DEVICES`` value (``None`` when unset).
 
@@ -314,7 +314,7 @@ def _first_int(env: Mapping[str, str], names: Sequence[str]) -> Optional[int]:
 def local_rank_from_env(environ: Optional[Mapping[str, str]] = None) -> Tuple[int, int]:
     """Node-local rank and size from the launcher's variables (no MPI call).
 
-    Used only when :func:`bind_device` gets no communicator.
+    Used only when :func:`mpicellpose.cellpose.gpu.bind_device` gets no communicator.
 
     Parameters
     ----------

@@ -53,9 +53,9 @@ def bind_device(comm=None, override: Optional[str] = None, *, log: bool = True) 
     comm : Mailbox or mpi4py communicator, optional
         The run's MPI gateway (:class:`mpicellpose.comm.Mailbox`), or a communicator
         (wrapped in one).  Communicator of the ranks that segment.  ``None``: no MPI; the node-local
-        rank is read from the launcher's variables (see :func:`local_rank_from_env`).
+        rank is read from the launcher's variables (see :func:`mpicellpose.cellpose.devices.local_rank_from_env`).
     override : str, optional
-        Device requested by the user (``--device``), see :func:`choose_device`.
+        Device requested by the user (``--device``), see :func:`mpicellpose.cellpose.devices.choose_device`.
     log : bool
         Log the choice at INFO ("rank 5 -> cuda:1 on node X") and warn on a CPU
         fallback.  ``mpicellpose info`` passes ``False``.

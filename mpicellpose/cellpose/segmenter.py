@@ -56,7 +56,8 @@ def translate_kwargs(model_kwargs: dict, eval_kwargs: dict, major: int):
 
     4.x: ``channels``/``interp`` and the 3.x-only model kwargs are dropped (channels are taken in
     order), ``model_type`` becomes ``pretrained_model``, ``bsize`` must be None or 256
-    (:class:`ConfigError`); ``invert`` moves into ``normalize`` per block (:func:`cp4_normalize`).
+    (:class:`ConfigError`); ``invert`` moves into ``normalize`` per block
+    (:func:`mpicellpose.cellpose.cellpose4.cp4_normalize`).
     3.x: ``channels`` defaults to ``[0, 0]``; the 4.x-only ``use_bfloat16`` is dropped.
     Returns new ``(model_kwargs, eval_kwargs, ignored)``; warn once about ``ignored``.
     """
@@ -89,7 +90,8 @@ class CellposeSegmenter(Segmenter):
     model_kwargs, eval_kwargs : dict
         As for ``CellposeModel(**model_kwargs).eval(image, **eval_kwargs)``.
     resolved : dict, optional
-        Output of :func:`resolve_model` computed on rank 0 (so every rank loads the same file).
+        Output of :func:`mpicellpose.cellpose.models.resolve_model` computed on rank 0 (so every rank
+        loads the same file).
     device : str, optional
         'cpu', 'cuda:K', ... (see :mod:`mpicellpose.cellpose.gpu`).
     threads : int, optional

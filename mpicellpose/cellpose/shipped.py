@@ -216,7 +216,7 @@ def read_standin_config(path) -> Optional[dict]:
 
 
 def load_standin(path, **model_kwargs):
-    """``cellpose.models.CellposeModel`` for a stand-in file written by :func:`save_net`.
+    """``cellpose.models.CellposeModel`` for a stand-in file written by :func:`mpicellpose.training.cp4.save_net`.
 
     ``model_kwargs`` go to ``CellposeModel`` (``gpu``, ``device``, ``use_bfloat16``; the
     default here is ``use_bfloat16=False``, i.e. float32, unlike Cellpose's).

@@ -132,7 +132,7 @@ def locate_output(cfg, vol, *, prepare: bool = True):
 
 
 def lock_output(cfg, place):
-    """Rank 0: the exclusive lock on the output for this run (see :class:`OutputLock`)."""
+    """Rank 0: the exclusive lock on the output for this run (see :class:`mpicellpose.runner.lock.OutputLock`)."""
     return OutputLock(lock_path(place.stem), str(cfg.output or place.root)).acquire()
 
 
@@ -153,7 +153,7 @@ def check_output_path(cfg, place: OutputPlace, work_dir: str) -> None:
 
 
 def check_existing_output(cfg, place: OutputPlace, ours: bool) -> str | None:
-    """:func:`replaceable` for a run's output (the label group of an NGFF output)."""
+    """:func:`mpicellpose.volumes.safety.replaceable` for a run's output (the label group of an NGFF output)."""
     shown = repr(str(cfg.output)) if cfg.output is not None else repr(place.root)
     return replaceable(place.root, shown, cfg.overwrite, ours=ours, marker=output_marker(place.array))
 
