@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1
 python3 - "$SIZE" <<'EOF'
 import sys, time
 from mpicellpose.synthetic import make_nuclei
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 n = int(sys.argv[1]); t = time.time()
 img, gt = make_nuclei((n, n, n), seed=1)
 numpy_array_to_zarr("/tmp/gpu_in.zarr", img, (256, 256, 256))

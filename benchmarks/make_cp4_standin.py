@@ -2,7 +2,7 @@
 weights) or a reduced-encoder stand-in, without downloading anything.
 
 The tiny stand-in that ships (``mpicellpose/models/demo_cp4_v1``) is trained by
-``python -m mpicellpose.training_cp4`` (the code that used to live here); this script keeps what
+``python -m mpicellpose.training.cp4`` (the code that used to live here); this script keeps what
 the benchmarks need beside it:
 
 ``--kind full [--half]``
@@ -12,7 +12,7 @@ the benchmarks need beside it:
     per GPU or CPU (its labels are meaningless).
 ``--kind tiny``
     An untrained stand-in of any encoder size (``--embed-dim/--depth/--heads/--out-chans``), loaded with
-    :func:`mpicellpose.training_cp4.load_standin`.
+    :func:`mpicellpose.cellpose.shipped.load_standin`.
 
 Needs Cellpose 4 with an importable torchvision (see docs/cellpose4.md; ``.ci/cellpose4-venv.sh``).
 
@@ -31,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mpicellpose import training_cp4  # noqa: E402
+from mpicellpose.training import cp4 as training_cp4  # noqa: E402
+from mpicellpose.cellpose import shipped  # noqa: E402
 
 
 def _maxrss_mb():
@@ -40,7 +41,7 @@ def _maxrss_mb():
 
 def make_full(path, seed: int = 0, half: bool = False) -> dict:
     """Seeded ViT-L CPSAM saved so that a plain ``CellposeModel(pretrained_model=path)`` loads it."""
-    training_cp4._import_cellpose()
+    shipped._import_cellpose()
     import torch
     from cellpose.vit import CPSAM
 
@@ -57,14 +58,14 @@ def make_full(path, seed: int = 0, half: bool = False) -> dict:
 def load(path, use_bfloat16=False):
     from cellpose import models
 
-    if training_cp4.read_standin_config(path) is not None:
-        return training_cp4.load_standin(path, use_bfloat16=use_bfloat16)
+    if shipped.read_standin_config(path) is not None:
+        return shipped.load_standin(path, use_bfloat16=use_bfloat16)
     return models.CellposeModel(gpu=False, pretrained_model=os.fspath(path), use_bfloat16=use_bfloat16)
 
 
 def check(path, sizes3d=((32, 64, 64),), use_bfloat16=False):
     """Load, then time 2D 256x256 and 3D evals of synthetic nuclei (JSON lines)."""
-    from mpicellpose.synthetic import make_nuclei
+    from mpicellpose.synthetic.nuclei import make_nuclei
 
     t0 = time.perf_counter()
     model = load(path, use_bfloat16)

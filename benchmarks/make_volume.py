@@ -2,7 +2,7 @@
 
 Both the reference (zarr-python 2) and mpicellpose (zarr-python 3) read the result.
 
-Uses the project's generator ``mpicellpose.synthetic.make_nuclei`` when it imports
+Uses the project's generator ``mpicellpose.synthetic.nuclei.make_nuclei`` when it imports
 (run with the project venv); otherwise (e.g. in the reference venv) a simple built-in
 generator of blurred, noisy spheres.  Deterministic by seed.
 
@@ -68,16 +68,16 @@ def simple_nuclei(shape, seed=0, diameter=16.0, density=0.25, gap=2.0):
 def make(shape, seed, diameter):
     try:
         try:
-            from mpicellpose.synthetic import make_nuclei
+            from mpicellpose.synthetic.nuclei import make_nuclei
         except ImportError:
             sys.path.append(os.path.dirname(HERE))  # the repository root
-            from mpicellpose.synthetic import make_nuclei
+            from mpicellpose.synthetic.nuclei import make_nuclei
     except Exception as exc:  # noqa: BLE001 - any import problem: use the fallback
         print(f"mpicellpose.synthetic unavailable ({exc!r}); using simple_nuclei", file=sys.stderr)
         img, lab = simple_nuclei(shape, seed=seed, diameter=diameter)
         return img, lab, "benchmarks.make_volume.simple_nuclei"
     img, lab = make_nuclei(shape, seed=seed, mean_diameter=diameter)
-    return img, lab, "mpicellpose.synthetic.make_nuclei"
+    return img, lab, "mpicellpose.synthetic.nuclei.make_nuclei"
 
 
 def main(argv=None) -> int:

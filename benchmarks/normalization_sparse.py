@@ -11,8 +11,8 @@ import time
 import numpy as np
 
 from mpicellpose import distributed_eval
-from mpicellpose.metrics import match_objects
-from mpicellpose.synthetic import make_nuclei
+from mpicellpose.synthetic.metrics import match_objects
+from mpicellpose.synthetic.nuclei import make_nuclei
 
 
 def main(out_json=None):
@@ -24,7 +24,7 @@ def main(out_json=None):
     img[empty_z] = np.clip(noise, 0, None).astype(img.dtype)
     gt = gt.copy()
     gt[empty_z] = 0
-    from mpicellpose.synthetic import split_disconnected
+    from mpicellpose.synthetic.labels import split_disconnected
 
     gt = split_disconnected(gt)
     results = {}

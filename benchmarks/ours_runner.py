@@ -1,6 +1,6 @@
 """One mpicellpose rank with timing hooks; run it under mpiexec (project venv).
 
-Two modes, both ending in ``mpicellpose.driver.run(cfg, comm)`` on every rank:
+Two modes, both ending in ``mpicellpose.runner.driver.run(cfg, comm)`` on every rank:
 
 ``cli``      exactly ``python -m mpicellpose ARGS...`` (the command users type)::
 
@@ -86,10 +86,13 @@ def _wrap(obj, attr, key):
 
 
 def install_hooks():
-    from mpicellpose import backends, blocks, driver, normalization, stitch
+    from mpicellpose.cellpose import backends, segmenter
+    from mpicellpose.runner import blocks, driver
+    from mpicellpose.runner.phases import normalize as normalization
+    from mpicellpose.grid import stitch
     from mpicellpose import comm as mcomm
     from mpicellpose.comm import streams
-    from mpicellpose.phases import segment, table
+    from mpicellpose.runner.phases import segment, table
 
     _wrap(blocks, "read_block_image", "read")
     _wrap(segment, "number_core", "finish")
@@ -103,16 +106,16 @@ def install_hooks():
     _wrap(stitch, "merge_edges", "union_find")
     _wrap(stitch, "block_lut", "lut")
     _wrap(mcomm.Mailbox, "agree", "agree")
-    for cls in (backends.CellposeSegmenter, backends.ThresholdSegmenter, backends.LabelsSegmenter):
+    for cls in (segmenter.CellposeSegmenter, backends.ThresholdSegmenter, backends.LabelsSegmenter):
         _wrap(cls, "segment", "backend")
-    orig_init = backends.CellposeSegmenter.__init__
+    orig_init = segmenter.CellposeSegmenter.__init__
 
     @functools.wraps(orig_init)
     def init(self, *a, **kw):  # split Cellpose's eval into network and masks, on this model instance
         orig_init(self, *a, **kw)
         _wrap(self.model, "_run_net", "cp_network")
         _wrap(self.model, "_compute_masks", "cp_masks")
-    backends.CellposeSegmenter.__init__ = init
+    segmenter.CellposeSegmenter.__init__ = init
     holder = {}
     orig_run = driver.run
 
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
     try:
         if a.library:
             from mpicellpose.config import from_mapping
-            from mpicellpose.driver import run
+            from mpicellpose.runner.driver import run
             cfg = from_mapping(json.loads(a.library))
             run(cfg, MPI.COMM_WORLD)
             code = 0

@@ -83,7 +83,7 @@ def rank_main(argv) -> int:
     rest = list(argv[1:])
     json_dir = rest[rest.index("--json-dir") + 1] if "--json-dir" in rest else None
     import ours_runner
-    from mpicellpose import driver
+    from mpicellpose.runner import driver
 
     orig = driver.run
 

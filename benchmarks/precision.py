@@ -4,7 +4,7 @@ Two measurements with the shipped Cellpose 3 model (or ``--model``), one process
 
 1. **network throughput**: Cellpose's own forward call (``core._forward``, what ``eval`` runs per
    batch of tiles) on ``--plane``-sized tiles, for every batch size in ``--batches`` and every
-   precision (float32 = Cellpose's path untouched; bfloat16/float16 = ``mpicellpose.precision``'s
+   precision (float32 = Cellpose's path untouched; bfloat16/float16 = ``mpicellpose.cellpose.precision``'s
    autocast wrapper), in mega-pixels of network input per second;
 2. **labels**: whole-volume ``eval`` of a synthetic volume (``--shape``) in each precision, object F1
    (IoU 0.5) and mean matched IoU against float32, and F1 against the synthetic truth.
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 
 def _load(model_path, precision, device):
-    from mpicellpose.backends import CellposeSegmenter
+    from mpicellpose.cellpose.segmenter import CellposeSegmenter
 
     return CellposeSegmenter({"pretrained_model": model_path}, {}, device=device, precision=precision, ndim=3)
 
@@ -84,8 +84,8 @@ def main(argv=None) -> int:
     precisions = (a.precisions.split(",") if a.precisions else
                   ["float32", "bfloat16"] + (["float16"] if a.device.startswith("cuda") else []))
     batches = [int(b) for b in a.batches.split(",")]
-    from mpicellpose.metrics import match_objects
-    from mpicellpose.synthetic import make_nuclei
+    from mpicellpose.synthetic.metrics import match_objects
+    from mpicellpose.synthetic.nuclei import make_nuclei
 
     shape = tuple(int(s) for s in a.shape.split(","))
     img, truth = make_nuclei(shape, seed=1, density=0.3)

@@ -33,9 +33,10 @@ def child(threads: int, repeats: int) -> dict:
     import numpy as np
     import torch
 
-    from mpicellpose.precision import cpu_bf16_support, measured_bf16_slowdown
-    from mpicellpose.synthetic import make_nuclei
-    from mpicellpose.training_cp4 import demo_cp4_model_path, load_standin, segment
+    from mpicellpose.cellpose.precision import cpu_bf16_support, measured_bf16_slowdown
+    from mpicellpose.cellpose.shipped import demo_cp4_model_path, load_standin
+    from mpicellpose.synthetic.nuclei import make_nuclei
+    from mpicellpose.training.cp4 import segment
 
     torch.set_num_threads(threads)
     native, why = cpu_bf16_support()

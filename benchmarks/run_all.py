@@ -49,7 +49,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 from _bench_util import last_json_line, machine_info, mem_available, proc_stats, run_cmd  # noqa: E402
-from mpicellpose.storage import sha256_file  # noqa: E402
+from mpicellpose.volumes.storage import sha256_file  # noqa: E402
 
 GiB = float(1 << 30)
 MiB = float(1 << 20)
@@ -227,7 +227,7 @@ def ensure_model(env: Env):
         path = os.path.abspath(env.args.model)
         kind = "given"
     else:
-        from mpicellpose.models import demo_model_path
+        from mpicellpose.cellpose.shipped import demo_model_path
         path = str(demo_model_path())
         kind = "demo_nuclei_v1 (shipped, trained)"
         if not os.path.isfile(path):
@@ -274,7 +274,7 @@ def versions_ours():
 def make_case_volume(env: Env, name, case):
     """image.zarr + truth.zarr (zarr format 2, chunks = blocksize) from make_nuclei."""
     from _zarrcompat import create_v2
-    from mpicellpose.synthetic import make_nuclei
+    from mpicellpose.synthetic.nuclei import make_nuclei
     d = os.path.join(env.work, name)
     meta_path = os.path.join(d, "volume.json")
     key = {k: list(v) if isinstance(v, tuple) else v for k, v in case.items()}
@@ -289,7 +289,7 @@ def make_case_volume(env: Env, name, case):
     chunks = (case["blocksize"],) * len(case["shape"])
     create_v2(os.path.join(d, "image.zarr"), img.shape, chunks, img.dtype)[...] = img
     create_v2(os.path.join(d, "truth.zarr"), gt.shape, chunks, np.uint32)[...] = gt
-    from mpicellpose.synthetic import adjacent_label_pairs
+    from mpicellpose.synthetic.labels import adjacent_label_pairs
     meta = {"case": key, "n_objects": int(gt.max()), "touching_pairs": int(len(adjacent_label_pairs(gt))),
             "foreground_fraction": round(float((gt > 0).mean()), 4), "seconds": round(time.perf_counter() - t, 2)}
     json.dump(meta, open(meta_path, "w"), indent=1)
@@ -561,8 +561,8 @@ def summarize_e2e(runs):
 def seam_quality(env: Env, name, d, case, keep):
     """F1 vs ground truth and vs whole-volume Cellpose, seam splits/merges (repeat 0 outputs)."""
     import zarr
-    from mpicellpose.demo import seam_report
-    from mpicellpose.metrics import match_objects
+    from mpicellpose.tools.demo import seam_report
+    from mpicellpose.synthetic.metrics import match_objects
     q = {}
     try:
         gt = np.asarray(zarr.open(os.path.join(d, "truth.zarr"), mode="r")[...])
@@ -828,13 +828,14 @@ def predict_comm(shape, blocksize, overlap, rule, connectivity, depth, ranks, it
     face pair (a, b) with owners ra != rb, ra sends block a's view ``view_boxes(...)[offset]``
     (uint32) to rb.  Payload bytes only (pickle framing adds ~100 bytes per message).
     """
-    from mpicellpose import blocks
-    from mpicellpose.phases import faces
-    from mpicellpose import geometry as geo
+    from mpicellpose.runner import blocks
+    from mpicellpose.runner.phases import faces
+    from mpicellpose.grid import geometry as geo
+    from mpicellpose.grid import partition
     grid = geo.BlockGrid(tuple(shape), blocksize, overlap)
     kept = list(range(len(grid)))
     weights = [geo.box_size(grid.block(b).core) for b in kept]
-    owner = geo.owner_map(geo.assign_contiguous(kept, weights, ranks))
+    owner = partition.owner_map(partition.assign_contiguous(kept, weights, ranks))
     sent = np.zeros(ranks, np.int64)
     faces_cross = 0
     view_cache = {}

@@ -57,7 +57,7 @@ PHASES = ("block_counts", "match_faces", "merge", "relabel_phase", "table_phase"
 def make_volume(path, edge, blocksize, backend):
     """The lattice of 2x2x2 cubes over ``edge`` (an int: a cube of that side, or a (z, y, x) shape);
     returns the number of objects."""
-    from mpicellpose.storage import numpy_array_to_zarr
+    from mpicellpose.volumes.storage import numpy_array_to_zarr
 
     shape = (edge,) * 3 if np.isscalar(edge) else tuple(int(e) for e in edge)
     axes = []
@@ -94,7 +94,7 @@ def _hooks(state, profile=None):
     """Measure the gateway's collectives and take VmHWM after each phase; ``profile``: a folder
     where each rank dumps a cProfile of each phase (``<phase>.rank<r>.prof``)."""
     from mpicellpose.comm.mailbox import Mailbox
-    from mpicellpose.phases import faces, finish, merge, relabel, table
+    from mpicellpose.runner.phases import faces, finish, merge, relabel, table
 
     def biggest(name, fn):
         @functools.wraps(fn)
@@ -156,7 +156,7 @@ def worker(a) -> int:
 
     from mpicellpose.comm.mailbox import Mailbox
     from mpicellpose.config import RunConfig
-    from mpicellpose.driver import run
+    from mpicellpose.runner.driver import run
 
     state = {"largest": (0, ""), "largest_merge": (0, ""), "hwm": {}, "fn_s": {}, "fn_cpu": {}, "fn_collectives": {},
              "calls": 0, "bytes": 0}

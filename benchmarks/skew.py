@@ -42,7 +42,7 @@ SHAPE, BLOCK, COARSE = (32, 64, 128), 16, 4
 
 def make_volume(out_dir, seed=0):
     """(input path, mask path): the tissue map (coarse) and the image (uint8, 200 = foreground)."""
-    from mpicellpose.storage import numpy_array_to_zarr
+    from mpicellpose.volumes.storage import numpy_array_to_zarr
 
     rng = np.random.default_rng(seed)
     cshape = tuple(s // COARSE for s in SHAPE)
@@ -60,8 +60,8 @@ def worker(a) -> int:
     from mpi4py import MPI
 
     from mpicellpose.config import RunConfig
-    from mpicellpose.driver import run
-    from mpicellpose.phases import segment
+    from mpicellpose.runner.driver import run
+    from mpicellpose.runner.phases import segment
     from segmenters import SkewedSleep
 
     busy = {"s": 0.0, "blocks": 0, "first": None, "last": None}

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from mpicellpose import distributed_eval
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 
 edge = int(sys.argv[1]) if len(sys.argv) > 1 else 256
 img = np.zeros((edge,) * 3, np.uint8)
@@ -20,7 +20,7 @@ img[::2, ::2, ::2] = 200
 d = tempfile.mkdtemp()
 numpy_array_to_zarr(f"{d}/in.zarr", img, 64)
 t = time.time()
-from mpicellpose.driver import run
+from mpicellpose.runner.driver import run
 from mpicellpose.config import RunConfig
 
 res = run(RunConfig(input=f"{d}/in.zarr", output=f"{d}/out.zarr", blocksize=64, backend="threshold",

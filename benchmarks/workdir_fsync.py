@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def one_pass(root, blocks, edge, sync: bool) -> float:
-    from mpicellpose import storage
-    from mpicellpose.workdir import WorkDir
+    from mpicellpose.volumes import storage
+    from mpicellpose.runner.workdir import WorkDir
 
     side = int(round(blocks ** (1 / 3)))
     shape = (side * edge,) * 3

@@ -23,18 +23,18 @@ def __getattr__(name):  # lazy: importing the package stays cheap and MPI-free
         from . import api
         return getattr(api, name)
     if name == "numpy_array_to_zarr":
-        from .storage import numpy_array_to_zarr
+        from .volumes.storage import numpy_array_to_zarr
         return numpy_array_to_zarr
     if name == "wrap_folder_of_tiffs":
-        from .readers import wrap_folder_of_tiffs
+        from .volumes.tiff import wrap_folder_of_tiffs
         return wrap_folder_of_tiffs
     if name == "RunConfig":
         from .config import RunConfig
         return RunConfig
     if name == "run":
-        from .driver import run
+        from .runner.driver import run
         return run
     if name == "BlockGrid":
-        from .geometry import BlockGrid
+        from .grid.geometry import BlockGrid
         return BlockGrid
     raise AttributeError(f"module 'mpicellpose' has no attribute {name!r}")

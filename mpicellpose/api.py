@@ -1,4 +1,4 @@
-"""The reference's public calls, kept by name and meaning, on top of :mod:`mpicellpose.driver`."""
+"""The reference's public calls, kept by name and meaning, on top of :mod:`mpicellpose.runner.driver`."""
 from __future__ import annotations
 
 import logging
@@ -6,15 +6,16 @@ import logging
 import numpy as np
 
 from . import comm as mpi
-from . import driver, normalization
-from . import stitch as st
-from .blocks import build_backend, number_core, segment_image
 from .config import RunConfig
-from .geometry import Block
 from .errors import ConfigError
-from .phases.flows import LocalFlowMasks
-from .phases.plan import kept_blocks, open_volume, resolve_settings
-from .quiet import quiet_libraries
+from .grid.geometry import Block
+from .grid import stitch as st
+from .runner import driver
+from .runner.blocks import build_backend, number_core, segment_image
+from .runner.phases import normalize as normalization
+from .runner.phases.flows import LocalFlowMasks
+from .runner.phases.plan import kept_blocks, open_volume, resolve_settings
+from .runner.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
 

@@ -58,13 +58,21 @@ class RunConfig:
     schedule: str = "dynamic"  # how blocks are handed out: 'dynamic' (at run time, costliest first) or 'static'
     pipeline: str | None = None  # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block); None: flows under Cellpose 3, blocks under 4
     flow_halo: int | None = None  # in-plane context of the flow step (voxels); None: 16 x diameter / 30, at least 16
-    flow_slab: int | None = None  # blocks per side of a flow slab in plane; None: mpicellpose.slabs.auto_group
+    flow_slab: int | None = None  # blocks per side of a flow slab in plane; None: mpicellpose.grid.slabs.auto_group
     masks_during_flows: str = "auto"  # 'flows': build masks in a CPU thread while the GPU computes flows (auto: on a GPU)
     read_ahead: str = "auto"  # read the next block in a thread while the network works on this one (auto: on a GPU)
     precision: str | None = None  # the network's arithmetic: 'float32', 'bfloat16', 'float16'; None: the model's own
     config_file: str | None = None  # the --config file (never overwritten by an output)
 
     def __post_init__(self):
+        self._check_choices()
+        self._check_numbers()
+        self._check_run_options()
+        self._own_copies()
+        self._check_backend_arguments()
+
+    def _check_choices(self):
+        """The backend, stitching, normalisation, pyramid and output format."""
         if isinstance(self.backend, str):
             if self.backend not in BACKENDS:
                 raise ConfigError(f"backend must be one of {BACKENDS} or a Segmenter object, got {self.backend!r}")
@@ -85,6 +93,9 @@ class RunConfig:
             raise ConfigError(f"pyramid_method must be 'mode' or 'nearest', got {self.pyramid_method!r}")
         if self.zarr_format not in (None, 2, 3):
             raise ConfigError(f"zarr_format must be 2 or 3, got {self.zarr_format}")
+
+    def _check_numbers(self):
+        """Voxel size and watchdog, as floats."""
         if self.voxel_size is not None:
             try:
                 vs = tuple(float(v) for v in self.voxel_size)
@@ -101,6 +112,9 @@ class RunConfig:
             if not (wd >= 0 and math.isfinite(wd)):
                 raise ConfigError(f"watchdog must be >= 0 seconds (0 turns it off), got {self.watchdog!r}")
             object.__setattr__(self, "watchdog", wd)
+
+    def _check_run_options(self):
+        """Schedule, pipeline, read-ahead and masks during flows, flow halo and slab, precision, threads."""
         if self.schedule not in ("dynamic", "static"):
             raise ConfigError(f"schedule must be 'dynamic' or 'static', got {self.schedule!r}")
         if self.pipeline not in (None, "flows", "blocks"):
@@ -117,6 +131,9 @@ class RunConfig:
             raise ConfigError(f"precision must be 'float32', 'bfloat16' or 'float16', got {self.precision!r}")
         if self.threads is not None and int(self.threads) < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+    def _own_copies(self):
+        """Our own copies of the argument dicts and the preprocessing steps (the caller's are never touched)."""
         for name in ("model_kwargs", "eval_kwargs", "backend_kwargs"):
             v = getattr(self, name)
             if v is None:
@@ -133,6 +150,9 @@ class RunConfig:
                     f"preprocessing_steps[{i}] must be a (function, kwargs dict) pair, got {step!r}"
                 )
         object.__setattr__(self, "preprocessing_steps", tuple((f, dict(k)) for f, k in steps))
+
+    def _check_backend_arguments(self):
+        """Batch size, channels, connectivity and threshold."""
         batch = self.eval_kwargs.get("batch_size")
         if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
             raise ConfigError(f"batch_size must be a whole number of tiles >= 1, got {batch!r}")

@@ -73,7 +73,7 @@ def needs(package: str, extra: str | None = None) -> DependencyError:
 def agreed(exc: BaseException) -> BaseException:
     """Mark an exception that every rank of a run raises alike (after a collective decision).
 
-    :func:`mpicellpose.driver.run` ends the whole job (``MPI_Abort``) when an exception that
+    :func:`mpicellpose.runner.driver.run` ends the whole job (``MPI_Abort``) when an exception that
     is *not* marked leaves a multi-rank run: the other ranks would otherwise wait for ever.
     """
     exc.agreed = True

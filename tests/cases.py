@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from mpicellpose import geometry as geo
+from mpicellpose.grid import geometry as geo
 
 
 def blobs(shape, seed, sigma=1.5, level=0.55):

@@ -11,7 +11,7 @@ import time
 from mpi4py import MPI
 
 from mpicellpose.comm import Handout, Mailbox
-from mpicellpose.schedule import round_robin_shares
+from mpicellpose.grid.schedule import round_robin_shares
 
 case = sys.argv[1]
 comm = MPI.COMM_WORLD.Dup()

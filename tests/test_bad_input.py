@@ -9,8 +9,9 @@ import zarr
 
 import cases
 from conftest import run_mpi
-from mpicellpose import cli, distributed_eval, stitch
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose import cli, distributed_eval
+from mpicellpose.grid import stitch
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 
 
 @pytest.fixture(scope="module")

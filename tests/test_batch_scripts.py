@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpicellpose import batch
+from mpicellpose.tools import batch
 from mpicellpose.cli import batch as batch_cli
-from mpicellpose.batch import BatchOptions, BatchScriptError, parse_segment_args, render
+from mpicellpose.tools.batch import BatchOptions, BatchScriptError, parse_segment_args, render
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -67,10 +67,10 @@ def run_cli(argv, capsys):
 @pytest.mark.parametrize("rel", SHIPPED)
 def test_shipped_template_is_what_batch_py_generates(rel):
     path = SCRIPTS / rel
-    assert path.exists(), f"{path} missing: python -m mpicellpose.batch --write-templates scripts"
+    assert path.exists(), f"{path} missing: python -m mpicellpose.tools.batch --write-templates scripts"
     assert path.read_text() == batch.shipped_templates()[rel], (
         f"{rel} differs from the generator: regenerate with "
-        "'python -m mpicellpose.batch --write-templates scripts'")
+        "'python -m mpicellpose.tools.batch --write-templates scripts'")
     assert os.access(path, os.X_OK)
 
 

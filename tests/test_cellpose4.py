@@ -24,10 +24,12 @@ import time
 import numpy as np
 import pytest
 
-from mpicellpose import backends as bk
+from mpicellpose.cellpose import cellpose4 as c4
+from mpicellpose.cellpose import models as md
+from mpicellpose.cellpose import segmenter as sg
 from mpicellpose.errors import ConfigError
 
-MAJOR, FULL = bk.cellpose_version()
+MAJOR, FULL = md.cellpose_version()
 if MAJOR is None or MAJOR < 4:
     pytest.skip(f"needs Cellpose 4 (installed: {FULL or 'none'}); CI runs this file in .venv-cp4 "
                 "(.ci/cellpose4-venv.sh)", allow_module_level=True)
@@ -35,11 +37,12 @@ if MAJOR is None or MAJOR < 4:
 import zarr  # noqa: E402
 
 from conftest import ROOT, mpi_env, run_mpi  # noqa: E402
-from mpicellpose.metrics import match_objects  # noqa: E402
-from mpicellpose.storage import numpy_array_to_zarr  # noqa: E402
-from mpicellpose.synthetic import make_nuclei  # noqa: E402
-from mpicellpose import training_cp4  # noqa: E402
-from mpicellpose.precision import cpu_bf16_support  # noqa: E402
+from mpicellpose.synthetic.metrics import match_objects  # noqa: E402
+from mpicellpose.volumes.storage import numpy_array_to_zarr  # noqa: E402
+from mpicellpose.synthetic.nuclei import make_nuclei  # noqa: E402
+from mpicellpose.training import cp4 as training_cp4  # noqa: E402
+from mpicellpose.cellpose import shipped  # noqa: E402
+from mpicellpose.cellpose.precision import cpu_bf16_support  # noqa: E402
 
 pytestmark = pytest.mark.cellpose
 
@@ -67,12 +70,12 @@ def model():
     import torch
 
     torch.set_num_threads(THREADS)
-    return training_cp4.load_standin(training_cp4.demo_cp4_model_path())
+    return shipped.load_standin(shipped.demo_cp4_model_path())
 
 
 @pytest.fixture(scope="module")
 def model_bf16():
-    return training_cp4.load_standin(training_cp4.demo_cp4_model_path(), use_bfloat16=True)
+    return shipped.load_standin(shipped.demo_cp4_model_path(), use_bfloat16=True)
 
 
 def _run(tmp, img, blocksize, overlap, ndim, model_kwargs=None, pipeline=None):
@@ -100,7 +103,7 @@ def _run(tmp, img, blocksize, overlap, ndim, model_kwargs=None, pipeline=None):
 def _whole(model, img, meta):
     """Whole-image eval of the same model with the run's global normalisation bounds."""
     lo, hi = meta["normalization"]["normalize"]["lowhigh"]
-    norm = dict(bk.CP4_NORMALIZE_DEFAULTS, normalize=True, lowhigh=[lo, hi])
+    norm = dict(c4.CP4_NORMALIZE_DEFAULTS, normalize=True, lowhigh=[lo, hi])
     t0 = time.perf_counter()
     lab = training_cp4.segment(model, img, normalize=norm)
     _record(f"{img.ndim}d_whole_eval_s", time.perf_counter() - t0)
@@ -114,7 +117,7 @@ def test_2d_two_ranks_equal_one_rank_and_agree_with_whole_image(tmp_path, model)
     lab2, lab1, meta = _run(tmp_path, img, "128,128", 32, 2)
     assert np.array_equal(lab1, lab2), "labels differ between 1 and 2 ranks"
     prov = meta["provenance"]["model"]
-    assert prov["name"] == "demo" and prov.get("loader") == training_cp4.CP4_STANDIN_LOADER
+    assert prov["name"] == "demo" and prov.get("loader") == shipped.CP4_STANDIN_LOADER
     whole = _whole(model, img, meta)
     vs_whole, vs_truth = match_objects(lab2, whole, 0.5), match_objects(lab2, gt, 0.5)
     print(f"2D: blocks vs whole {vs_whole['f1']:.3f}, blocks vs truth {vs_truth['f1']:.3f}, whole vs truth "
@@ -123,7 +126,7 @@ def test_2d_two_ranks_equal_one_rank_and_agree_with_whole_image(tmp_path, model)
     assert vs_truth["f1"] >= MIN_F1_VS_TRUTH[2], vs_truth
     # exact: one block covering the image is whole-image eval (nothing of ours changes the labels)
     from mpicellpose import distributed_eval
-    from mpicellpose.metrics import label_equivalent
+    from mpicellpose.synthetic.metrics import label_equivalent
 
     one, _ = distributed_eval(str(tmp_path / "in.zarr"), 256, str(tmp_path / "one.zarr"), overlap=1,
                               model_kwargs={"pretrained_model": "demo"}, threads=THREADS, device="cpu")
@@ -179,47 +182,47 @@ def test_translation_from_cellpose3_arguments_against_installed_eval():
     user_ek = {"channels": [2, 1], "interp": True, "invert": True, "diameter": 20, "anisotropy": 2.0,
                "flow3D_smooth": [1, 0.5, 0.5], "niter": 100, "batch_size": 4, "bsize": 256,
                "normalize": {"percentile": [2, 98]}}
-    mk, ek, ignored = bk.translate_kwargs(user_mk, user_ek, MAJOR)
+    mk, ek, ignored = sg.translate_kwargs(user_mk, user_ek, MAJOR)
     assert mk == {"pretrained_model": "cpsam", "use_bfloat16": False}
     assert {"eval_kwargs['channels']", "eval_kwargs['interp']", "model_kwargs['nchan']",
             "model_kwargs['diam_mean']", "model_kwargs['mkldnn']"} == set(ignored)
-    ek = bk.cp4_normalize(ek)
+    ek = c4.cp4_normalize(ek)
     assert "invert" not in ek and ek["normalize"]["invert"] is True
     assert ek["normalize"]["normalize"] is True and ek["normalize"]["percentile"] == [2, 98]
     # everything left is accepted by the installed CellposeModel.eval, the 3D arguments pass through
-    assert set(ek) <= bk.cellpose_eval_parameters()
+    assert set(ek) <= md.cellpose_eval_parameters()
     for k in ("anisotropy", "flow3D_smooth", "niter", "batch_size", "bsize", "diameter"):
         assert ek[k] == user_ek[k]
     # the normalize dict has exactly the installed Cellpose's keys
     from cellpose import models
 
     assert set(ek["normalize"]) == set(models.normalize_default)
-    bk.check_eval_kwargs({"flow3D_smooth": 1, "niter": 50, "bsize": 256, "batch_size": 2, "invert": True})
+    sg.check_eval_kwargs({"flow3D_smooth": 1, "niter": 50, "bsize": 256, "batch_size": 2, "invert": True})
 
 
 @pytest.mark.parametrize("bsize", [224, 512, "x"])
 def test_bsize_other_than_256_is_a_clear_error(bsize):
     with pytest.raises(ConfigError, match="256x256 tiles only"):
-        bk.translate_kwargs({}, {"bsize": bsize}, MAJOR)
+        sg.translate_kwargs({}, {"bsize": bsize}, MAJOR)
     with pytest.raises(ConfigError, match="256x256 tiles only"):
-        bk.check_eval_kwargs({"bsize": bsize})
+        sg.check_eval_kwargs({"bsize": bsize})
 
 
 def test_demo_resolves_to_the_stand_in_and_other_names_do_not():
-    res = bk.resolve_model({"pretrained_model": "demo"})
-    assert res["loader"] == training_cp4.CP4_STANDIN_LOADER and res["path"] == str(training_cp4.demo_cp4_model_path())
-    assert res["sha256"] == training_cp4.demo_cp4_model_info()["sha256"]
-    res = bk.resolve_model({"pretrained_model": res["path"]})  # the same file by path: plain CellposeModel
+    res = md.resolve_model({"pretrained_model": "demo"})
+    assert res["loader"] == shipped.CP4_STANDIN_LOADER and res["path"] == str(shipped.demo_cp4_model_path())
+    assert res["sha256"] == shipped.demo_cp4_model_info()["sha256"]
+    res = md.resolve_model({"pretrained_model": res["path"]})  # the same file by path: plain CellposeModel
     assert "loader" not in res
     with pytest.raises(ConfigError, match="Cellpose 3 model"):
-        bk.resolve_model({"pretrained_model": "demo_nuclei_v1"})
+        md.resolve_model({"pretrained_model": "demo_nuclei_v1"})
 
 
 def test_segmenter_passes_full_normalize_dicts_and_leaves_cellpose_defaults_alone(model):
     from cellpose import models
 
     before = dict(models.normalize_default)
-    seg = bk.CellposeSegmenter({"pretrained_model": "demo"}, {"normalize": False, "niter": 50}, ndim=2, threads=1)
+    seg = sg.CellposeSegmenter({"pretrained_model": "demo"}, {"normalize": False, "niter": 50}, ndim=2, threads=1)
     assert seg.diam_mean == training_cp4.NATIVE_DIAMETER and seg.eval_kwargs["diameter"] == 16.0
     calls = []
     real = seg.model.eval
@@ -243,7 +246,7 @@ def test_plain_cellposemodel_refuses_the_stand_in_loudly():
     from cellpose import models
 
     with pytest.raises(RuntimeError, match="size mismatch"):
-        models.CellposeModel(gpu=False, pretrained_model=str(training_cp4.demo_cp4_model_path()))
+        models.CellposeModel(gpu=False, pretrained_model=str(shipped.demo_cp4_model_path()))
 
 
 def test_demo_without_torchvision_says_what_to_install(tmp_path):
@@ -262,12 +265,12 @@ def test_two_channel_blocks_reach_cellpose4_in_order_normalised_per_channel(mode
     """``--channel C,N`` under Cellpose 4: the block (channels last, in the chosen order) goes to ``eval``
     with ``channel_axis``, each channel scaled by its own global bounds, Cellpose's normalisation off and
     no Cellpose 3 ``channels`` argument (Cellpose 4 takes the first three channels in order)."""
-    from mpicellpose.channels import CHANNEL_BOUNDS
-    from mpicellpose.synthetic_cells import make_cells
+    from mpicellpose.volumes.channels import CHANNEL_BOUNDS
+    from mpicellpose.synthetic.cells import make_cells
 
     img, _, _ = make_cells((64, 64), seed=2, channel_axis=-1)  # Y,X,C: cytoplasm, nuclei (8x brighter)
     bounds = [[float(v) for v in np.percentile(img[..., c], [1, 99])] for c in range(2)]
-    seg = bk.CellposeSegmenter({"pretrained_model": "demo"}, {"normalize": {"normalize": True, "lowhigh": bounds[0],
+    seg = sg.CellposeSegmenter({"pretrained_model": "demo"}, {"normalize": {"normalize": True, "lowhigh": bounds[0],
                                                                             CHANNEL_BOUNDS: bounds}},
                                ndim=2, threads=1)
     x, ek = seg.prepare(img, 2)

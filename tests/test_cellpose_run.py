@@ -6,9 +6,9 @@ import zarr
 
 from conftest import run_mpi
 from mpicellpose import process_block
-from mpicellpose.storage import numpy_array_to_zarr
-from mpicellpose.metrics import match_objects
-from mpicellpose.synthetic import make_nuclei
+from mpicellpose.volumes.storage import numpy_array_to_zarr
+from mpicellpose.synthetic.metrics import match_objects
+from mpicellpose.synthetic.nuclei import make_nuclei
 
 pytestmark = pytest.mark.cellpose
 

@@ -40,7 +40,7 @@ def test_a_typo_names_the_nearest_flag_with_the_subcommands_short_usage(argv, sa
 def test_bad_values_are_usage_errors(tmp_path, capsys):
     import numpy as np
 
-    from mpicellpose.storage import numpy_array_to_zarr
+    from mpicellpose.volumes.storage import numpy_array_to_zarr
 
     numpy_array_to_zarr(tmp_path / "in.zarr", np.zeros((16, 16), np.uint16), (16, 16))
     for bad, said in ((["--blocksize", "0"], "--blocksize must be >= 1"),

@@ -10,7 +10,7 @@ import cases
 from mpicellpose import cli
 from mpicellpose.config import from_mapping, load_file
 from mpicellpose.errors import ConfigError
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 
 
 @pytest.fixture

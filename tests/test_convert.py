@@ -8,8 +8,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from mpicellpose import convert as cv
-from mpicellpose import ngff_io, storage
+from mpicellpose.volumes import convert as cv
+from mpicellpose.volumes import ngff_io, storage
 from mpicellpose.cli import convert as cv_cli
 from mpicellpose.errors import ConfigError, DistributedError
 

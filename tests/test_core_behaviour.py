@@ -11,7 +11,7 @@ import cases
 from conftest import ROOT
 from mpicellpose import distributed_eval, numpy_array_to_zarr, process_block
 from mpicellpose.errors import ConfigError, InputError
-from mpicellpose.metrics import equivalence_report, label_equivalent
+from mpicellpose.synthetic.metrics import equivalence_report, label_equivalent
 from segmenters import Identity
 
 
@@ -141,7 +141,7 @@ def test_process_block_test_mode_on_any_crop_segments_that_region():
     is the crop's core (less the overlap on sides not at the volume's start, one block long at most)."""
     from scipy import ndimage
 
-    from mpicellpose.metrics import label_equivalent
+    from mpicellpose.synthetic.metrics import label_equivalent
 
     img = cases.blobs((60, 70), 15)
     bs, ov = (20, 25), 4

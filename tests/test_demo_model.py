@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from mpicellpose.metrics import match_objects
-from mpicellpose.models import DEMO_MODEL_NAME, demo_model_info, demo_model_path
-from mpicellpose.synthetic import make_nuclei
+from mpicellpose.synthetic.metrics import match_objects
+from mpicellpose.cellpose.shipped import DEMO_MODEL_NAME, demo_model_info, demo_model_path
+from mpicellpose.synthetic.nuclei import make_nuclei
 
 
 def test_shipped_files_and_provenance():

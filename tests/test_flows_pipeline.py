@@ -24,14 +24,15 @@ import numpy as np
 import pytest
 import zarr
 
-from mpicellpose import cost
-from mpicellpose import flowfield as ff
-from mpicellpose import geometry as geo
-from mpicellpose.metrics import match_objects
-from mpicellpose.phases.flows import cores_touching, needed_flows, needed_slabs
-from mpicellpose.slabs import SlabGrid, auto_group
-from mpicellpose.storage import numpy_array_to_zarr
-from mpicellpose.synthetic import make_nuclei
+from mpicellpose.runner import workdir
+from mpicellpose.grid import cost
+from mpicellpose.cellpose import flowfield as ff
+from mpicellpose.grid import geometry as geo
+from mpicellpose.synthetic.metrics import match_objects
+from mpicellpose.runner.phases.flows import cores_touching, needed_flows, needed_slabs
+from mpicellpose.grid.slabs import SlabGrid, auto_group, flow_bytes_per_voxel
+from mpicellpose.volumes.storage import numpy_array_to_zarr
+from mpicellpose.synthetic.nuclei import make_nuclei
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -72,7 +73,7 @@ def test_cost_interior_block_is_square_of_the_halo_growth():
     assert cost.network_voxels(s2, range(4), "flows") == 4 * 55 * 55
     s2 = _settings((100, 100), (50, 50), (10, 10), 5, group=2)
     assert cost.network_voxels(s2, range(4), "flows") == 100 * 100
-    assert ff.flow_bytes_per_voxel(3) == 18 and ff.flow_bytes_per_voxel(2) == 6
+    assert flow_bytes_per_voxel(3) == 18 and flow_bytes_per_voxel(2) == 6
 
 
 def test_needed_flows_cover_the_read_region():
@@ -115,7 +116,7 @@ def test_slabs_cover_each_kept_core_once_per_orientation():
 def test_default_halo_is_sixteen_network_pixels_and_never_exceeds_the_block(tmp_path):
     from mpicellpose.config import RunConfig
     from mpicellpose.errors import ConfigError
-    from mpicellpose.phases.plan import open_volume, resolve_settings
+    from mpicellpose.runner.phases.plan import open_volume, resolve_settings
 
     img = np.zeros((40, 64, 64), np.uint16)
     cfg = RunConfig(input=img, blocksize=(12, 32, 32), model_kwargs={"pretrained_model": "demo"})
@@ -144,7 +145,7 @@ def test_resume_with_other_slabs_is_refused_by_name(tmp_path):
     """The slabs decide the flow field: a resume with another --flow-slab is refused and says so."""
     from mpicellpose.config import RunConfig
     from mpicellpose.errors import ResumeMismatchError
-    from mpicellpose.phases.plan import make_plan, open_volume
+    from mpicellpose.runner.phases.plan import make_plan, open_volume
 
     numpy_array_to_zarr(tmp_path / "in.zarr", np.zeros((32, 64, 64), np.uint16), (32, 32, 32))
 
@@ -161,17 +162,17 @@ def test_resume_with_other_slabs_is_refused_by_name(tmp_path):
 def test_too_little_scratch_space_is_refused_before_any_work(tmp_path, monkeypatch):
     from mpicellpose.config import RunConfig
     from mpicellpose.errors import InputError
-    from mpicellpose.phases.plan import make_plan, open_volume
+    from mpicellpose.runner.phases.plan import make_plan, open_volume
 
     numpy_array_to_zarr(tmp_path / "in.zarr", np.zeros((32, 64, 64), np.uint16), (32, 32, 32))
     cfg = RunConfig(input=str(tmp_path / "in.zarr"), output=str(tmp_path / "out.zarr"), blocksize=32,
                     model_kwargs={"pretrained_model": "demo"})
     need = 32 * 64 * 64 * 18  # 18 bytes per voxel in 3D
-    monkeypatch.setattr(cost, "free_bytes", lambda path: need - 1)
+    monkeypatch.setattr(workdir, "free_bytes", lambda path: need - 1)
     with pytest.raises(InputError, match=r"flow field of --pipeline flows needs .* GiB in the work directory"):
         make_plan(cfg, open_volume(cfg), 2)
     assert not (tmp_path / "out.mpicellpose-work").exists()  # nothing written
-    monkeypatch.setattr(cost, "free_bytes", lambda path: need)
+    monkeypatch.setattr(workdir, "free_bytes", lambda path: need)
     assert make_plan(cfg, open_volume(cfg), 2).settings.pipeline == "flows"
 
 
@@ -179,7 +180,8 @@ def test_too_little_scratch_space_is_refused_before_any_work(tmp_path, monkeypat
 @pytest.fixture(scope="module")
 def demo_segmenter():
     pytest.importorskip("cellpose")
-    from mpicellpose.backends import make_backend, resolve_model
+    from mpicellpose.cellpose.backends import make_backend
+    from mpicellpose.cellpose.models import resolve_model
 
     def build(eval_kwargs):
         return make_backend("cellpose", model_kwargs={"pretrained_model": "demo"}, eval_kwargs=eval_kwargs,

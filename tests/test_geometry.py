@@ -3,7 +3,8 @@ import itertools
 import numpy as np
 import pytest
 
-from mpicellpose import geometry as geo
+from mpicellpose.grid import geometry as geo
+from mpicellpose.grid import partition
 from mpicellpose.errors import ConfigError
 
 
@@ -88,10 +89,10 @@ def test_assignment_contiguous_balanced_deterministic():
     items = list(range(100))
     w = [1 + (i % 7) for i in items]
     for n in (1, 2, 3, 4, 7, 150):
-        a = geo.assign_contiguous(items, w, n)
+        a = partition.assign_contiguous(items, w, n)
         assert len(a) == n
         assert list(itertools.chain(*a)) == items
         loads = [sum(w[i] for i in part) for part in a]
         if n <= 7:
             assert max(loads) <= sum(w) / n + max(w)
-        assert a == geo.assign_contiguous(items, w, n)
+        assert a == partition.assign_contiguous(items, w, n)

@@ -7,9 +7,10 @@ import types
 
 import pytest
 
-from mpicellpose import gpu
-from mpicellpose.gpu import (DeviceBinding, bind_device, choose_device, count_visible_gpus,
-                             local_rank_from_env, visible_gpu_ids)
+from mpicellpose.cellpose import devices
+from mpicellpose.cellpose.devices import (DeviceBinding, choose_device, count_visible_gpus, local_rank_from_env,
+                                          visible_gpu_ids)
+from mpicellpose.cellpose.gpu import bind_device
 
 
 # --------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def no_torch(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for var in ("CUDA_VISIBLE_DEVICES",) + gpu._LOCAL_RANK_VARS + gpu._LOCAL_SIZE_VARS:
+    for var in ("CUDA_VISIBLE_DEVICES",) + devices._LOCAL_RANK_VARS + devices._LOCAL_SIZE_VARS:
         monkeypatch.delenv(var, raising=False)
 
 
@@ -206,7 +207,7 @@ def test_bind_device_no_comm_uses_launcher_vars(fake_torch, monkeypatch, caplog)
     fake_torch(4)
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "2")
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")
-    with caplog.at_level(logging.INFO, logger="mpicellpose.gpu"):
+    with caplog.at_level(logging.INFO, logger="mpicellpose.cellpose.gpu"):
         b = bind_device(None)
     assert isinstance(b, DeviceBinding)
     assert (b.device, b.local_rank, b.local_size, b.n_visible) == ("cuda:2", 2, 4, 4)
@@ -227,7 +228,7 @@ def test_bind_device_one_gpu_per_rank(fake_torch, monkeypatch):
 
 
 def test_bind_device_cpu_fallback_warns(no_torch, caplog):
-    with caplog.at_level(logging.INFO, logger="mpicellpose.gpu"):
+    with caplog.at_level(logging.INFO, logger="mpicellpose.cellpose.gpu"):
         b = bind_device(None)
     assert b.device == "cpu" and b.n_visible == 0
     assert "torch not installed" in b.reason
@@ -241,7 +242,7 @@ def test_bind_device_explicit_cpu_is_quiet_and_skips_cuda(monkeypatch, caplog):
             raise AssertionError("CUDA must not be initialised for --device cpu")
 
     monkeypatch.setitem(sys.modules, "torch", Boom())
-    with caplog.at_level(logging.INFO, logger="mpicellpose.gpu"):
+    with caplog.at_level(logging.INFO, logger="mpicellpose.cellpose.gpu"):
         b = bind_device(None, override="cpu")
     assert b.device == "cpu" and "requested" in b.reason
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -254,7 +255,7 @@ def test_bind_device_bad_override_raises(fake_torch):
 
 
 def test_bind_device_log_false_is_silent(no_torch, caplog):
-    with caplog.at_level(logging.DEBUG, logger="mpicellpose.gpu"):
+    with caplog.at_level(logging.DEBUG, logger="mpicellpose.cellpose.gpu"):
         bind_device(None, log=False)
     assert not caplog.records
 
@@ -272,7 +273,7 @@ def test_bind_device_with_comm_world(fake_torch, caplog):
     fake_torch(4)
     comm = MPI.COMM_WORLD.Dup()
     try:
-        with caplog.at_level(logging.INFO, logger="mpicellpose.gpu"):
+        with caplog.at_level(logging.INFO, logger="mpicellpose.cellpose.gpu"):
             b = bind_device(comm)
     finally:
         comm.Free()
@@ -336,7 +337,7 @@ def test_bind_device_warns_when_ranks_share_one_gpu(fake_torch, monkeypatch, cap
             return [obj, obj, obj]
 
     pytest.importorskip("mpi4py.MPI")
-    with caplog.at_level(logging.INFO, logger="mpicellpose.gpu"):
+    with caplog.at_level(logging.INFO, logger="mpicellpose.cellpose.gpu"):
         b = bind_device(FakeGateway())
     assert b.device == "cuda:0"
     assert "3 ranks share 1 GPU" in caplog.text

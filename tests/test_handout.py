@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import mpi_env, run_mpi
-from mpicellpose import geometry as geo
-from mpicellpose import schedule as sc
+from mpicellpose.grid import geometry as geo
+from mpicellpose.grid import schedule as sc
 
 SCRIPT = Path(__file__).parent / "mpi_queue.py"
 
@@ -78,7 +78,7 @@ def test_progress_with_blocks_handed_out_at_run_time():
     import io
     import types
 
-    from mpicellpose.phases import segment
+    from mpicellpose.runner import progress
 
     class Box:
         rank, size = 0, 3
@@ -92,7 +92,7 @@ def test_progress_with_blocks_handed_out_at_run_time():
     grid = geo.BlockGrid((16, 16, 128), (16, 16, 16), (0, 0, 0))   # 8 blocks of 4096 voxels
     plan = types.SimpleNamespace(grid=grid, handout="dynamic", segment_assignment=sc.round_robin_shares(range(8), 3))
     box = Box()
-    p = segment.Progress(box, plan, stream=io.StringIO())
+    p = progress.Progress(box, plan, stream=io.StringIO())
     t0 = p.t0
     assert p.total == 8 and p.total_vox == 8 * 4096 and p.estimate(t0 + 1)["running"] == 3
     # rank 1 finished 2 blocks in 10 s and is on its third; nobody else reported yet

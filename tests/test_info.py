@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mpicellpose import info
+from mpicellpose.tools import info
 from mpicellpose.cli import info as info_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,8 +170,8 @@ def _run_mpi(module_args, n=2):
 
 @pytest.mark.mpi
 def test_info_module_under_mpiexec_json():
-    """``python -m mpi4py -m mpicellpose.info --json`` (works even if the CLI is broken)."""
-    proc = _run_mpi(["mpicellpose.info", "--json"])
+    """``python -m mpi4py -m mpicellpose.tools.info --json`` (works even if the CLI is broken)."""
+    proc = _run_mpi(["mpicellpose.tools.info", "--json"])
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)  # only rank 0 prints
     assert [r["rank"] for r in data["ranks"]] == [0, 1]

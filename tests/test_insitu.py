@@ -6,7 +6,7 @@ import zarr
 
 import cases
 from conftest import ROOT
-from mpicellpose.metrics import label_equivalent
+from mpicellpose.synthetic.metrics import label_equivalent
 
 
 @pytest.mark.mpi
@@ -22,7 +22,7 @@ def test_insitu_communicators(tmp_path, mpirun, mode, names):
 @pytest.mark.mpi
 def test_segment_under_python_m_mpi4py(tmp_path, mpirun):
     """The launcher recommended for clusters: python -m mpi4py -m mpicellpose segment ..."""
-    from mpicellpose.storage import numpy_array_to_zarr
+    from mpicellpose.volumes.storage import numpy_array_to_zarr
 
     img = cases.blobs((24, 30, 28), 61)
     numpy_array_to_zarr(tmp_path / "in.zarr", img, 8)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpicellpose import readers, storage, volume
+from mpicellpose.volumes import readers, storage, tiff, volume
 from mpicellpose.errors import InputError, InputNotFoundError
 
 tifffile = pytest.importorskip("tifffile")
@@ -127,7 +127,7 @@ def _write_tiles(d, grid, tile):
 
 def test_tile_glob_places_tiles_on_their_grid(tmp_path):
     full = _write_tiles(tmp_path / "tiles", (2, 3, 2), (3, 4, 5))
-    arr = readers.wrap_folder_of_tiffs(tmp_path / "tiles" / "*.tif")
+    arr = tiff.wrap_folder_of_tiffs(tmp_path / "tiles" / "*.tif")
     assert arr.shape == full.shape == (6, 12, 10)
     np.testing.assert_array_equal(arr[...], full)
     v = readers.open_volume_spec(str(tmp_path / "tiles" / "*.tif"))

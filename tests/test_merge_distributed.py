@@ -14,10 +14,10 @@ import threading
 import numpy as np
 import pytest
 
-from mpicellpose import stitch as st
+from mpicellpose.grid import stitch as st
 from mpicellpose.comm.mailbox import Mailbox
-from mpicellpose.phases import merge as mg
-from mpicellpose.phases.faces import Edges
+from mpicellpose.runner.phases import merge as mg
+from mpicellpose.runner.phases.faces import Edges
 
 
 class _Hub:

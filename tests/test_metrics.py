@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from mpicellpose.metrics import contingency, equivalence_report, label_equivalent, match_objects
+from mpicellpose.synthetic.metrics import contingency, equivalence_report, label_equivalent, match_objects
 
 
 def blocks2d():
@@ -159,7 +159,7 @@ def test_large_volume_is_fast():
 
 
 def test_seam_report_counts_splits_merges_and_fragments():
-    from mpicellpose.demo import seam_report
+    from mpicellpose.tools.demo import seam_report
 
     gt = np.zeros((8, 16), np.int32)
     gt[2:6, 4:12] = 1          # cut by the face at x = 8 (blocks of 8 along x)

@@ -14,7 +14,7 @@ import zarr
 
 import cases
 from conftest import mpi_env, mpiexec_path, run_mpi
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 
 pytestmark = pytest.mark.mpi
 
@@ -73,7 +73,7 @@ def test_labels_backend_4_ranks_3_blocks(small, tmp_path):
 @pytest.fixture(scope="module")
 def nuclei2d(tmp_path_factory):
     pytest.importorskip("cellpose")
-    from mpicellpose.synthetic import make_nuclei
+    from mpicellpose.synthetic.nuclei import make_nuclei
 
     root = tmp_path_factory.mktemp("cp2d")
     img, _ = make_nuclei((96, 96), seed=3)

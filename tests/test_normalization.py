@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 
 from mpicellpose import comm as mpi
-from mpicellpose import geometry as geo
+from mpicellpose.grid import geometry as geo
 from mpicellpose.config import RunConfig
-from mpicellpose.normalization import global_normalization
-from mpicellpose.phases.plan import Settings
+from mpicellpose.runner.phases.normalize import global_normalization
+from mpicellpose.runner.phases.plan import Settings
 from mpicellpose.errors import InputError
 
 
@@ -69,8 +69,8 @@ def test_fixed_bounds_reproduce_cellpose_percentile_path(shape):
     normalize=True. Passing them to Cellpose as a (2,) ``lowhigh`` shifts its zero-filled extra
     channel to -low/(high-low) and changes the labels (found in the end-to-end benchmark)."""
     pytest.importorskip("cellpose")
-    from mpicellpose.backends import make_backend
-    from mpicellpose.synthetic import make_nuclei
+    from mpicellpose.cellpose.backends import make_backend
+    from mpicellpose.synthetic.nuclei import make_nuclei
 
     img, _ = make_nuclei(shape, seed=11, touching_fraction=0.4)
     img = (img * 1000 + 80).astype(np.uint16)

@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from mpicellpose import ngff, ngff_io, pyramid, readers, storage, volume
+from mpicellpose.volumes import ngff, ngff_io, pyramid, readers, storage, volume
 from mpicellpose.errors import DistributedError, InputError
 
 FORMATS = [2] + ([3] if storage.zarr_major() >= 3 else [])
@@ -319,7 +319,7 @@ def test_build_pyramid_reports_errors_as_distributed_on_one_rank(tmp_path):
 def test_docstring_examples_run():
     import doctest
 
-    from mpicellpose import convert
+    from mpicellpose.volumes import convert
 
     for mod in (volume, storage, readers, ngff, ngff_io, pyramid, convert):
         res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)

@@ -8,8 +8,8 @@ from scipy import ndimage
 import cases
 from conftest import read_table, run_mpi
 from mpicellpose import distributed_eval
-from mpicellpose import ngff_io
-from mpicellpose.metrics import label_equivalent
+from mpicellpose.volumes import ngff_io
+from mpicellpose.synthetic.metrics import label_equivalent
 
 T = ["--backend", "threshold", "--threshold", "100"]
 

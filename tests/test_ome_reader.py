@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import zarr
 
-from mpicellpose import cli, ngff_io
+from mpicellpose import cli
+from mpicellpose.volumes import ngff_io
 
 ome_zarr = pytest.importorskip("ome_zarr")
 

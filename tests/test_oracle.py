@@ -8,7 +8,7 @@ import zarr
 
 import cases
 from conftest import mpi_env, read_table, ROOT
-from mpicellpose.metrics import equivalence_report, label_equivalent
+from mpicellpose.synthetic.metrics import equivalence_report, label_equivalent
 
 
 @pytest.fixture(scope="module")

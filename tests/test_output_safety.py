@@ -20,7 +20,7 @@ import zarr
 import cases
 from conftest import mpi_env, mpiexec_path, run_mpi
 from mpicellpose import cli
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 
 T = ["--backend", "threshold", "--threshold", "100", "--blocksize", "16"]
 

@@ -9,9 +9,9 @@ import pytest
 
 from conftest import mpi_env, run_mpi
 from mpicellpose import cli
-from mpicellpose.cli.plan import memory_estimate
-from mpicellpose.storage import numpy_array_to_zarr
-from mpicellpose.synthetic import make_nuclei
+from mpicellpose.tools.dryrun import memory_estimate
+from mpicellpose.volumes.storage import numpy_array_to_zarr
+from mpicellpose.synthetic.nuclei import make_nuclei
 
 # runs `mpicellpose ARGS...` in this interpreter and prints its peak resident memory at exit:
 # VmHWM (this address space only; ru_maxrss would also count the parent's memory, which Linux
@@ -106,7 +106,7 @@ def test_plan_says_when_the_output_is_already_complete(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- Cellpose 4 (cpsam) on a GPU
 def test_cpsam_gpu_estimate_from_the_network_size():
-    from mpicellpose.cellpose4 import CPSAM_NET, STANDIN_NET, gpu_memory_estimate, tile_activation_bytes
+    from mpicellpose.cellpose.cellpose4 import CPSAM_NET, STANDIN_NET, gpu_memory_estimate, tile_activation_bytes
 
     bf16, fp32 = gpu_memory_estimate(CPSAM_NET, 128 ** 3), gpu_memory_estimate(CPSAM_NET, 128 ** 3, bf16=False)
     assert bf16["weights"] == 2 * 305_000_000 and fp32["weights"] == 4 * 305_000_000  # 0.61 / 1.22 GB
@@ -126,7 +126,7 @@ def _cpsam_plan(tmp_path, capsys, monkeypatch, *extra):
     with open(models / "cpsam", "wb") as f:  # the cached weights, as big as cpsam's (sparse: no disk used)
         f.truncate(4 * 305_000_000)
     monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(models))
-    monkeypatch.setattr("mpicellpose.backends.sha256_file", lambda path: "0" * 64)  # not 1.2 GB of hashing
+    monkeypatch.setattr("mpicellpose.cellpose.models.sha256_file", lambda path: "0" * 64)  # not 1.2 GB of hashing
     if not (tmp_path / "in.zarr").exists():
         import numpy as np
 

@@ -10,9 +10,9 @@ import pytest
 
 from mpicellpose.config import RunConfig, from_mapping
 from mpicellpose.errors import ConfigError
-from mpicellpose.metrics import match_objects
-from mpicellpose.precision import check_precision, cp4_model_kwargs
-from mpicellpose.synthetic import make_nuclei
+from mpicellpose.synthetic.metrics import match_objects
+from mpicellpose.cellpose.precision import check_precision, cp4_model_kwargs
+from mpicellpose.synthetic.nuclei import make_nuclei
 
 
 def test_bad_precision_and_batch_size_are_refused_with_one_message():
@@ -34,7 +34,7 @@ def test_bad_precision_and_batch_size_are_refused_with_one_message():
 
 
 def test_precision_is_part_of_the_fingerprint():
-    from mpicellpose.phases.plan import fingerprint_of, open_volume, resolve_settings, run_id_of
+    from mpicellpose.runner.phases.plan import fingerprint_of, open_volume, resolve_settings, run_id_of
 
     img = np.zeros((32, 32), np.uint16)
     ids = []
@@ -55,7 +55,7 @@ def test_bfloat16_network_agrees_with_float32(image2d):
     pytest.importorskip("cellpose")
     import torch
 
-    from mpicellpose.backends import CellposeSegmenter
+    from mpicellpose.cellpose.segmenter import CellposeSegmenter
 
     img, truth = image2d
     kw = dict(resolved=None, device="cpu", threads=1, ndim=2)
@@ -77,7 +77,7 @@ def test_bfloat16_network_agrees_with_float32(image2d):
 
 
 # --------------------------------------------------------------------------- the automatic choice (issue 28)
-from mpicellpose import precision as prec  # noqa: E402
+from mpicellpose.cellpose import precision as prec  # noqa: E402
 
 EMULATED = (False, "the CPU has no AVX-512 BF16 or AMX instructions: torch emulates bfloat16")
 NATIVE = (True, "the CPU has amx_bf16")
@@ -113,14 +113,14 @@ def test_cellpose4_default_becomes_float32_only_where_bfloat16_is_emulated():
 @pytest.mark.parametrize("support,expect", [(EMULATED, "float32"), (NATIVE, None)])
 def test_the_choice_reaches_settings_fingerprint_and_plan(tmp_path, monkeypatch, capsys, support, expect):
     from mpicellpose import cli
-    from mpicellpose.phases import plan as plan_mod
+    from mpicellpose.runner.phases import plan as plan_mod
 
     models = tmp_path / "models"
     models.mkdir()
     with open(models / "cpsam", "wb") as f:  # cached cpsam weights (sparse file: no disk used)
         f.truncate(4096)
     monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(models))
-    monkeypatch.setattr("mpicellpose.backends.sha256_file", lambda path: "0" * 64)
+    monkeypatch.setattr("mpicellpose.cellpose.models.sha256_file", lambda path: "0" * 64)
     monkeypatch.setattr(plan_mod, "cellpose_version", lambda: (4, "4.2.1.1"))
     monkeypatch.setattr(prec, "bf16_support", lambda device=None: support)
     cfg = RunConfig(input=np.zeros((32, 32), np.uint16), blocksize=16, model_kwargs={"pretrained_model": "cpsam"})
@@ -128,10 +128,10 @@ def test_the_choice_reaches_settings_fingerprint_and_plan(tmp_path, monkeypatch,
     s = plan_mod.resolve_settings(cfg, vol)
     assert s.precision == expect and (s.precision_why is not None) == (expect is not None)
     assert plan_mod.fingerprint_of(cfg, vol, s, 2).get("precision") == expect
-    from mpicellpose.storage import numpy_array_to_zarr
+    from mpicellpose.volumes.storage import numpy_array_to_zarr
 
     numpy_array_to_zarr(tmp_path / "in.zarr", np.zeros((32, 32), np.uint16), (16, 16))
-    monkeypatch.setattr("mpicellpose.backends.cellpose_version", lambda: (4, "4.2.1.1"))
+    monkeypatch.setattr("mpicellpose.cellpose.models.cellpose_version", lambda: (4, "4.2.1.1"))
     assert cli.main(["plan", str(tmp_path / "in.zarr"), str(tmp_path / "o.zarr"), "--model", "cpsam",
                      "--blocksize", "16"]) == 0
     out = capsys.readouterr().out
@@ -165,7 +165,7 @@ def test_measured_slowdown_is_a_real_measurement():
 
 
 def test_info_says_whether_the_cpu_computes_bfloat16(monkeypatch, capsys):
-    from mpicellpose import info
+    from mpicellpose.tools import info
 
     for support, word in ((EMULATED, "emulated"), (NATIVE, "native")):
         monkeypatch.setattr(info, "cpu_bf16_support", lambda s=support: s)

@@ -7,8 +7,8 @@ from scipy import ndimage
 
 import cases
 from mpicellpose import cli, distributed_eval
-from mpicellpose.storage import numpy_array_to_zarr
-from mpicellpose.preview import outlines
+from mpicellpose.volumes.storage import numpy_array_to_zarr
+from mpicellpose.tools.preview import outlines
 
 
 def test_outlines_mark_label_borders_only():
@@ -76,7 +76,7 @@ def test_preview_reads_a_tiff_image_and_titles_count_grid_and_scale(tmp_path, ca
 
 
 def test_outlines_keep_their_colour_on_bright_nuclei():
-    from mpicellpose.preview import PALETTE, panel
+    from mpicellpose.tools.preview import PALETTE, panel
 
     assert (PALETTE.min(axis=1) <= 0.1).all()  # saturated: never white, grey or beige
     lab = np.zeros((12, 12), int)
@@ -94,9 +94,9 @@ def test_preview_image_shows_the_raw_image_under_the_outlines(tmp_path, monkeypa
     """``preview --image``: every slice panel shows the raw image's own plane in grey (R = G = B,
     brightness following the image) and the outlines in colour on top; without it, label colours."""
     pytest.importorskip("matplotlib")
-    from mpicellpose import preview
+    from mpicellpose.tools import preview
 
-    from mpicellpose.synthetic import make_nuclei
+    from mpicellpose.synthetic.nuclei import make_nuclei
 
     img, _ = make_nuclei((20, 32, 30), seed=82, mean_diameter=10)  # textured: the grey levels must follow it
     numpy_array_to_zarr(tmp_path / "in.zarr", img, 10)

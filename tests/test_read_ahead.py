@@ -1,6 +1,6 @@
 """--read-ahead: the next block's image is read in a thread while the current block is worked on.
 
-The generator behind it (``phases.segment.read_ahead``) pairs every block with its own input,
+The generator behind it (``runner.phases.blockloop.read_ahead``) pairs every block with its own input,
 reads in another thread, reports a read's error with the block it belongs to and stops reading
 when the loop ends early; end to end the labels do not change.
 """
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import zarr
 
-from mpicellpose import geometry as geo
-from mpicellpose.phases.segment import read_ahead
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.grid import geometry as geo
+from mpicellpose.runner.phases.blockloop import read_ahead
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

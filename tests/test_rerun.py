@@ -12,8 +12,8 @@ import cases
 from conftest import run_mpi
 from mpicellpose import cli
 from mpicellpose.config import RunConfig
-from mpicellpose.driver import run
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.runner.driver import run
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 
 T = ["--backend", "threshold", "--threshold", "100"]
 

@@ -11,7 +11,7 @@ import zarr
 
 import cases
 from conftest import mpi_env, mpiexec_path, run_mpi
-from mpicellpose.storage import numpy_array_to_zarr
+from mpicellpose.volumes.storage import numpy_array_to_zarr
 
 pytestmark = pytest.mark.mpi
 
@@ -89,7 +89,7 @@ def test_external_sigterm_to_ranks(volume, tmp_path):
     slow = tmp_path / "slow.py"
     slow.write_text(
         "import sys, time, runpy\n"
-        "import mpicellpose.phases.segment as d\n"
+        "import mpicellpose.runner.phases.segment as d\n"
         "orig = d.segment_image\n"
         "def slow(*a, **k):\n"
         "    time.sleep(0.3)\n"

@@ -12,9 +12,9 @@ import pytest
 
 from conftest import ROOT, mpi_env
 from mpicellpose.errors import InputError
-from mpicellpose.model_channels import check_channels, model_channels
-from mpicellpose.phases.finish import result_warnings
-from mpicellpose.phases.table import median_diameter, size_classes
+from mpicellpose.cellpose.model_channels import check_channels, model_channels
+from mpicellpose.runner.phases.finish import result_warnings
+from mpicellpose.runner.phases.table import median_diameter, size_classes
 
 DEMO = {"name": "demo", "kind": "path", "path": "x"}
 

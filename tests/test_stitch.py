@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mpicellpose import stitch as st
+from mpicellpose.grid import stitch as st
 
 
 def test_renumber_core_first_appearance_and_drops_context_labels():
@@ -89,10 +89,10 @@ def test_reduce_pieces():
 def test_record_views_read_once_and_dropped_after_last_use(tmp_path):
     """Stitching reads a block record's face views once and drops them after the announced uses,
     so a rank never holds all its records (memory set by the faces in flight, not the volume)."""
-    from mpicellpose.blocks import view_key as okey
+    from mpicellpose.runner.blocks import view_key as okey
     from mpicellpose.errors import InputError
-    from mpicellpose.phases.faces import RecordViews as _RecordViews
-    from mpicellpose.workdir import WorkDir
+    from mpicellpose.runner.phases.faces import RecordViews as _RecordViews
+    from mpicellpose.runner.workdir import WorkDir
 
     paths = WorkDir(tmp_path)
     paths.record(0).parent.mkdir(parents=True)   # blocks/0/: records fanned out by 1000s

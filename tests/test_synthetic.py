@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mpicellpose.synthetic import adjacent_label_pairs, make_nuclei, split_disconnected
+from mpicellpose.synthetic.labels import adjacent_label_pairs, split_disconnected
+from mpicellpose.synthetic.nuclei import make_nuclei
 
 
 @pytest.fixture(scope="module")

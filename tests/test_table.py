@@ -5,7 +5,8 @@ import zarr
 
 import cases
 from conftest import read_table, ROOT
-from mpicellpose import distributed_eval, table
+from mpicellpose import distributed_eval
+from mpicellpose.runner import table
 
 
 def test_id_ranges_partition_ids():
@@ -112,7 +113,7 @@ def test_three_decimals_without_pyarrow_compute():
     part = {"id": np.array([1, 2, 3]), "block_sorted": np.array([7, 9, 4, 4, 2, 5, 2]),
             "block_start": np.array([0, 1, 4, 7])}
     assert table.blocks_strings(part).tolist() == ["7", "4;9", "2;5"]
-    code = ("import sys, numpy as np; from mpicellpose import table; "
+    code = ("import sys, numpy as np; from mpicellpose.runner import table; "
             "table.csv_chunks({'id': np.arange(3), 'c': np.ones(3) / 3}); "
             "print('pyarrow.compute' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

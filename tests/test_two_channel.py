@@ -18,16 +18,19 @@ import pytest
 import zarr
 
 from conftest import run_mpi
-from mpicellpose import cli, comm as mpi, distributed_eval, geometry as geo, ngff_io, readers
-from mpicellpose.backends import apply_fixed_bounds, cellpose_version
-from mpicellpose.channels import CHANNEL_BOUNDS
+from mpicellpose import cli, comm as mpi, distributed_eval
+from mpicellpose.volumes import ngff_io, readers
+from mpicellpose.grid import geometry as geo
+from mpicellpose.cellpose.segmenter import apply_fixed_bounds
+from mpicellpose.cellpose.models import cellpose_version
+from mpicellpose.volumes.channels import CHANNEL_BOUNDS
 from mpicellpose.config import Channels, RunConfig, from_mapping
 from mpicellpose.errors import ConfigError, InputError
-from mpicellpose.metrics import match_objects
-from mpicellpose.normalization import global_normalization
-from mpicellpose.phases.plan import Settings
-from mpicellpose.storage import numpy_array_to_zarr
-from mpicellpose.synthetic_cells import make_cells
+from mpicellpose.synthetic.metrics import match_objects
+from mpicellpose.runner.phases.normalize import global_normalization
+from mpicellpose.runner.phases.plan import Settings
+from mpicellpose.volumes.storage import numpy_array_to_zarr
+from mpicellpose.synthetic.cells import make_cells
 
 # ---------------------------------------------------------------------------- option and reader
 
@@ -165,9 +168,10 @@ MIN_F1_VS_TRUTH = 0.9   # measured 1.0
 
 def _whole(img_cyx, norm):
     """The serial oracle: whole-volume eval of the same model with the run's per-channel bounds."""
-    from mpicellpose import training_2ch
+    from mpicellpose.training import two_channel as training_2ch
+    from mpicellpose.cellpose import shipped
 
-    model = training_2ch.load_small(training_2ch.demo_cyto2ch_path())
+    model = shipped.load_small(shipped.demo_cyto2ch_path())
     return training_2ch.segment(model, img_cyx, normalize={"lowhigh": norm["normalize"][CHANNEL_BOUNDS]})
 
 
@@ -229,7 +233,7 @@ def test_2d_ome_zarr_channels_by_name(tmp_path):
 
 def test_the_chosen_channels_are_in_the_fingerprint_of_an_in_memory_array():
     from mpicellpose.config import RunConfig
-    from mpicellpose.phases.plan import fingerprint_of, open_volume, resolve_settings, run_id_of
+    from mpicellpose.runner.phases.plan import fingerprint_of, open_volume, resolve_settings, run_id_of
 
     ids = set()
     for ch in ("1,0", "0,1", None):

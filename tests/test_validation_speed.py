@@ -5,8 +5,8 @@ import time
 import pytest
 
 from conftest import run_mpi
-from mpicellpose.storage import numpy_array_to_zarr
-from mpicellpose.synthetic import make_nuclei
+from mpicellpose.volumes.storage import numpy_array_to_zarr
+from mpicellpose.synthetic.nuclei import make_nuclei
 
 pytestmark = pytest.mark.mpi
 

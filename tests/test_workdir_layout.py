@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import cases  # noqa: E402
 from mpicellpose import distributed_eval  # noqa: E402
 from mpicellpose.errors import MpiCellposeError, ResumeMismatchError  # noqa: E402
-from mpicellpose.workdir import FANOUT, LAYOUT, WorkDir  # noqa: E402
+from mpicellpose.runner.workdir import FANOUT, LAYOUT, WorkDir  # noqa: E402
 from segmenters import FailOnMarker  # noqa: E402
 
 THR = {"backend": "threshold", "backend_kwargs": {"threshold": 100}}
@@ -31,7 +31,7 @@ def test_layout_files_per_block_and_chunk_synced_before_record(tmp_path, monkeyp
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
                                                  real_fsync(fd))[1])
-    import mpicellpose.storage as storage
+    import mpicellpose.volumes.storage as storage
     real_save = storage.save_npz
     monkeypatch.setattr(storage, "save_npz", lambda path, **a: (order.append((len(synced), str(path))),
                                                                  real_save(path, **a))[1])

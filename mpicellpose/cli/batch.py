@@ -1,5 +1,5 @@
 """``mpicellpose batch-script``: write a SLURM or LSF batch script for a run (the scripts
-themselves are made by :mod:`mpicellpose.batch`), and ``python -m mpicellpose.batch
+themselves are made by :mod:`mpicellpose.tools.batch`), and ``python -m mpicellpose.tools.batch
 --write-templates DIR``, which rewrites the shipped templates (:func:`templates_main`)."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .. import batch
-from ..batch import (SCHEDULERS, SUBMIT, BatchOptions, BatchScriptError, SegmentSpec, parse_segment_args, render,
-                     write_templates)
+from ..tools import batch
+from ..tools.batch import (SCHEDULERS, SUBMIT, BatchOptions, BatchScriptError, SegmentSpec, parse_segment_args,
+                           render, write_templates)
 
 
 def _check_with_segment_parser(spec: SegmentSpec) -> None:
@@ -117,8 +117,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def templates_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m mpicellpose.batch --write-templates DIR`` (maintainers)."""
-    parser = argparse.ArgumentParser(prog="python -m mpicellpose.batch")
+    """``python -m mpicellpose.tools.batch --write-templates DIR`` (maintainers)."""
+    parser = argparse.ArgumentParser(prog="python -m mpicellpose.tools.batch")
     parser.add_argument("--write-templates", metavar="DIR", required=True,
                         help="rewrite the shipped templates under DIR (the repo's scripts/)")
     ns = parser.parse_args(argv)

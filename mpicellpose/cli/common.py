@@ -327,7 +327,7 @@ def run_and_report(make_config, args, runner=None) -> int:
         mpi.check_world(comm)
         cfg = make_config()
         if runner is None:
-            from ..driver import run
+            from ..runner.driver import run
 
             result = run(cfg, comm)
         else:

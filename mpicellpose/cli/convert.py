@@ -1,10 +1,10 @@
 """``mpicellpose convert``: copy any supported input into a (OME-)zarr array, block by block
-(the conversion itself is :func:`mpicellpose.convert.convert`)."""
+(the conversion itself is :func:`mpicellpose.volumes.convert.convert`)."""
 from __future__ import annotations
 
 import argparse
 
-from .. import convert as cv
+from ..volumes import convert as cv
 from .common import run_and_report
 
 

@@ -1,5 +1,5 @@
 """``mpicellpose demo``: the main job end to end on synthetic nuclei, with the shipped model
-(generation, configuration and scoring are in :mod:`mpicellpose.demo`)."""
+(generation, configuration and scoring are in :mod:`mpicellpose.tools.demo`)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import sys
 import time
 
 from .. import comm as mpi
-from .. import demo
+from ..tools import demo
 from .common import run_and_report
 
 
@@ -70,7 +70,7 @@ def main(args) -> int:
                                 threads=args.threads)
 
     def runner(cfg, comm):
-        from ..driver import run
+        from ..runner.driver import run
 
         holder["result"] = run(cfg, comm)
         return holder["result"]

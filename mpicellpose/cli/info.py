@@ -1,7 +1,7 @@
 """``mpicellpose info``: versions, MPI and GPU binding, for bug reports (the report itself
-is :mod:`mpicellpose.info`).
+is :mod:`mpicellpose.tools.info`).
 
-Imports nothing from the rest of the command line, so that ``python -m mpicellpose.info``
+Imports nothing from the rest of the command line, so that ``python -m mpicellpose.tools.info``
 (:func:`standalone_main`) works even when another part of the installation is broken.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import sys
 
 from .. import comm as mpi
-from ..info import collect_info, format_report
+from ..tools.info import collect_info, format_report
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -45,12 +45,12 @@ def main(args: argparse.Namespace) -> int:
 
 
 def standalone_main(argv=None) -> int:
-    """``python -m mpicellpose.info [--json] [--device D]``.
+    """``python -m mpicellpose.tools.info [--json] [--device D]``.
 
     The same report without the rest of the CLI, so that it works even when
     another part of the installation is broken.
     """
-    parser = argparse.ArgumentParser(prog="python -m mpicellpose.info")
+    parser = argparse.ArgumentParser(prog="python -m mpicellpose.tools.info")
     sub = parser.add_subparsers(dest="command")
     register(sub)
     args = parser.parse_args(["info", *(sys.argv[1:] if argv is None else argv)])

@@ -1,213 +1,17 @@
 """``mpicellpose plan``: a dry run.  Validates everything ``segment`` would, writes nothing,
 and reports the block grid, mask skipping, blocks per rank, overlap inflation, estimated
-memory per rank and scratch/output sizes, with warnings about risky settings."""
+memory per rank and scratch/output sizes, with warnings about risky settings (the report is
+:mod:`mpicellpose.tools.dryrun`'s; here: the options and the text)."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-import numpy as np
-
-from .. import geometry as geo
-from .. import outputs
-from ..cellpose4 import CPSAM_NET, STANDIN_NET, gpu_memory_estimate
-from ..cost import free_bytes, network_cost
 from ..errors import ConfigError, MpiCellposeError
-from ..slabs import SLAB_BYTES_PER_VOXEL, largest_slab_voxels
-from ..table import have_parquet
+from ..grid.slabs import SLAB_BYTES_PER_VOXEL
+from ..tools.dryrun import ASSUMED_GPU_GIB, dry_run, human_bytes
 from .common import _group, _one_line, add_input_output, add_run_arguments, cli_message, config_from_args, exit_code
-
-# Peak resident memory of one rank (bytes): a constant (Python, numpy, zarr, the MPI library; for
-# Cellpose also torch, Cellpose and the model) plus bytes per voxel of the largest block's read
-# region (the block as read, its float copy, the backend's working arrays: for Cellpose 3D the
-# flows and probabilities of three orientations and the mask finding; the labels).  Fitted to the
-# peak RSS (/usr/bin/time -v) of one-rank `segment` runs of one block of a uint16 volume on the
-# CPU: the shipped model ('demo', Cellpose 3.1.1, torch 2.13 CPU) at 32^3, 64^3, 96^3, 128^3 and
-# 192^3 voxels measured 854, 933, 1051, 1275 and 1672 MiB (this fit: within 8% of each); the
-# threshold backend at 32^3 .. 192^3 measured 194 .. 387 MiB (within 3%).
-# tests/test_plan_estimate.py checks the estimate against a run.
-MEMORY_MODEL = {  # backend: (constant bytes, bytes per voxel of the read region)
-    "cellpose": (915 * 2**20, 132),
-    "threshold": (192 * 2**20, 29),
-    "labels": (192 * 2**20, 29),
-    "custom": (192 * 2**20, 40),
-}
-MEASURED_ITEMSIZE = 2  # the fits above are for one uint16 channel; other inputs add their difference
-MEASURED_WEIGHTS = 13_323_142  # bytes of the shipped model's weights, part of the constant above
-
-
-def memory_estimate(backend: str, read_voxels: int, itemsize: int = 2, channels: int = 1,
-                    weights: int | None = None) -> dict:
-    """Peak memory of one rank segmenting a block of ``read_voxels`` voxels (see MEMORY_MODEL);
-    ``weights``: size of another model's weights file (counted twice: the file read, the network)."""
-    const, per_voxel = MEMORY_MODEL.get(backend, MEMORY_MODEL["custom"])
-    per_voxel += max(itemsize * channels - MEASURED_ITEMSIZE, 0)
-    if backend == "cellpose" and weights:
-        const += 2 * max(int(weights) - MEASURED_WEIGHTS, 0)
-    return {"bytes": int(const + per_voxel * read_voxels), "constant": int(const), "per_voxel": int(per_voxel),
-            "read_voxels": int(read_voxels)}
-
-
-def with_flow_step(memory: dict, settings) -> dict:
-    """Under ``--pipeline flows`` the flow step holds a slab and the mask step a block's read
-    region: the estimate is the larger of the two (the slab's from its arrays' sizes, not fitted)."""
-    if settings.pipeline == "flows":
-        slab = largest_slab_voxels(settings.grid, settings.flow_group, settings.flow_halo)
-        memory = dict(memory, flow_step_bytes=int(memory["constant"] + SLAB_BYTES_PER_VOXEL * slab),
-                      largest_slab_voxels=int(slab))
-        memory["bytes"] = max(memory["bytes"], memory["flow_step_bytes"])
-    return memory
-
-
-#: GPU memory assumed when ``--gpu-memory`` is not given (GiB): the smallest common data-centre GPU.
-ASSUMED_GPU_GIB = 16.0
-
-
-def cellpose4_network(cfg, model: dict):
-    """The Cellpose 4 network a run loads (:data:`CPSAM_NET` or the stand-in's), None otherwise."""
-    from ..backends import BUILTIN_V4, cellpose_version
-    from ..training_cp4 import CP4_STANDIN_LOADER
-
-    if cfg.backend != "cellpose":
-        return None
-    if model.get("loader") == CP4_STANDIN_LOADER:
-        return STANDIN_NET
-    if model.get("name") in BUILTIN_V4 or ((cellpose_version()[0] or 0) >= 4 and not model.get("loader")):
-        return CPSAM_NET
-    return None
-
-
-def cellpose4_memory(cfg, plan, net, read_voxels: int, gpu_gib) -> tuple:
-    """(GPU estimate, warning or None) for a Cellpose 4 network at the run's batch size and precision."""
-    default = net is not STANDIN_NET  # the stand-in loads in fp32, cpsam in Cellpose 4's bf16
-    bf16 = bool(cfg.model_kwargs.get("use_bfloat16", default if plan.precision is None else plan.precision == "bfloat16"))
-    batch = int(plan.eval_kwargs.get("batch_size") or 8)
-    gpu = gpu_memory_estimate(net, read_voxels, batch, bf16)
-    limit = float(gpu_gib if gpu_gib is not None else ASSUMED_GPU_GIB) * 2**30
-    gpu["device_bytes"] = int(limit)
-    gpu["device_bytes_assumed"] = gpu_gib is None
-    if gpu["bytes"] <= limit:
-        return gpu, None
-    said = f"{gpu_gib:g} GiB (--gpu-memory)" if gpu_gib is not None else \
-        f"{ASSUMED_GPU_GIB:g} GiB (assumed; give --gpu-memory)"
-    fix = ("smaller blocks (the mask step needs ~28-54 B per voxel of a block with its overlap)"
-           if gpu["peak_step"] == "masks" else
-           f"a smaller batch_size (--eval-kwargs '{{\"batch_size\": {max(1, batch // 2)}}}')")
-    return gpu, (f"Cellpose 4 {net['name']} needs about {_human(gpu['bytes'])} of GPU memory per rank "
-                 f"({gpu['precision']} weights {_human(gpu['weights'])}, {batch} tiles per batch "
-                 f"{_human(gpu['tiles'])}, mask step of the largest block {_human(gpu['masks'])}, CUDA "
-                 f"{_human(gpu['cuda_overhead'])}) but a GPU has {said}: use {fix}")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1024 or unit == "PB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024.0
-    return f"{n:.1f} PB"
-
-
-def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None) -> dict:
-    """Facts and warnings about a planned run (pure; reads nothing but metadata).  ``gpu_memory``:
-    GiB per GPU, for the Cellpose 4 GPU estimate (default :data:`ASSUMED_GPU_GIB`)."""
-    grid = plan.grid
-    shape = plan.shape
-    nvox = int(np.prod(shape, dtype=np.int64))
-    itemsize = np.dtype(src.dtype).itemsize
-    nchan = 1 if plan.channel_axis is None else int(src.shape[plan.channel_axis])
-    kept = plan.kept
-    todo = [b for part in plan.segment_assignment for b in part]
-    read_vox = sum(geo.box_size(grid.block(b).read) for b in kept)
-    core_vox = sum(geo.box_size(grid.block(b).core) for b in kept)
-    per_rank = [len(p) for p in plan.segment_assignment]
-    biggest_read = max((geo.box_size(grid.block(b).read) for b in kept), default=0)
-    backend = cfg.backend if isinstance(cfg.backend, str) else "custom"
-    model = plan.resolved_model or {}
-    weights = os.path.getsize(model["path"]) if model.get("path") and os.path.isfile(model["path"]) else None
-    net4 = cellpose4_network(cfg, model)
-    if net4 is CPSAM_NET and weights is None:  # to be downloaded: the fp32 file
-        weights = 4 * CPSAM_NET["parameters"]
-    memory = with_flow_step(memory_estimate(backend, biggest_read, itemsize, nchan, weights), plan.settings)
-    mem = memory["bytes"]
-    inflation = read_vox / core_vox if core_vox else 0.0
-    out_bytes = nvox * 4
-    report = {
-        "volume": list(shape), "dtype": str(np.dtype(src.dtype)), "channels": nchan,
-        "blocksize": list(plan.blocksize), "overlap": list(plan.overlap), "grid": list(grid.grid_shape),
-        "blocks": len(grid), "blocks_kept": len(kept), "blocks_skipped_by_mask": len(grid) - len(kept),
-        "blocks_done_earlier": len(plan.done), "blocks_to_segment": len(todo), "ranks": n_ranks,
-        "blocks_per_rank": {"min": min(per_rank), "max": max(per_rank), "mean": round(float(np.mean(per_rank)), 2)},
-        "overlap_inflation": round(inflation, 3), "stitch": plan.stitch_rule,
-        "memory_per_rank_estimate_bytes": int(mem), "memory_model": memory, "scratch_bytes_max": int(core_vox * 4),
-        "output_bytes_max": int(out_bytes), "work_dir": plan.work_dir, "model": plan.resolved_model,
-        "output": plan.output.array, "voxel_size": plan.voxel_size,
-        "writes": [[what, path] for what, path in
-                   outputs.written_paths(plan.output, plan.work_dir, have_parquet())],
-        "replaces": plan.replaces,
-        "already_complete": _already_complete(cfg, plan),
-        "network": network_cost(plan.settings, kept, cellpose=backend == "cellpose"),
-        "precision": precision_facts(cfg, plan) if backend == "cellpose" else None,
-        "work_dir_free_bytes": free_bytes(plan.work_dir),
-        "warnings": [],
-    }
-    w = report["warnings"]
-    if net4 is not None:
-        report["gpu_memory_estimate"], warning = cellpose4_memory(cfg, plan, net4, biggest_read, gpu_memory)
-        if warning:
-            w.append(warning)
-    if inflation > 2.5:
-        what = (f"the mask step works on {inflation:.1f}x the output voxels (the network on "
-                f"{report['network']['flows_per_voxel']}x)" if plan.pipeline == "flows" else
-                f"{inflation:.1f}x the output voxels are segmented")
-        w.append(f"blocks are small relative to the overlap: {what}; larger blocks (or a smaller overlap) waste less")
-    if mem > 32 * 2**30:
-        w.append(f"the largest block needs about {_human(mem)} per rank; smaller blocks lower the risk of "
-                 "running out of memory")
-    if backend == "cellpose" and model.get("name") != "demo" and net4 is None:
-        w.append("the memory estimate was measured with the shipped model (Cellpose 3); other models may need more "
-                 "(Cellpose 4's cpsam much more): check a first run's peak memory")
-    if n_ranks > len(todo) and todo:
-        w.append(f"more ranks than blocks: {n_ranks} ranks for {len(todo)} block(s) to segment, so "
-                 f"{n_ranks - len(todo)} rank(s) will idle (they wait for the others and the run finishes, but "
-                 f"their memory and GPUs are wasted); use at most {len(todo)} rank(s), or a smaller --blocksize "
-                 f"to give every rank work")
-    net = report["network"]
-    free = report["work_dir_free_bytes"]
-    if plan.pipeline == "flows" and free is not None and net["flow_scratch_bytes"] > free:
-        w.append(f"the flow field needs {_human(net['flow_scratch_bytes'])} in the work directory but its file "
-                 f"system has {_human(free)} free: segment will refuse; choose --work-dir elsewhere or --pipeline "
-                 f"blocks")
-    chunks = getattr(src, "chunks", None)
-    if chunks:
-        sp = [c for i, c in enumerate(chunks) if i != plan.channel_axis]
-        if any(b % c for b, c in zip(plan.blocksize, sp)):
-            w.append(f"blocksize {tuple(plan.blocksize)} is not a multiple of the input chunks {tuple(sp)}: "
-                     "neighbouring blocks read the same chunks")
-    return report
-
-
-def precision_facts(cfg, plan) -> dict:
-    """The network's precision for this run, why, and whether the device computes bfloat16 natively."""
-    from ..backends import cellpose_version
-    from ..precision import bf16_support, model_precision, run_device
-
-    device = run_device(cfg.device)
-    native, why = bf16_support(device)
-    own = model_precision(cellpose_version()[0], plan.resolved_model, cfg.model_kwargs)
-    return {"precision": plan.precision or own, "why": plan.precision_why, "device": device,
-            "bf16_native": native, "bf16_why": why}
-
-
-def _already_complete(cfg, plan) -> bool:
-    """OUTPUT is the finished output of this very configuration: segment would do nothing."""
-    if cfg.restart:
-        return False
-    marker = outputs.output_marker(plan.output.array) or {}
-    return bool(marker.get("complete") is True and marker.get("run_id") == plan.run_id
-                and os.path.isfile(outputs.table_path(plan.output.stem))
-                and os.path.isfile(outputs.boxes_path(plan.output.stem)))
 
 
 def format_report(r: dict) -> str:
@@ -220,14 +24,14 @@ def format_report(r: dict) -> str:
         f"ranks {r['ranks']}: blocks per rank min {r['blocks_per_rank']['min']}, "
         f"mean {r['blocks_per_rank']['mean']}, max {r['blocks_per_rank']['max']}",
         f"overlap inflation {r['overlap_inflation']}x (voxels segmented / voxels written); stitching {r['stitch']}",
-        f"memory per rank (estimate, CPU) {_human(r['memory_per_rank_estimate_bytes'])}: "
-        f"{_human(r['memory_model']['constant'])} for Python, the libraries and the model + "
+        f"memory per rank (estimate, CPU) {human_bytes(r['memory_per_rank_estimate_bytes'])}: "
+        f"{human_bytes(r['memory_model']['constant'])} for Python, the libraries and the model + "
         f"{r['memory_model']['per_voxel']} B x {r['memory_model']['read_voxels']:,} voxels of the largest block "
-        f"with its overlap" + (f"; the flow step {_human(r['memory_model']['flow_step_bytes'])} (~{SLAB_BYTES_PER_VOXEL} B "
-                               f"x {r['memory_model']['largest_slab_voxels']:,} voxels of the largest slab)"
-                               if "flow_step_bytes" in r["memory_model"] else ""),
-        f"scratch up to {_human(r['scratch_bytes_max'])}, output up to {_human(r['output_bytes_max'])} before "
-        f"compression",
+        f"with its overlap" + (f"; the flow step {human_bytes(r['memory_model']['flow_step_bytes'])} "
+                               f"(~{SLAB_BYTES_PER_VOXEL} B x {r['memory_model']['largest_slab_voxels']:,} voxels "
+                               f"of the largest slab)" if "flow_step_bytes" in r["memory_model"] else ""),
+        f"scratch up to {human_bytes(r['scratch_bytes_max'])}, output up to {human_bytes(r['output_bytes_max'])} "
+        f"before compression",
     ]
     lines += _gpu_lines(r)
     lines += _network_lines(r)
@@ -255,9 +59,9 @@ def _gpu_lines(r: dict) -> list:
         return []
     assumed = " (assumed)" if g["device_bytes_assumed"] else ""
     return [f"GPU memory per rank (estimate, Cellpose 4 {g['network']}, {g['precision']}, batch_size "
-            f"{g['batch_size']}) {_human(g['bytes'])}: weights {_human(g['weights'])} + max(network "
-            f"{_human(g['tiles'])}, mask step {_human(g['masks'])}) + CUDA {_human(g['cuda_overhead'])}; GPU "
-            f"{_human(g['device_bytes'])}{assumed}"]
+            f"{g['batch_size']}) {human_bytes(g['bytes'])}: weights {human_bytes(g['weights'])} + max(network "
+            f"{human_bytes(g['tiles'])}, mask step {human_bytes(g['masks'])}) + CUDA "
+            f"{human_bytes(g['cuda_overhead'])}; GPU {human_bytes(g['device_bytes'])}{assumed}"]
 
 
 def _network_lines(r: dict) -> list:
@@ -271,8 +75,8 @@ def _network_lines(r: dict) -> list:
     return [f"network evaluations per output voxel: {net['flows_per_voxel']} with --pipeline flows (slabs "
             f"{net.get('flow_slab', 1)} block(s) wide, in-plane halo {net['flow_halo']}){mark['flows']}, "
             f"{net['blocks_per_voxel']} with --pipeline blocks{mark['blocks']}",
-            f"flow field (--pipeline flows, half precision): {_human(net['flow_scratch_bytes'])} in the work "
-            f"directory" + (f" ({_human(free)} free there)" if free is not None else "")]
+            f"flow field (--pipeline flows, half precision): {human_bytes(net['flow_scratch_bytes'])} in the work "
+            f"directory" + (f" ({human_bytes(free)} free there)" if free is not None else "")]
 
 
 def register(sub) -> None:
@@ -313,18 +117,13 @@ def main(args) -> int:
 
 
 def _plan_and_print(args, launched: int) -> int:
-    from ..phases.plan import make_plan, open_volume
-
     ranks = args.ranks if args.ranks is not None else launched
     ns = args
     try:
         if ranks < 1:
             raise ConfigError(f"--ranks must be >= 1, got --ranks {ranks}")
         ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("ranks", "json", "gpu_memory")})
-        cfg = config_from_args(ns)
-        vol = open_volume(cfg)
-        plan = make_plan(cfg, vol, ranks, prepare=False)
-        report = plan_report(cfg, plan, vol.array, ranks, getattr(args, "gpu_memory", None))
+        report = dry_run(config_from_args(ns), ranks, getattr(args, "gpu_memory", None))
     except (MpiCellposeError, ValueError, FileNotFoundError, OSError) as exc:
         sys.stderr.write(f"mpicellpose: error: {cli_message(exc, ns)}\n")
         return exit_code(exc)

@@ -1,10 +1,10 @@
 """``mpicellpose preview``: a PNG of a label volume's mid-planes with outlines (the rendering
-is :mod:`mpicellpose.preview`)."""
+is :mod:`mpicellpose.tools.preview`)."""
 from __future__ import annotations
 
 import sys
 
-from .. import preview
+from ..tools import preview
 
 
 def register(sub) -> None:

@@ -98,7 +98,7 @@ class Mailbox(DataSteps):
         self.work = {}  # rank -> (voxels done, voxels of the block in progress), on rank 0 (run-time hand-out)
         self.notified = False
         self.watchdog = watchdog_seconds(watchdog)
-        self.stop = stop  # an object with .signum/.t (see mpicellpose.signals.StopFlag) or None
+        self.stop = stop  # an object with .signum/.t (see mpicellpose.runner.signals.StopFlag) or None
         self.seq = 0  # collectives entered on this rank
         self.where = "start-up"
         now = time.monotonic()

@@ -9,9 +9,9 @@
             ...
 
 ``shares`` holds, per rank, the items it would do if every item cost its estimate (see
-:mod:`mpicellpose.schedule`: round-robin over the items sorted costliest first).  Every rank
+:mod:`mpicellpose.grid.schedule`: round-robin over the items sorted costliest first).  Every rank
 starts with the first item of its own share (no message); every further item is taken from
-the common order (:func:`mpicellpose.schedule.interleave` of the shares) at the position an
+the common order (:func:`mpicellpose.grid.schedule.interleave` of the shares) at the position an
 atomic counter gives: ``MPI_Rget_accumulate(+1)`` on one int64 in a window of rank 0, under
 a passive ``MPI_Win_lock_all`` epoch.  Nobody serves: the rank that hosts the counter
 computes like the others.  A fast rank simply asks more often, and the costliest items are

@@ -1,0 +1,366 @@
+"""A run, top to bottom: plan -> segment -> match faces -> merge -> relabel -> table -> finish.
+
+:func:`run` sets up what every phase shares (the MPI gateway, signal handling, the output's
+lock) and calls the phases of :mod:`mpicellpose.runner.phases` in order; each takes and returns
+frozen values.  Every phase ends with a collective agreement, so an error on any rank stops
+all of them with the same message, and every phase leaves its result on disk in the work
+directory (:class:`mpicellpose.runner.workdir.WorkDir`), so re-running the same command resumes
+where it stopped.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .. import comm as mpi
+from ..config import RunConfig
+from ..errors import DistributedError, MpiCellposeError, OutputExistsError, agreed
+from ..grid.cost import cost_summary
+from ..volumes import storage
+from . import outputs
+from .blocks import gpu_rank_wants
+from .phases import normalize as normalization
+from .phases import faces, finish, flows, maskahead, merge, relabel, segment, table
+from .phases.plan import Plan, make_plan, open_volume, resolve_settings, spatial_shape, validate_input  # noqa: F401
+from .phases.plan import fingerprint_of, output_format
+from .quiet import quiet_libraries
+from .runlog import RANK, log
+from .signals import StopFlag, handling_signals
+from .workdir import fingerprint_diff
+
+
+# --------------------------------------------------------------------------- results
+class Boxes:
+    """Bounding boxes of labels 1..N as a read-only sequence: ``boxes[k]`` is the tuple of
+    slices bounding label ``k + 1`` (the reference's meaning).  Backed by an (N, D, 2)
+    array, memory-mapped from disk when large."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __len__(self):
+        return int(self.array.shape[0])
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        row = self.array[k]
+        return tuple(slice(int(a), int(b)) for a, b in row)
+
+    def __iter__(self):
+        for k in range(len(self)):
+            yield self[k]
+
+    def __repr__(self):
+        return f"Boxes({len(self)} labels)"
+
+
+@dataclass
+class RunResult:
+    labels: object
+    boxes: Boxes
+    n_objects: int
+    n_merged: int
+    timings: dict = field(default_factory=dict)
+    table_path: str | None = None
+    reused_blocks: int = 0
+    stats: dict = field(default_factory=dict)
+    output: str | None = None
+
+
+# --------------------------------------------------------------------------- the run
+def run(cfg: RunConfig, comm=None) -> RunResult:
+    """Run the whole pipeline on ``comm`` (COMM_WORLD when None; never finalized).
+
+    Every rank of ``comm`` must call it with the same configuration.
+    """
+    if comm is None:
+        mpi.check_world(mpi.world())
+    comm = mpi.dup(comm)
+    token = RANK.set(comm.Get_rank())
+    stop = StopFlag()
+    box = mpi.Mailbox(comm, watchdog=cfg.watchdog, stop=stop)
+    held = {}  # rank 0: the output's lock, released whatever happens
+    try:
+        with handling_signals(stop, box.abort, box.rank, watch_parent=box.size > 1), quiet_libraries():
+            try:
+                return _run(cfg, box, stop, held)
+            except BaseException as exc:
+                if box.size > 1 and not getattr(exc, "agreed", False):
+                    # an error the other ranks do not know of: they would wait for this rank for ever
+                    box.abort(1, f"unexpected error outside the collective error handling: {mpi.describe(exc)}")
+                raise
+    finally:
+        if held.get("lock") is not None:
+            held["lock"].release()
+        RANK.reset(token)
+        mpi.free(comm)
+
+
+class _Clock:
+    """Seconds per phase, in the order they ran."""
+
+    def __init__(self):
+        self.t0 = self.t = time.perf_counter()
+        self.timings = {}
+
+    def lap(self, name):
+        now = time.perf_counter()
+        self.timings[name] = now - self.t
+        self.t = now
+
+
+def _run(cfg: RunConfig, box, stop, held) -> RunResult:
+    clock = _Clock()
+    vol, plan = plan_phase(cfg, box, held)
+    clock.lap("plan")
+    if isinstance(plan, Complete):
+        return _already_complete(box, plan, clock)
+    if box.rank == 0 and plan.precision_why:
+        log.info(plan.precision_why)
+    plan = plan.with_normalization(normalization.global_normalization(cfg, plan.settings, plan.kept, vol.array, box))
+    _log_normalization(box, plan)
+    clock.lap("normalize")
+    if cfg.backend == "cellpose":
+        import_backend(cfg, box)
+        clock.lap("import")
+    my_blocks = box.scatter(plan.segment_assignment if box.rank == 0 else None, "handing out the blocks")
+    flows_pipeline = plan.settings.pipeline == "flows"  # every rank may compute flows: every rank loads the model
+    backend, scratch = segment.start_backend(cfg, plan, box, plan.to_segment if flows_pipeline else my_blocks)
+    clock.lap("model_load")
+    flowed = None
+    if flows_pipeline:
+        ahead = None
+        if gpu_rank_wants(cfg.masks_during_flows, backend):  # a GPU rank by default
+            ahead = functools.partial(maskahead.MaskAhead, cfg, plan, backend, scratch)
+        flowed = flows.flows_phase(cfg, plan, box, stop, vol.array, backend, plan.to_segment, ahead)
+        clock.lap("flows")
+        backend = flows.FlowMasks(backend, plan) if backend is not None else None
+        if flowed.masked:  # the segmentation phase does the others
+            plan = plan.without_blocks(flowed.masked, box.size)
+            my_blocks = plan.segment_assignment[box.rank]
+    segmented = segment.segment_phase(cfg, plan, box, stop, vol.array, my_blocks, backend, scratch)
+    if flowed is not None and flowed.masked:
+        segmented = replace(segmented, blocks_now=segmented.blocks_now + len(flowed.masked))
+    del backend
+    clock.lap("segment")
+    mine = plan.owners(box.size)[box.rank]  # the blocks this rank stitches, relabels and reports
+    counts, offsets = merge.block_counts(plan, box, mine)
+    edges = faces.match_faces(cfg, plan, box, mine, offsets)
+    merged = merge.merge(box, edges, counts, offsets, mine)
+    clock.lap("stitch")
+    relabelled = relabel.relabel_phase(cfg, plan, box, stop, mine, merged)
+    clock.lap("relabel")
+    tabled = table.table_phase(plan, box, mine, merged)
+    clock.lap("table")
+    levels = finish.build_label_pyramid(cfg, plan, box)
+    if plan.output.group is not None:
+        clock.lap("pyramid")
+    clock.timings["total"] = time.perf_counter() - clock.t0
+    summary = _summary(box, plan, merged, tabled, levels, clock.timings, flowed)
+    summary["warnings"] = finish.result_warnings(cfg, plan, merged.n_objects, tabled.size_hist)
+    summary = finish.finish_phase(cfg, plan, box, summary)
+    reused = box.allreduce_sum(relabelled.reused, "counting reused blocks")
+    _log_done(box, plan, merged, segmented, summary)
+    summary["comm_bytes_sent"] = edges.bytes_sent
+    labels = storage.open_array(plan.output.array, mode="r")
+    boxes = Boxes(np.load(outputs.boxes_path(plan.output.stem), mmap_mode="r"))
+    return RunResult(labels, boxes, merged.n_objects, merged.n_merged, summary["timings"],
+                     tabled.table, len(plan.done) + reused, summary, plan.output.array)
+
+
+def plan_phase(cfg, box, held):
+    """Every rank opens the input; rank 0 checks everything, locks the output and plans, or
+    finds the output already complete (a :class:`Complete` instead of the plan); the plan (or
+    rank 0's error, raised alike on every rank) goes to all.
+
+    No rank imports Cellpose (5-30 s) before the plan is agreed: a mistake in the command is
+    refused in about a second whatever the number of ranks (see :func:`import_backend`)."""
+    vol, err, plan = None, None, None
+    if box.rank == 0:
+        _log_start(cfg, box)
+    try:
+        vol = open_volume(cfg)
+    except Exception as exc:  # noqa: BLE001 - agreed below
+        err = exc
+    if box.rank == 0 and err is None:
+        try:
+            place, _ = outputs.locate_output(cfg, vol)
+            held["lock"] = outputs.lock_output(cfg, place)  # before anything is written
+            plan = find_complete(cfg, vol, place, box.size) or make_plan(cfg, vol, box.size)
+        except OutputExistsError as exc:
+            err = _what_changed(cfg, vol, exc)
+        except Exception as exc:  # noqa: BLE001 - sent to every rank below
+            err = exc
+    root_err = box.bcast(None if err is None or box.rank != 0 else (type(err).__name__, str(err)), "planning")
+    if root_err is not None:
+        if box.rank == 0:
+            raise agreed(err)
+        _raise_from_root(root_err)
+    box.agree(err, where="opening the input")  # another rank could not open the input
+    plan = box.bcast(plan, "sending the plan")
+    if box.rank == 0 and not isinstance(plan, Complete):
+        _log_plan(box, plan, held.get("lock"))
+    return vol, plan
+
+
+def _raise_from_root(payload):
+    """Raise on this rank the error rank 0 reported during planning."""
+    cls_name, message = payload
+    import mpicellpose.errors as errs
+
+    cls = getattr(errs, cls_name, None)
+    if isinstance(cls, type) and issubclass(cls, MpiCellposeError) and cls is not DistributedError:
+        raise agreed(cls(message))
+    raise agreed(DistributedError(f"rank 0 failed during planning: {message}", [(0, message)]))
+
+
+def import_backend(cfg, box):
+    """Every rank imports Cellpose and torch, once the plan is agreed (timed apart: "import").
+
+    A failure is not raised here: :func:`mpicellpose.runner.blocks.build_backend` reports it clearly."""
+    t = time.perf_counter()
+    if box.rank == 0:
+        log.info("importing Cellpose and torch on %d rank(s) (5-30 s, longer the first time on a node)", box.size)
+    try:
+        import cellpose.models  # noqa: F401
+    except Exception:  # noqa: BLE001 - build_backend raises the clear error
+        return
+    if box.rank == 0:
+        from ..cellpose.models import cellpose_version
+
+        log.info("imported Cellpose %s in %.1f s", cellpose_version()[1], time.perf_counter() - t)
+
+
+# --------------------------------------------------------------------------- a finished output
+@dataclass(frozen=True)
+class Complete:
+    """Rank 0's finding that OUTPUT already holds this very run, finished: nothing to do."""
+
+    plan: Plan            # the dry plan (nothing was prepared or written)
+    marker: dict          # the output's 'mpicellpose' attributes
+    table: str
+    boxes: str
+
+
+def find_complete(cfg, vol, place, n_ranks):
+    """Rank 0: :class:`Complete` when OUTPUT is the finished output of this configuration (its
+    marker says complete with this run's run_id; its object table and boxes are there), else
+    None.  Only reads; ``--restart`` always computes again."""
+    if cfg.restart:
+        return None
+    marker = outputs.output_marker(place.array)
+    if not marker or marker.get("complete") is not True or marker.get("n_objects") is None:
+        return None
+    tbl, boxes = outputs.table_path(place.stem), outputs.boxes_path(place.stem)
+    if not (os.path.isfile(tbl) and os.path.isfile(boxes)):
+        return None
+    dry = make_plan(cfg, vol, n_ranks, prepare=False)
+    if dry.run_id != marker.get("run_id"):
+        return None
+    return Complete(dry, marker, tbl, boxes)
+
+
+def _what_changed(cfg, vol, err):
+    """An output made by a run with another configuration: say what differs from this one."""
+    try:
+        place = outputs.resolve_output(cfg, vol)
+        old = (outputs.output_marker(place.array) or {}).get("fingerprint")
+        if not old or "another configuration" not in str(err):
+            return err
+        new = fingerprint_of(cfg, vol, resolve_settings(cfg, vol), output_format(cfg, vol, place))
+        diff = fingerprint_diff(old, new)
+    except Exception:  # noqa: BLE001 - the original message stands
+        return err
+    if not diff:
+        return err
+    more = " ..." if len(diff) > 6 else ""
+    return OutputExistsError(f"{err}. It differs from this command in: {'; '.join(diff[:6])}{more} (with the "
+                             f"earlier settings the run finds it complete)")
+
+
+def _already_complete(box, done: Complete, clock) -> RunResult:
+    """Every rank: the result of the finished run, read from the output (which is not touched)."""
+    marker, plan = done.marker, done.plan
+    n_objects = int(marker["n_objects"])
+    if box.rank == 0:
+        log.info("already complete: %d objects in %s (finished %s with this configuration); nothing to do "
+                 "(pass --restart to compute it again)", n_objects, plan.output.array, marker.get("finished", "?"))
+    clock.timings["total"] = time.perf_counter() - clock.t0
+    timings = {k: round(v, 3) for k, v in clock.timings.items()}
+    stats = {"already_complete": True, "n_objects": n_objects, "table": done.table,
+             "n_stitched_objects": marker.get("n_stitched_objects"), "ranks": box.size, "timings": timings,
+             "normalization": marker.get("normalization"), "finished": marker.get("finished"),
+             "run_timings": marker.get("timings")}
+    labels = storage.open_array(plan.output.array, mode="r")
+    boxes = Boxes(np.load(done.boxes, mmap_mode="r"))
+    # n_merged: recorded by newer runs only; -1 when the output does not say
+    return RunResult(labels, boxes, n_objects, int(marker.get("n_merged_away", -1)), timings, done.table,
+                     len(plan.kept), stats, plan.output.array)
+
+
+def _summary(box, plan, merged, tabled, levels, timings, flowed=None) -> dict:
+    summary = {"n_stitched_objects": tabled.n_stitched_objects, "table": tabled.table,
+               "table_parquet": tabled.table_parquet, "cost": cost_summary(plan, flowed)}
+    if plan.output.group is not None:
+        summary["pyramid_levels"] = None if levels is None else [list(x) for x in levels]
+    summary.update({"n_objects": merged.n_objects, "n_provisional": merged.n_provisional,
+                    "n_merged_away": merged.n_merged, "n_edges": merged.n_edges,
+                    "dtype": str(merged.dtype), "ranks": box.size,
+                    "timings": {k: round(v, 3) for k, v in timings.items()},
+                    "normalization": plan.normalization})
+    return summary
+
+
+# --------------------------------------------------------------------------- messages (rank 0)
+def _log_start(cfg, box):
+    """The first line, within a second of the start: what is read and what model runs."""
+    src = cfg.input if isinstance(cfg.input, (str, os.PathLike)) else f"an in-memory {type(cfg.input).__name__}"
+    if cfg.dataset:
+        src = f"{src} (dataset {cfg.dataset})"
+    if cfg.backend == "cellpose":
+        model = cfg.model_kwargs.get("pretrained_model") or cfg.model_kwargs.get("model_type") or "Cellpose's default"
+        what = f"model {model} (Cellpose)"
+    else:
+        what = f"the {cfg.backend if isinstance(cfg.backend, str) else type(cfg.backend).__name__} backend"
+    log.info("reading %s and planning; %s on %d rank(s)", src, what, box.size)
+
+
+def _log_plan(box, plan, lock):
+    from .table import have_parquet
+
+    grid = plan.grid
+    log.info("plan: volume %s, grid %s (%d blocks, %d kept by mask, %d already done), blocksize %s, "
+             "overlap %s, %s stitching, %d rank(s)", plan.shape, grid.grid_shape, len(grid),
+             len(plan.kept), len(plan.done), plan.blocksize, plan.overlap, plan.stitch_rule, box.size)
+    log.info("writes: %s", "; ".join(f"{what} {path}" for what, path in
+                                      outputs.written_paths(plan.output, plan.work_dir, have_parquet())))
+    if plan.replaces:
+        log.warning("--overwrite: %s will be replaced", plan.replaces)
+    if lock is not None and lock.took_over:
+        log.warning("took over the lock of an earlier run that died (%s)", lock.took_over)
+
+
+def _log_normalization(box, plan):
+    norm = plan.normalization
+    if norm and box.rank == 0:
+        per_channel = norm["normalize"].get("lowhigh_per_channel")
+        bounds = [norm["normalize"]["lowhigh"]] if not per_channel else per_channel
+        text = ", ".join(f"[{lo:.6g}, {hi:.6g}]" for lo, hi in bounds)
+        log.info("normalisation: percentiles %s of %d voxels from %d blocks -> %s%s", norm["percentile"],
+                 norm["sampled_voxels"], norm["sampled_blocks"], text, " (per channel)" if per_channel else "")
+
+
+def _log_done(box, plan, merged, segmented, summary):
+    if box.rank == 0:
+        log.info("done: %d objects (%d provisional, %d merged away, %d stitched across faces), dtype %s; "
+                 "%d blocks segmented now, %d reused from an earlier run; time %s",
+                 merged.n_objects, merged.n_provisional, merged.n_merged, summary["n_stitched_objects"],
+                 merged.dtype, segmented.blocks_now, len(plan.done),
+                 ", ".join(f"{k} {v:.2f}s" for k, v in summary["timings"].items()))
+        for warning in summary.get("warnings") or ():
+            log.warning(warning)

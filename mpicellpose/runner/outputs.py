@@ -1,0 +1,224 @@
+"""Where a run writes, and the rules that keep it from harming anything else.
+
+A user's only copy of a 10-TB volume may sit next to the output, and batch scripts make
+mistakes (an unset ``$OUT``, a ``.`` for "here", an output folder that also holds the input).
+So, before any work:
+
+* the output path is refused when it is empty, ``/``, the home directory, the current
+  directory or one of their parents, a directory that contains the input, the mask, the
+  configuration file or the work directory, a path inside the input, or a path inside
+  another zarr *array*;
+* an existing output is replaced (``--overwrite``) only when it is a zarr array or group;
+  a plain directory or file is never deleted, whatever the flags;
+* side files (object table, Parquet table, boxes, lock, work directory) sit beside the
+  output, in the directory the user named for it, and an existing one is replaced only when
+  this project wrote it (its signature) and the output is this run's own or ``--overwrite``
+  was given;
+* one run per output at a time: :class:`mpicellpose.runner.lock.OutputLock`.
+
+Everything here is pure path logic (the lock file is :mod:`mpicellpose.runner.lock`'s); nothing
+MPI.  The rules for any path a command writes are :mod:`mpicellpose.volumes.safety`'s (also used
+by ``mpicellpose convert``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError, InputError, OutputExistsError, UnsafeOutputError
+from ..volumes import ngff, storage
+from ..volumes.safety import _inside, check_target, protected_paths, replaceable
+from .lock import OutputLock
+
+WORK_SUFFIX = ".mpicellpose-work"
+LOCK_SUFFIX = ".mpicellpose-lock"
+TABLE_SUFFIX = ".objects.csv"
+PARQUET_SUFFIX = ".objects.parquet"
+BOXES_SUFFIX = ".boxes.npy"
+
+
+# --------------------------------------------------------------------------- names
+def output_stem(output) -> str:
+    s = str(output).rstrip("/")
+    for suffix in (".ome.zarr", ".zarr"):
+        if s.endswith(suffix):
+            return s[: -len(suffix)]
+    return s
+
+
+def default_work_dir(stem) -> str:
+    return stem + WORK_SUFFIX
+
+
+def table_path(stem) -> str:
+    return stem + TABLE_SUFFIX
+
+
+def parquet_path(stem) -> str:
+    return stem + PARQUET_SUFFIX
+
+
+def boxes_path(stem) -> str:
+    return stem + BOXES_SUFFIX
+
+
+def lock_path(stem) -> str:
+    return stem + LOCK_SUFFIX
+
+
+@dataclass(frozen=True)
+class OutputPlace:
+    """Where the labels go: a plain zarr array, or level 0 of an NGFF label image."""
+
+    array: str                   # the level-0 label array
+    stem: str                    # prefix of the object table, boxes, lock and work directory
+    group: str | None = None     # NGFF label image group (None: plain array)
+    image_group: str | None = None  # the input image group when the labels go inside it
+    name: str | None = None      # label image name inside the image group
+
+    @property
+    def root(self) -> str:
+        """What ``--overwrite`` replaces: the label group, else the array."""
+        return self.group or self.array
+
+    def side_files(self) -> dict:
+        """Every path beside the output that a run writes (except the work directory)."""
+        return {"object table": table_path(self.stem), "Parquet table": parquet_path(self.stem),
+                "boxes": boxes_path(self.stem), "lock": lock_path(self.stem)}
+
+
+# --------------------------------------------------------------------------- where
+def resolve_output(cfg, vol) -> OutputPlace:
+    """Decide where the labels are written (pure)."""
+    if cfg.output is not None and not str(cfg.output).strip():
+        raise UnsafeOutputError("OUTPUT is empty (an unset shell variable?): give the path of the label array to "
+                                "write, e.g. labels.zarr")
+    if vol is not None and vol.is_ome and (cfg.labels_name or cfg.output is None):
+        name = cfg.labels_name or "mpicellpose"
+        group, arr0 = ngff.label_paths(vol.group_path, name)
+        return OutputPlace(os.path.abspath(arr0), output_stem(os.path.abspath(vol.group_path)) + "." + name,
+                           os.path.abspath(group), os.path.abspath(vol.group_path), name)
+    if cfg.output is None:
+        raise ConfigError("no OUTPUT given: it can be left out only for an OME-Zarr input (the labels then go "
+                          "inside the image group, under labels/)")
+    out = os.path.abspath(str(cfg.output))
+    if out.rstrip("/").endswith(".ome.zarr"):
+        group, arr0 = ngff.standalone_label_paths(out)
+        return OutputPlace(arr0, output_stem(out), group)
+    return OutputPlace(out, output_stem(out))
+
+
+def locate_output(cfg, vol, *, prepare: bool = True):
+    """Rank 0: where the run writes, checked against everything it could harm (before any
+    work), with the parent directory created when ``prepare``.  Returns (place, work dir)."""
+    place = resolve_output(cfg, vol)
+    work = str(cfg.work_dir or default_work_dir(place.stem))
+    check_output_path(cfg, place, work)
+    out = place.array
+    if isinstance(cfg.input, (str, os.PathLike)) and os.path.abspath(cfg.input) in (out, place.group):
+        raise ConfigError(f"output {cfg.output!r} is the same path as the input")
+    parent = os.path.dirname(out) or "."
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"output location {parent!r} is not a directory ({existing!r} is a file)")
+    if prepare:
+        storage.check_writable(existing)
+        os.makedirs(parent, exist_ok=True)
+    return place, work
+
+
+def lock_output(cfg, place):
+    """Rank 0: the exclusive lock on the output for this run (see :class:`mpicellpose.runner.lock.OutputLock`)."""
+    return OutputLock(lock_path(place.stem), str(cfg.output or place.root)).acquire()
+
+
+def check_output_path(cfg, place: OutputPlace, work_dir: str) -> None:
+    """Refuse, before any work, an output or work directory that could harm the user's files."""
+    typed = cfg.output
+    if typed is not None and not str(typed).strip():
+        raise UnsafeOutputError("OUTPUT is empty (an unset shell variable?): give the path of the label array to "
+                                "write, e.g. labels.zarr")
+    shown = repr(str(typed)) if typed is not None else repr(place.root)
+    protected = protected_paths(cfg)
+    inside_ok = ("the input",) if place.image_group is not None else ()
+    real_out = check_target("OUTPUT", shown, place.root, protected, may_be_inside=inside_ok)
+    real_work = check_target("the work directory", repr(str(work_dir)), work_dir, protected)
+    if _inside(real_out, real_work) or _inside(real_work, real_out):
+        raise UnsafeOutputError(f"OUTPUT {shown} and the work directory {str(work_dir)!r} must not contain "
+                                f"each other")
+
+
+def check_existing_output(cfg, place: OutputPlace, ours: bool) -> str | None:
+    """:func:`mpicellpose.volumes.safety.replaceable` for a run's output (the label group of an NGFF output)."""
+    shown = repr(str(cfg.output)) if cfg.output is not None else repr(place.root)
+    return replaceable(place.root, shown, cfg.overwrite, ours=ours, marker=output_marker(place.array))
+
+
+def output_marker(path):
+    """The 'mpicellpose' attributes of a label array, or None."""
+    try:
+        arr = storage.open_array(path, mode="r")
+        return dict(arr.attrs.get("mpicellpose", {}) or {}) or None
+    except Exception:
+        return None
+
+
+def _is_our_table(path: str) -> bool:
+    try:
+        with open(path) as f:
+            first = f.readline().strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first.startswith("id,voxels,") and first.endswith(",n_blocks,stitched,blocks")
+
+
+def _is_our_boxes(path: str) -> bool:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception:
+        return False
+    return arr.dtype == np.int64 and arr.ndim == 3 and arr.shape[2] == 2 and arr.shape[1] in (2, 3)
+
+
+def _is_our_parquet(path: str) -> bool:
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return all(n.startswith("part-") and n.endswith(".parquet") for n in names)
+
+
+_SIGNATURES = {"object table": _is_our_table, "Parquet table": _is_our_parquet, "boxes": _is_our_boxes}
+
+
+def check_side_files(cfg, place: OutputPlace, output_is_ours: bool) -> None:
+    """Refuse to replace a side file that this project did not write, or one of ours that
+    belongs to another output, without --overwrite."""
+    for what, path in place.side_files().items():
+        if what == "lock" or not os.path.lexists(path):
+            continue
+        ours = _SIGNATURES[what](path) and not os.path.islink(path)
+        if not ours:
+            raise UnsafeOutputError(f"{path!r} ({what} of OUTPUT) already exists and was not written by mpicellpose: "
+                                    f"it is never replaced, even with --overwrite; move it away or choose another "
+                                    f"OUTPUT")
+        if not (output_is_ours or cfg.overwrite):
+            raise OutputExistsError(f"{path!r} ({what}) is left from an earlier mpicellpose run; add --overwrite to "
+                                    f"replace it, or choose another OUTPUT")
+
+
+def written_paths(place: OutputPlace, work_dir: str, parquet: bool) -> list:
+    """(what, path) of everything a run writes, for the plan and the first log lines."""
+    out = [("labels", place.array)]
+    if place.group is not None:
+        out.append(("label image group", place.group))
+    out += [("object table", table_path(place.stem))]
+    if parquet:
+        out.append(("Parquet table", parquet_path(place.stem)))
+    out += [("boxes", boxes_path(place.stem)), ("lock (while running)", lock_path(place.stem)),
+            ("work directory (removed at the end)", str(work_dir))]
+    return out

@@ -1,0 +1,83 @@
+"""The block loop of a per-block phase (segmentation, flows): this rank's blocks, handed out at
+run time or fixed, each block's input read ahead in a thread while the one before is worked on
+(``--read-ahead``), an error told to the other ranks at once and returned to be agreed on."""
+from __future__ import annotations
+
+import time
+
+from ... import comm as mpi
+from ...grid import geometry as geo
+from ..blocks import gpu_rank_wants
+from ..runlog import log
+from ..signals import StopNow
+
+
+def read_ahead_wanted(cfg, backend) -> bool:
+    """``--read-ahead`` for this rank: auto is on for a rank whose model runs on a GPU."""
+    return gpu_rank_wants(getattr(cfg, "read_ahead", "auto"), backend)
+
+
+def run_blocks(box, grid, shares, dynamic, label, progress, stop, work, block_error, load=None):
+    """The block loop of a per-block phase (segmentation, flows): this rank's share of ``shares``,
+    or blocks handed out at run time (:class:`mpicellpose.comm.Handout`; every rank enters it, with
+    or without blocks).  ``work(blk, done, get)`` does one block and may return a count; a block stopped
+    by a signal is not counted (a resume redoes it); an error is logged, told to the other ranks and
+    returned (``block_error(exc, blk)`` names the block).  Returns (error or None, sum of the counts).
+
+    ``load(blk)`` (optional, ``--read-ahead``): the block's input, read in a thread while the block
+    before it is worked on; ``get()`` then returns it (or raises the read's error) and is None
+    without ``load``."""
+    mine = shares[box.rank] if box.rank < len(shares) else ()
+    total = -1 if dynamic and box.size > 1 else len(mine)
+    err, done, vox, seconds, counted = None, 0, 0, 0.0, 0
+    with mpi.Handout(box, shares, dynamic=dynamic, label=label, progress=progress) as blocks:
+        ahead = read_ahead(blocks, grid, load)
+        try:
+            for blk, get in ahead:
+                if box.poll() or stop:
+                    break
+                if done:  # rank 0 hears of a finished block with the size of the next one
+                    box.send_progress(done, total, seconds, work=(vox, geo.box_size(blk.read)))
+                    progress()
+                t_block = time.perf_counter()
+                try:
+                    counted += work(blk, done, get) or 0
+                except StopNow:
+                    break  # the block in progress is not recorded: a resume redoes it
+                except Exception as exc:  # noqa: BLE001 - agreed by the caller, on every rank
+                    err = block_error(exc, blk)
+                    log.error("rank %d: %s", box.rank, err)
+                    box.notify_abort(str(err))
+                    break
+                done, vox, seconds = done + 1, vox + geo.box_size(blk.read), time.perf_counter() - t_block
+        finally:
+            ahead.close()  # a read still running is waited for, one not started is dropped
+        if done:
+            box.send_progress(done, total, seconds, work=(vox, 0))
+            progress()
+    return err, counted
+
+
+def read_ahead(blocks, grid, load):
+    """(block, get) for each block of ``blocks``.  With ``load``, the next block is taken (from the
+    hand-out, in this thread: MPI stays on the main thread) as soon as the current one is given
+    out, and ``load`` reads it in a second thread meanwhile: a GPU rank's network does not wait
+    for the disk.  The cost: one more block's input in memory, and a block taken one step early."""
+    if load is None:
+        for linear in blocks:
+            yield grid.block(linear), None
+        return
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mpicellpose-read")
+    try:
+        it = iter(blocks)
+        nxt = next(it, None)
+        fut = pool.submit(load, grid.block(nxt)) if nxt is not None else None
+        while nxt is not None:
+            blk, cur = grid.block(nxt), fut
+            nxt = next(it, None)
+            fut = pool.submit(load, grid.block(nxt)) if nxt is not None else None
+            yield blk, cur.result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,76 @@
+"""Phase 5, every rank: write its blocks into the output with their final IDs.
+
+Rank 0 creates the output (or keeps this run's own when resuming; ``--overwrite`` replaces
+only a zarr node, see :mod:`mpicellpose.runner.outputs`).  Each output chunk is one block, written
+once by the rank that owns it; a done-marker per block lets a resume skip it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..._version import __version__
+from ...errors import OutputExistsError
+from ...volumes import ngff, ngff_io, storage
+from ...volumes.safety import remove_zarr
+from .. import outputs
+from ..faults import maybe_fault
+from ..workdir import WorkDir
+
+
+@dataclass(frozen=True)
+class Relabelled:
+    written: int   # blocks this rank wrote now
+    reused: int    # blocks this rank found written by an earlier run of the same configuration
+
+
+def prepare_output(cfg, plan, dtype) -> None:
+    """Rank 0: create the output (or keep ours when resuming)."""
+    place = plan.output
+    out = place.array
+    if os.path.exists(out):
+        marker = outputs.output_marker(out)
+        if marker and marker.get("run_id") == plan.run_id:
+            arr = storage.open_array(out, mode="r")
+            if np.dtype(arr.dtype) == dtype and tuple(arr.shape) == tuple(plan.shape):
+                return
+        if not (marker and marker.get("run_id") == plan.run_id) and not cfg.overwrite:
+            raise OutputExistsError(f"output {out!r} exists and was not made by this run; add --overwrite")
+        WorkDir(plan.work_dir).clear_relabel_markers()
+    # an NGFF label image: replace only the label group, never the image it belongs to
+    if os.path.lexists(place.root) and storage.node_kind(place.root) is not None:
+        remove_zarr(place.root, plan.replaces or f"the zarr node {place.root}")
+    attrs = {"mpicellpose": {"run_id": plan.run_id, "complete": False, "version": __version__}}
+    extra = {}
+    if place.group is not None:
+        extra = ngff.array_options(plan.zarr_format, plan.axes)
+        os.makedirs(place.group, exist_ok=True)
+    storage.create_array(out, plan.shape, plan.blocksize, dtype, zarr_format=plan.zarr_format, attrs=attrs, **extra)
+    if place.group is not None:
+        ngff_io.write_labels_metadata(place.group, plan.axes, plan.voxel_size, name=place.name,
+                                      image_group=place.image_group, zarr_format=plan.zarr_format)
+
+
+def relabel_phase(cfg, plan, box, stop, mine, merge) -> Relabelled:
+    box.on_root(lambda: prepare_output(cfg, plan, merge.dtype), "creating the output")
+    grid, work = plan.grid, WorkDir(plan.work_dir)
+    written = reused = 0
+    with box.step("relabelling", interrupted=lambda: bool(stop)):
+        out = storage.open_array(plan.output.array, mode="r+")
+        scratch = storage.open_array(work.scratch, mode="r")
+        for b in mine:
+            marker = work.relabel_done(b)
+            if marker.exists():
+                reused += 1
+            else:
+                maybe_fault("relabel", box.rank, written)
+                written += 1
+                if merge.counts[b]:
+                    blk = grid.block(b)
+                    out[blk.core_slices] = merge.lut(b)[scratch[blk.core_slices]]
+                marker.touch()
+            if box.poll() or stop:
+                break
+    return Relabelled(written, reused)
