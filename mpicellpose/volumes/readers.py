@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import InputError, InputNotFoundError, needs
 from . import ngff_io
 from .storage import is_zarr_path, open_zarr_node, zarr_major, zarr_module
+from .images import IMAGE_EXTENSIONS, open_image
 from .tiff import _open_tiff, _open_tiff_glob
 from .volume import VoxelSize, default_axes, make_volume
 
@@ -82,7 +83,7 @@ def input_kind(spec) -> str:
     """What :func:`open_volume_spec` would treat ``spec`` as (no data is read).
 
     One of ``"array"`` (an in-memory array-like), ``"ome-zarr"``, ``"zarr"``,
-    ``"hdf5"``, ``"tiff"``, ``"tiff-glob"``, ``"tiff-folder"``, ``"n5"``.
+    ``"hdf5"``, ``"tiff"``, ``"tiff-glob"``, ``"tiff-folder"``, ``"n5"``, ``"image"`` (PNG, JPEG, ...).
 
     Examples
     --------
@@ -111,7 +112,11 @@ def input_kind(spec) -> str:
         return "unknown"
     if s.lower().endswith(TIFF_EXTENSIONS):
         return "tiff"
+    if s.lower().endswith(IMAGE_EXTENSIONS):
+        return "image"
     head = _magic(s)
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM")):
+        return "image"
     if head.startswith(_HDF5_MAGIC):
         return "hdf5"
     if head[:4] in _TIFF_MAGICS:
@@ -130,6 +135,8 @@ def open_volume_spec(spec, dataset: str | None = None, **ome_options):
         * ``file.h5:/path/to/dataset`` (or ``file.h5`` with ``dataset``, or a file
           holding a single dataset): an HDF5 dataset, kept open read-only;
         * ``file.tif`` (also OME-TIFF / ImageJ hyperstacks, multi-page stacks as z);
+        * a 2D picture (PNG, JPEG, BMP, GIF, WebP; colour channels as a channel axis, see
+          :mod:`mpicellpose.volumes.images`);
         * a glob such as ``"tiles/*.tif"``: tiles named ``..._Z0Y1X2.tif`` are placed on
           their grid (see :func:`mpicellpose.volumes.tiff.wrap_folder_of_tiffs`), other names are stacked in name
           order as z slices; a folder of TIFF files is read like ``folder/*.tif``;
@@ -204,6 +211,10 @@ def open_volume_spec(spec, dataset: str | None = None, **ome_options):
         return _open_tiff(s, axes, sel)
     if kind == "n5":
         return _open_n5(s, dataset, axes, sel)
+    if kind == "image":
+        if dataset is not None:
+            raise InputError(f"dataset={dataset!r} does not apply to the image file {s!r}")
+        return open_image(s, axes, sel)
     if kind in ("zarr", "ome-zarr"):
         vol = ngff_io.open_volume(s, level, channel, timepoint, dataset=dataset)
         if axes is not None and not vol.is_ome:
@@ -212,7 +223,8 @@ def open_volume_spec(spec, dataset: str | None = None, **ome_options):
     raise InputError(
         f"cannot tell what kind of input {s!r} is: expected a zarr / OME-Zarr directory, an HDF5 file "
         f"({', '.join(HDF5_EXTENSIONS)}; written file.h5:/dataset), a TIFF file ({', '.join(TIFF_EXTENSIONS)}), "
-        f"a glob of TIFF files ('tiles/*.tif') or an N5 container (.n5)"
+        f"a glob of TIFF files ('tiles/*.tif'), an N5 container (.n5) or a 2D picture "
+        f"({', '.join(IMAGE_EXTENSIONS)})"
     )
 
 

@@ -205,7 +205,7 @@ def resolve_settings(cfg, vol) -> Settings:
         resolved = resolve_model(cfg.model_kwargs)
         check_channels(1 if channel_axis is None else int(src.shape[channel_axis]), resolved, cellpose_version()[0],
                        chosen=cfg.channel is not None, cellpose_channels="channels" in cfg.eval_kwargs,
-                       what=vol.source or "the input", axes=vol.axes, channel_axis=channel_axis)
+                       what=_channels_named(vol), axes=vol.axes, channel_axis=channel_axis)
         precision, precision_why = resolve_precision(cfg.precision, cellpose_version()[0], resolved,
                                                      cfg.model_kwargs, device=lambda: run_device(cfg.device))
         if diameter is None:
@@ -227,6 +227,12 @@ def resolve_settings(cfg, vol) -> Settings:
     group = resolve_flow_group(cfg, shape, blocksize, overlap) if pipeline == "flows" else 1
     return Settings(shape, blocksize, overlap, channel_axis, rule, conn, eval_kwargs, resolved, voxel_size,
                     voxel_unit, axes, pipeline, halo, group, precision, precision_why)
+
+
+def _channels_named(vol) -> str:
+    """The input, as messages about its channels name it (a colour picture's channels are colours)."""
+    what = vol.source or "the input"
+    return f"{what} (a colour picture: channel 0 red, 1 green, 2 blue)" if vol.kind == "image" else what
 
 
 def resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter) -> tuple:
