@@ -81,3 +81,12 @@ def test_no_object_and_implausible_sizes_are_warned_with_the_likely_causes():
     # other backends have no diameter to compare with; a run with nothing to segment has nothing to say
     assert result_warnings(SimpleNamespace(backend="threshold"), _plan(), 0, size_classes([])) == []
     assert result_warnings(cfg, _plan(kept=()), 0, size_classes([])) == []
+
+
+def test_the_demos_speed_names_the_step_that_ran_the_network():
+    from mpicellpose.tools.demo import per_megavoxel
+
+    flows = per_megavoxel({"flows": 40.0, "segment": 4.0, "total": 50.0}, 4e6)
+    assert flows == {"network": 10.0, "masks": 1.0, "whole_pipeline": 12.5}
+    blocks = per_megavoxel({"segment": 20.0, "total": 24.0}, 2e6)
+    assert blocks == {"network_and_masks": 10.0, "whole_pipeline": 12.0}
