@@ -157,3 +157,18 @@ def test_no_gpu_estimate_for_cellpose3_models(tmp_path, capsys):
     r = planned([volume(tmp_path, 32), tmp_path / "out.zarr", "--blocksize", "32", "--backend", "threshold",
                  "--threshold", "1"], capsys)
     assert "gpu_memory_estimate" not in r
+
+
+def test_plan_on_a_tiff_says_what_the_run_will_do(tmp_path, capsys):
+    """A 64-deep TIFF with the default 128^3 blocks: the block as it will be (clipped), no advice about the
+    TIFF's pages (the user cannot change them), the work directory with the flow field it will hold."""
+    tifffile = pytest.importorskip("tifffile")
+    import numpy as np
+
+    tifffile.imwrite(tmp_path / "vol.tif", np.zeros((64, 160, 160), np.uint16), tile=(32, 32))
+    assert cli.main(["plan", str(tmp_path / "vol.tif"), str(tmp_path / "out.zarr"), "--model", "demo"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks (64, 128, 128) (--blocksize 128,128,128 clipped to the volume)" in out, out
+    assert "not a multiple of the input chunks" not in out
+    line = [ln for ln in out.splitlines() if ln.startswith("work directory up to")]
+    assert len(line) == 1 and "+ flow field" in line[0], out

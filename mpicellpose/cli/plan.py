@@ -17,8 +17,10 @@ from .common import _group, _one_line, add_input_output, add_run_arguments, cli_
 def format_report(r: dict) -> str:
     lines = [
         f"volume {tuple(r['volume'])} {r['dtype']}" + (f", {r['channels']} channels" if r["channels"] > 1 else ""),
-        f"blocks {tuple(r['blocksize'])}, overlap {tuple(r['overlap'])} per side, grid {tuple(r['grid'])} = "
-        f"{r['blocks']} blocks",
+        f"blocks {tuple(r['block_shape'])}"
+        + (f" (--blocksize {','.join(map(str, r['blocksize']))} clipped to the volume)"
+           if r["block_shape"] != r["blocksize"] else "")
+        + f", overlap {tuple(r['overlap'])} per side, grid {tuple(r['grid'])} = {r['blocks']} blocks",
         f"  kept by the mask {r['blocks_kept']}, skipped {r['blocks_skipped_by_mask']}, "
         f"already done {r['blocks_done_earlier']}, to segment {r['blocks_to_segment']}",
         f"ranks {r['ranks']}: blocks per rank min {r['blocks_per_rank']['min']}, "
@@ -30,8 +32,7 @@ def format_report(r: dict) -> str:
         f"with its overlap" + (f"; the flow step {human_bytes(r['memory_model']['flow_step_bytes'])} "
                                f"(~{SLAB_BYTES_PER_VOXEL} B x {r['memory_model']['largest_slab_voxels']:,} voxels "
                                f"of the largest slab)" if "flow_step_bytes" in r["memory_model"] else ""),
-        f"scratch up to {human_bytes(r['scratch_bytes_max'])}, output up to {human_bytes(r['output_bytes_max'])} "
-        f"before compression",
+        _scratch_line(r),
     ]
     lines += _gpu_lines(r)
     lines += _network_lines(r)
@@ -51,6 +52,16 @@ def format_report(r: dict) -> str:
     for msg in r["warnings"]:
         lines.append(f"warning: {msg}")
     return "\n".join(lines) + "\n"
+
+
+def _scratch_line(r: dict) -> str:
+    """The work directory's and the output's sizes (the flow field included under --pipeline flows)."""
+    net = r.get("network") or {}
+    flows = net.get("flow_scratch_bytes", 0) if net.get("pipeline") == "flows" else 0
+    work = r["scratch_bytes_max"] + flows
+    return (f"work directory up to {human_bytes(work)}"
+            + (f" (labels {human_bytes(r['scratch_bytes_max'])} + flow field {human_bytes(flows)})" if flows else "")
+            + f", output up to {human_bytes(r['output_bytes_max'])}, before compression")
 
 
 def _gpu_lines(r: dict) -> list:

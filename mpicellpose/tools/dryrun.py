@@ -113,9 +113,10 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} PB"
 
 
-def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None) -> dict:
+def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None, kind: str | None = None) -> dict:
     """Facts and warnings about a planned run (pure; reads nothing but metadata).  ``gpu_memory``:
-    GiB per GPU, for the Cellpose 4 GPU estimate (default :data:`ASSUMED_GPU_GIB`)."""
+    GiB per GPU, for the Cellpose 4 GPU estimate (default :data:`ASSUMED_GPU_GIB`); ``kind``: the
+    input's kind (:func:`mpicellpose.volumes.readers.input_kind`)."""
     grid = plan.grid
     shape = plan.shape
     nvox = int(np.prod(shape, dtype=np.int64))
@@ -134,6 +135,7 @@ def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None) -> dict:
     report = {
         "volume": list(shape), "dtype": str(np.dtype(src.dtype)), "channels": nchan,
         "blocksize": list(plan.blocksize), "overlap": list(plan.overlap), "grid": list(grid.grid_shape),
+        "block_shape": [min(b, n) for b, n in zip(plan.blocksize, shape)],
         "blocks": len(grid), "blocks_kept": len(kept), "blocks_skipped_by_mask": len(grid) - len(kept),
         "blocks_done_earlier": len(plan.done), "blocks_to_segment": len(todo), "ranks": n_ranks,
         "blocks_per_rank": {"min": min(per_rank), "max": max(per_rank), "mean": round(float(np.mean(per_rank)), 2)},
@@ -154,7 +156,7 @@ def plan_report(cfg, plan, src, n_ranks: int, gpu_memory=None) -> dict:
         report["gpu_memory_estimate"], warning = cellpose4_memory(cfg, plan, net4, biggest_read, gpu_memory)
         if warning:
             report["warnings"].append(warning)
-    report["warnings"] += _warnings(plan, report, src, inflation, n_ranks, len(todo), backend, net4)
+    report["warnings"] += _warnings(plan, report, src, inflation, n_ranks, len(todo), backend, net4, kind)
     return report
 
 
@@ -170,7 +172,8 @@ def _rank_memory(cfg, plan, src, backend: str, nchan: int, biggest_read: int) ->
     return with_flow_step(memory_estimate(backend, biggest_read, itemsize, nchan, weights), plan.settings), net4
 
 
-def _warnings(plan, report, src, inflation: float, n_ranks: int, n_todo: int, backend: str, net4) -> list:
+def _warnings(plan, report, src, inflation: float, n_ranks: int, n_todo: int, backend: str, net4,
+              kind=None) -> list:
     """The warnings about risky settings, after the Cellpose 4 GPU memory's."""
     w = []
     mem, model = report["memory_per_rank_estimate_bytes"], plan.resolved_model or {}
@@ -197,7 +200,7 @@ def _warnings(plan, report, src, inflation: float, n_ranks: int, n_todo: int, ba
                  f"system has {human_bytes(free)} free: segment will refuse; choose --work-dir elsewhere or --pipeline "
                  f"blocks")
     chunks = getattr(src, "chunks", None)
-    if chunks:
+    if chunks and kind in (None, "array", "zarr", "ome-zarr", "hdf5", "n5"):  # a TIFF's pages are not the user's choice
         sp = [c for i, c in enumerate(chunks) if i != plan.channel_axis]
         if any(b % c for b, c in zip(plan.blocksize, sp)):
             w.append(f"blocksize {tuple(plan.blocksize)} is not a multiple of the input chunks {tuple(sp)}: "
@@ -232,4 +235,4 @@ def dry_run(cfg, n_ranks: int, gpu_memory=None) -> dict:
     ranks: every check of a run, nothing written, nothing segmented."""
     vol = open_volume(cfg)
     plan = make_plan(cfg, vol, n_ranks, prepare=False)
-    return plan_report(cfg, plan, vol.array, n_ranks, gpu_memory)
+    return plan_report(cfg, plan, vol.array, n_ranks, gpu_memory, vol.kind)
