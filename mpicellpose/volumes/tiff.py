@@ -17,8 +17,11 @@ log = logging.getLogger(__name__)
 DEFAULT_TILE_PATTERN = r"_(Z)(\d+)(Y)(\d+)(X)(\d+)"
 
 
-def wrap_folder_of_tiffs(filename_pattern, block_index_pattern=r"_(Z)(\d+)(Y)(\d+)(X)(\d+)"):
+def wrap_folder_of_tiffs(filename_pattern=None, block_index_pattern=r"_(Z)(\d+)(Y)(\d+)(X)(\d+)", *,
+                        filname_pattern=None):
     r"""A virtual zarr array over a grid of TIFF tiles, without copying the data.
+
+    ``filname_pattern`` is accepted for ``filename_pattern``: the reference's documentation spells it so.
 
     Uses tifffile's ``FileSequence`` zarr interface: files matching the glob
     ``filename_pattern`` are placed on a grid by the indices that ``block_index_pattern``
@@ -47,6 +50,13 @@ def wrap_folder_of_tiffs(filename_pattern, block_index_pattern=r"_(Z)(\d+)(Y)(\d
     except ImportError:
         raise needs("tifffile") from None
 
+    if filname_pattern is not None:
+        if filename_pattern is not None and filename_pattern != filname_pattern:
+            raise TypeError("give filename_pattern or filname_pattern (its spelling in the reference's "
+                            "documentation), not both")
+        filename_pattern = filname_pattern
+    if filename_pattern is None:
+        raise TypeError("wrap_folder_of_tiffs() needs filename_pattern, a glob of the tiles")
     files = sorted(_glob.glob(str(filename_pattern)))
     if not files:
         raise InputNotFoundError(f"no files match {str(filename_pattern)!r}")
