@@ -70,3 +70,17 @@ def test_python_m_without_a_launcher_still_prints(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mpicellpose", "plan", "x.zarr", "y.zarr", "--modle", "demo"],
                           capture_output=True, text=True, timeout=60, env=mpi_env(), cwd=ROOT)
     assert proc.returncode == 2 and "did you mean --model?" in proc.stderr, proc.stderr
+
+
+@pytest.mark.mpi
+def test_more_ranks_than_blocks_says_how_many_idle(tmp_path):
+    import numpy as np
+
+    from mpicellpose.volumes.storage import numpy_array_to_zarr
+
+    img = np.zeros((16, 32), np.uint16)
+    img[4:8, 4:8] = 9
+    numpy_array_to_zarr(tmp_path / "in.zarr", img, (16, 16))
+    proc = run_mpi(3, ["-m", "mpicellpose", "segment", tmp_path / "in.zarr", tmp_path / "o.zarr", "--blocksize",
+                       "16", "--backend", "threshold", "--threshold", "1"], timeout=120)
+    assert proc.stderr.count("3 ranks for 2 block(s) to segment: 1 rank(s) will idle") == 1, proc.stderr

@@ -256,8 +256,10 @@ def test_flows_pipeline_ranks_resume_and_cost(volume):
     r2 = _mpicellpose(2, "segment", d / "in.zarr", d / "two.zarr", *ARGS, env=env)
     assert r2.returncode != 0
     assert (d / "two.mpicellpose-work" / "flows").is_dir()
+    kept = sum(1 for p in (d / "two.mpicellpose-work" / "flows").rglob("*") if p.is_file())  # done-markers
     r3 = _mpicellpose(2, "segment", d / "in.zarr", d / "two.zarr", *ARGS)
     assert r3.returncode == 0, r3.stderr[-3000:]
+    assert (f"{kept} reused from an earlier run" in r3.stderr) == (kept > 0), (kept, r3.stderr[-3000:])
     two = zarr.open(str(d / "two.zarr"), mode="r")
     assert np.array_equal(one[...], two[...])
     r5 = _mpicellpose(3, "segment", d / "in.zarr", d / "three.zarr", *ARGS)

@@ -141,7 +141,8 @@ def bind_device(comm=None, override: Optional[str] = None, *, log: bool = True) 
 def _warn_cpu(rank: int, host: str, why: str, all_ranks) -> None:
     """The CPU fallback warning: one line on rank 0 when it concerns every rank (the usual
     case: a CPU-only machine or a job without GPUs), else from each rank concerned."""
-    advice = "this is slow for Cellpose. Request GPUs from the scheduler or pass --device cpu to silence this."
+    advice = ("this is slow for Cellpose. Request GPUs from the scheduler, or pass --device cpu (device=\"cpu\" in "
+              "the Python API) to silence this.")
     on_cpu = [r for r, (_, dev) in enumerate(all_ranks or []) if dev == "cpu"]
     if all_ranks and len(all_ranks) > 1 and len(on_cpu) == len(all_ranks):
         if rank == 0:

@@ -402,8 +402,8 @@ class Mailbox(DataSteps):
             raise exc
         if any(st == INTERRUPTED for _, st, _ in info):
             exc = Interrupted(
-                "stopped by a signal (walltime or preemption) after finishing the blocks in progress; "
-                "re-run the same command to resume"
+                "stopped by a signal (walltime or preemption); what was finished is kept on disk: re-run the "
+                "same command to resume"
             )
             exc.agreed = True
             raise exc

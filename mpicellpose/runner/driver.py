@@ -341,8 +341,11 @@ def _log_plan(box, plan, lock):
                                       outputs.written_paths(plan.output, plan.work_dir, have_parquet())))
     if plan.replaces:
         log.warning("--overwrite: %s will be replaced", plan.replaces)
-    if lock is not None and lock.took_over:
-        log.warning("took over the lock of an earlier run that died (%s)", lock.took_over)
+    todo = len(plan.kept) - len(plan.done)
+    if 0 < todo < box.size:
+        log.warning("%d ranks for %d block(s) to segment: %d rank(s) will idle in the segmentation (they take part "
+                    "in stitching and writing); use at most %d rank(s), or a smaller --blocksize", box.size, todo,
+                    box.size - todo, todo)
 
 
 def _log_normalization(box, plan):

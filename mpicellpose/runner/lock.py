@@ -130,7 +130,7 @@ class OutputLock:
                     continue
                 os.unlink(aside)
                 self.took_over = f"{self._describe(info, age)}: {why}"
-                log.warning("taking over the lock of a run that died (%s)", self.took_over)
+                log.warning("took over the lock of an earlier run that died (%s)", self.took_over)
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(self._record(), f)

@@ -137,8 +137,11 @@ def flows_phase(cfg, plan, box, stop, src, backend, todo_segment, ahead=None) ->
     slabs = slab_grid(plan.settings, plan.kept)  # what is handed out; the slabs as read: _flow_slabs
     todo = flows_todo(plan, slabs, box, todo_segment)
     if box.rank == 0:
-        log.info("flows: %d slab(s) to compute on %d rank(s) (network once per voxel; slabs up to %d block(s) "
-                 "wide, in-plane halo %d)", len(todo), box.size, plan.settings.flow_group, plan.settings.flow_halo)
+        kept = len(needed_slabs(slabs, plan.kept, todo_segment)) - len(todo)  # done by an earlier run
+        log.info("flows: %d slab(s) to compute on %d rank(s)%s (network once per voxel; slabs up to %d block(s) "
+                 "wide, in-plane halo %d)", len(todo), box.size,
+                 f", {kept} reused from an earlier run" if kept else "", plan.settings.flow_group,
+                 plan.settings.flow_halo)
     shares = make_shares(plan.handout, slabs, slabs.coarse_order(todo), box.size)
     box.start_progress("flows")
     view = SimpleNamespace(grid=slabs, segment_assignment=shares, handout=plan.handout)
