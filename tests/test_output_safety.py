@@ -122,7 +122,7 @@ def test_overwrite_replaces_only_a_zarr_node_and_the_declared_outputs(sandbox, c
     assert "removing the zarr array" in err and "other.zarr" in err
     after = snapshot(sandbox)
     declared = [str(sandbox / p) for p in ("other.zarr", "other.objects.csv", "other.objects.parquet",
-                                           "other.boxes.npy")]
+                                           "other.boxes.npy", "other.objects.units.json")]
     changed = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
     assert changed and all(any(p == d or p.startswith(d + os.sep) for d in declared) for p in changed), changed
     assert zarr.open(str(sandbox / "other.zarr"), mode="r").attrs["mpicellpose"]["complete"] is True

@@ -118,3 +118,23 @@ def test_three_decimals_without_pyarrow_compute():
             "print('pyarrow.compute' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_physical_columns_only_with_a_voxel_size_and_units_beside_the_table(tmp_path):
+    import json
+
+    img = cases.blobs((16, 20, 18), 7)
+    distributed_eval(img, 8, tmp_path / "a.zarr", backend="threshold", backend_kwargs={"threshold": 100},
+                     voxel_size=(2.0, 0.5, 0.5))
+    rows = read_table(tmp_path / "a.objects.csv")
+    assert np.allclose(rows["volume_phys"], rows["voxels"] * 0.5, atol=1e-3)
+    doc = json.loads((tmp_path / "a.objects.units.json").read_text())
+    unit = dict(doc["columns"])
+    assert doc["voxel_size"] == [2.0, 0.5, 0.5] and unit["volume_phys"] == "micrometer^3"
+    assert unit["centroid_z_phys"] == "micrometer" and unit["centroid_z"] == "voxel"
+    assert [k for k, _ in doc["columns"]] == list(rows)  # every column, in the table's order
+    distributed_eval(img, 8, tmp_path / "b.zarr", backend="threshold", backend_kwargs={"threshold": 100})
+    rows = read_table(tmp_path / "b.objects.csv")
+    assert not any(k.endswith("_phys") for k in rows)  # no voxel size: no physical column repeating voxels
+    doc = json.loads((tmp_path / "b.objects.units.json").read_text())
+    assert doc["voxel_size"] is None and [k for k, _ in doc["columns"]] == list(rows)

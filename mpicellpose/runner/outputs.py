@@ -22,6 +22,7 @@ by ``mpicellpose convert``).
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ LOCK_SUFFIX = ".mpicellpose-lock"
 TABLE_SUFFIX = ".objects.csv"
 PARQUET_SUFFIX = ".objects.parquet"
 BOXES_SUFFIX = ".boxes.npy"
+UNITS_SUFFIX = ".objects.units.json"
 
 
 # --------------------------------------------------------------------------- names
@@ -64,6 +66,10 @@ def boxes_path(stem) -> str:
     return stem + BOXES_SUFFIX
 
 
+def table_units_path(stem) -> str:
+    return stem + UNITS_SUFFIX
+
+
 def lock_path(stem) -> str:
     return stem + LOCK_SUFFIX
 
@@ -86,7 +92,7 @@ class OutputPlace:
     def side_files(self) -> dict:
         """Every path beside the output that a run writes (except the work directory)."""
         return {"object table": table_path(self.stem), "Parquet table": parquet_path(self.stem),
-                "boxes": boxes_path(self.stem), "lock": lock_path(self.stem)}
+                "boxes": boxes_path(self.stem), "table units": table_units_path(self.stem), "lock": lock_path(self.stem)}
 
 
 # --------------------------------------------------------------------------- where
@@ -192,7 +198,17 @@ def _is_our_parquet(path: str) -> bool:
     return all(n.startswith("part-") and n.endswith(".parquet") for n in names)
 
 
-_SIGNATURES = {"object table": _is_our_table, "Parquet table": _is_our_parquet, "boxes": _is_our_boxes}
+def _is_our_units(path: str) -> bool:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(doc, dict) and set(doc) == {"voxel_size", "voxel_unit", "columns"}
+
+
+_SIGNATURES = {"object table": _is_our_table, "Parquet table": _is_our_parquet, "boxes": _is_our_boxes,
+               "table units": _is_our_units}
 
 
 def check_side_files(cfg, place: OutputPlace, output_is_ours: bool) -> None:
@@ -216,7 +232,7 @@ def written_paths(place: OutputPlace, work_dir: str, parquet: bool) -> list:
     out = [("labels", place.array)]
     if place.group is not None:
         out.append(("label image group", place.group))
-    out += [("object table", table_path(place.stem))]
+    out += [("object table", table_path(place.stem)), ("its units", table_units_path(place.stem))]
     if parquet:
         out.append(("Parquet table", parquet_path(place.stem)))
     out += [("boxes", boxes_path(place.stem)), ("lock (while running)", lock_path(place.stem)),

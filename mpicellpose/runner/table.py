@@ -7,9 +7,11 @@ counts (rank 0 creates the file at its final size and writes the header), a Parq
 multi-file dataset, when pyarrow is installed) and its rows of the (N, D, 2) boxes array.
 Nothing is quadratic, no rank concatenates or holds the whole table.
 
-Columns: ``id, voxels, <axis>_min..., <axis>_max... (exclusive), centroid_<axis>...
-(voxels), centroid_<axis>_phys... (physical units), n_blocks, stitched, blocks``
-(``blocks``: linear indices of the blocks the object spans, ``;``-separated).
+Columns: ``id, voxels, [volume_phys], <axis>_min..., <axis>_max... (exclusive), centroid_<axis>...
+(voxels), [centroid_<axis>_phys...], n_blocks, stitched, blocks`` (``blocks``: linear indices of the
+blocks the object spans, ``;``-separated).  The bracketed columns, in physical units, are there when
+the voxel size is known (from the input or ``--voxel-size``); a JSON file beside the table
+(:func:`units`) says the unit of every column.
 """
 from __future__ import annotations
 
@@ -42,19 +44,39 @@ def axis_names(ndim: int):
     return list("zyx"[-ndim:]) if ndim <= 3 else [f"a{i}" for i in range(ndim)]
 
 
-def header(ndim: int) -> list:
+def header(ndim: int, physical: bool = True) -> list:
+    """The table's column names (``physical``: the voxel size is known)."""
     ax = axis_names(ndim)
-    return (["id", "voxels"] + [f"{a}_min" for a in ax] + [f"{a}_max" for a in ax]
-            + [f"centroid_{a}" for a in ax] + [f"centroid_{a}_phys" for a in ax] + ["n_blocks", "stitched", "blocks"])
+    return (["id", "voxels"] + (["volume_phys"] if physical else []) + [f"{a}_min" for a in ax]
+            + [f"{a}_max" for a in ax] + [f"centroid_{a}" for a in ax]
+            + ([f"centroid_{a}_phys" for a in ax] if physical else []) + ["n_blocks", "stitched", "blocks"])
+
+
+def units(ndim: int, voxel_size, voxel_unit) -> dict:
+    """The unit of every column (written beside the table as JSON).
+
+    >>> units(2, (0.5, 0.25), "micrometer")["volume_phys"], units(2, None, None)["centroid_y"]
+    ('micrometer^2', 'voxel')
+    """
+    unit = voxel_unit or "unknown unit"
+    out = {name: "voxel" for name in header(ndim, voxel_size is not None)}
+    out.update({"id": "label", "voxels": "voxel count", "n_blocks": "count", "stitched": "0 or 1",
+                "blocks": "linear block indices, ;-separated"})
+    if voxel_size is not None:
+        out["volume_phys"] = f"{unit}^{ndim}"
+        out.update({f"centroid_{a}_phys": unit for a in axis_names(ndim)})
+    return out
 
 
 def columns(part: dict, voxel_size) -> dict:
     """Named columns of a reduced partition (numpy arrays; ``blocks`` as strings)."""
     n, nd = part["bbox_min"].shape if part["bbox_min"].ndim == 2 else (0, 0)
     ax = axis_names(nd)
-    vs = np.ones(nd) if voxel_size is None else np.asarray(voxel_size, np.float64)
     cent = part["coord_sum"] / np.maximum(part["count"], 1)[:, None] if n else np.zeros((0, nd))
     cols = {"id": part["id"], "voxels": part["count"]}
+    if voxel_size is not None:
+        vs = np.asarray(voxel_size, np.float64)
+        cols["volume_phys"] = np.asarray(part["count"], np.float64) * float(np.prod(vs))
     for k, a in enumerate(ax):
         cols[f"{a}_min"] = part["bbox_min"][:, k]
     for k, a in enumerate(ax):
@@ -62,7 +84,8 @@ def columns(part: dict, voxel_size) -> dict:
     for k, a in enumerate(ax):
         cols[f"centroid_{a}"] = cent[:, k]
     for k, a in enumerate(ax):
-        cols[f"centroid_{a}_phys"] = cent[:, k] * vs[k]
+        if voxel_size is not None:
+            cols[f"centroid_{a}_phys"] = cent[:, k] * vs[k]
     cols["n_blocks"] = part["n_blocks"]
     cols["stitched"] = (part["n_blocks"] > 1).astype(np.int8)
     cols["blocks"] = blocks_strings(part)
@@ -140,14 +163,14 @@ def _csv_text(cols: dict):
     return format_csv(cols).encode()
 
 
-def header_bytes(ndim: int) -> bytes:
-    return (",".join(header(ndim)) + "\n").encode()
+def header_bytes(ndim: int, physical: bool = True) -> bytes:
+    return (",".join(header(ndim, physical)) + "\n").encode()
 
 
-def create_csv(path, ndim: int, rows_bytes: int) -> None:
+def create_csv(path, ndim: int, rows_bytes: int, physical: bool = True) -> None:
     """Rank 0: the table file at its final size (header + every rank's rows), header written;
     each rank then writes its rows in place (:func:`write_at`)."""
-    head = header_bytes(ndim)
+    head = header_bytes(ndim, physical)
     with open(path, "wb") as f:
         f.write(head)
         f.truncate(len(head) + int(rows_bytes))

@@ -83,7 +83,12 @@ def _prepare(plan, csv_tmp, rows_bytes, pq_dir, bpath, n_objects):
         if pq_dir.exists():
             storage.remove_path(pq_dir)
         pq_dir.mkdir(parents=True)
-    tbl.create_csv(csv_tmp, len(plan.shape), rows_bytes)
+    tbl.create_csv(csv_tmp, len(plan.shape), rows_bytes, physical=plan.voxel_size is not None)
+    storage.write_json(outputs.table_units_path(plan.output.stem),
+                              {"voxel_size": None if plan.voxel_size is None else list(plan.voxel_size),
+                               "voxel_unit": plan.voxel_unit,
+                               "columns": [[k, u] for k, u in tbl.units(len(plan.shape), plan.voxel_size,
+                                                                        plan.voxel_unit).items()]})
     tbl.create_boxes_file(bpath, n_objects, len(plan.shape))
 
 
@@ -109,7 +114,7 @@ def table_phase(plan, box, mine, merge) -> TableSummary:
     before, total = box.exscan_sum(sum(len(t) for t in text), "placing the object table's rows")
     box.on_root(lambda: _prepare(plan, csv_tmp, total, pq_dir, bpath, n_objects), "preparing the object table")
     with box.step("writing the object table"):
-        tbl.write_at(csv_tmp, len(tbl.header_bytes(nd)) + before, text)
+        tbl.write_at(csv_tmp, len(tbl.header_bytes(nd, plan.voxel_size is not None)) + before, text)
         del text
         if pq_dir is not None and part["id"].size:
             tbl.write_parquet_part(pq_dir / f"part-{rank:05d}.parquet", c)
