@@ -44,7 +44,9 @@ from mpicellpose.training import cp4 as training_cp4  # noqa: E402
 from mpicellpose.cellpose import shipped  # noqa: E402
 from mpicellpose.cellpose.precision import cpu_bf16_support  # noqa: E402
 
-pytestmark = pytest.mark.cellpose
+# a loaded 2-core machine (or one that emulates AVX-512 with AVX2) can take minutes per 3D test: more than
+# pytest's default per-test limit (pyproject.toml); the mpiexec runs keep their own limits
+pytestmark = [pytest.mark.cellpose, pytest.mark.timeout(900)]
 
 # the same torch thread count in every run (1 and 2 ranks), so that the float results are the same
 THREADS = 2
