@@ -12,7 +12,7 @@ MAX_MODULES = 12         # per folder, its __init__ and __main__ left out
 
 #: What sits directly in mpicellpose/: the public face, the run configuration and the errors, and
 #: the folders (``models/`` holds the shipped weights: package data, no code).
-TOP_LEVEL = {"__init__.py", "__main__.py", "_version.py", "api.py", "config.py", "errors.py"}
+TOP_LEVEL = {"__init__.py", "__main__.py", "_version.py", "api.py", "config.py", "errors.py", "options.py"}
 FOLDERS = {"cellpose", "cli", "comm", "grid", "models", "runner", "synthetic", "tools", "training", "volumes"}
 
 #: The rooms and which rooms each may import (a room: a folder, or one top-level module; importing
@@ -24,17 +24,18 @@ FOLDERS = {"cellpose", "cli", "comm", "grid", "models", "runner", "synthetic", "
 ALLOWED = {
     "errors": set(),
     "_version": set(),
-    "config": {"errors"},
+    "options": set(),  # the options declared once (stdlib only)
+    "config": {"errors", "options"},
     "comm": {"errors"},
     "grid": {"errors"},
     "volumes": {"errors", "comm", "grid"},
     "cellpose": {"errors", "comm", "grid", "volumes"},
-    "runner": {"errors", "_version", "config", "comm", "grid", "volumes", "cellpose"},
+    "runner": {"errors", "_version", "config", "options", "comm", "grid", "volumes", "cellpose"},
     "synthetic": {"errors", "volumes", "cellpose"},
     "training": {"errors", "volumes", "cellpose", "synthetic"},
     "tools": {"errors", "config", "comm", "grid", "volumes", "cellpose", "runner", "synthetic"},
     "api": {"errors", "config", "comm", "grid", "runner"},
-    "cli": {"errors", "config", "comm", "grid", "volumes", "runner", "tools"},
+    "cli": {"errors", "config", "options", "comm", "grid", "volumes", "runner", "tools"},
     "__main__": {"cli"},
     "mpicellpose": {"_version", "api", "config", "grid", "runner", "volumes"},  # __init__: the public names, lazily
 }

@@ -57,7 +57,7 @@ def with_flow_step(memory: dict, settings) -> dict:
     """Under ``--pipeline flows`` the flow step holds a slab and the mask step a block's read
     region: the estimate is the larger of the two (the slab's from its arrays' sizes, not fitted)."""
     if settings.pipeline == "flows":
-        slab = largest_slab_voxels(settings.grid, settings.flow_group, settings.flow_halo)
+        slab = largest_slab_voxels(settings.grid, settings.flow_slab, settings.flow_halo)
         memory = dict(memory, flow_step_bytes=int(memory["constant"] + SLAB_BYTES_PER_VOXEL * slab),
                       largest_slab_voxels=int(slab))
         memory["bytes"] = max(memory["bytes"], memory["flow_step_bytes"])

@@ -68,7 +68,7 @@ def slab_grid(settings, kept, along: int = 0) -> SlabGrid:
     """The run's slabs; ``along``: voxels read beyond a slab along its planes' normal (context
     for Cellpose's resizing, see :func:`mpicellpose.cellpose.flowfield.along_context`; nothing else
     depends on it)."""
-    return SlabGrid(settings.grid, kept, settings.flow_group, settings.flow_halo, along)
+    return SlabGrid(settings.grid, kept, settings.flow_slab, settings.flow_halo, along)
 
 
 def cores_touching(grid: geo.BlockGrid, box) -> list:
@@ -116,7 +116,7 @@ def flow_read(settings, src, steps, slab):
     return slab, block_image(src, slab.as_block(), settings, steps)
 
 
-def flow_slab(settings, src, steps, backend, slab, stop=None, read=None):
+def slab_flows(settings, src, steps, backend, slab, stop=None, read=None):
     """(the slab's three values over its core as float32, network voxels); ``read``:
     :func:`flow_read`'s result when it was read already."""
     _, img = read if read is not None else flow_read(settings, src, steps, slab)
@@ -138,7 +138,7 @@ def flows_phase(cfg, plan, box, stop, src, backend, todo_segment, ahead=None) ->
     todo = flows_todo(plan, slabs, box, todo_segment)
     if box.rank == 0:
         log.info("flows: %d slab(s) to compute on %d rank(s) (network once per voxel; slabs up to %d block(s) "
-                 "wide, in-plane halo %d)", len(todo), box.size, plan.settings.flow_group, plan.settings.flow_halo)
+                 "wide, in-plane halo %d)", len(todo), box.size, plan.settings.flow_slab, plan.settings.flow_halo)
     shares = make_shares(plan.handout, slabs, slabs.coarse_order(todo), box.size)
     box.start_progress("flows")
     view = SimpleNamespace(grid=slabs, segment_assignment=shares, handout=plan.handout)
@@ -178,7 +178,7 @@ def _flow_slabs(cfg, plan, slabs, box, stop, src, backend, shares, ahead, progre
 
     def one(slab, done, get):
         read = get() if get is not None else flow_read(plan.settings, src, cfg.preprocessing_steps, as_read(slab))
-        flows, n = flow_slab(plan.settings, src, cfg.preprocessing_steps, backend, read[0], stop, read)
+        flows, n = slab_flows(plan.settings, src, cfg.preprocessing_steps, backend, read[0], stop, read)
         maybe_fault("flows", box.rank, done)
         if "store" not in lazy:
             lazy["store"] = storage.open_array(store_path(plan.work_dir), mode="r+")
@@ -268,7 +268,7 @@ class LocalFlowMasks(FlowMasks):
         origin = [a for a, _ in blk.read]
         for s in needed_slabs(slabs, self.kept, [blk.linear]):
             slab = slabs.block(s)
-            f, _ = flow_slab(self.settings, self.src, self.steps, self.backend, slab)
+            f, _ = slab_flows(self.settings, self.src, self.steps, self.backend, slab)
             inter = geo.box_intersect(slab.core, blk.read)
             stored[(slice(3 * slab.orient, 3 * slab.orient + 3),) + geo.box_slices(inter, origin)] = \
                 ff.to_half(f)[(slice(None),) + geo.box_slices(inter, [a for a, _ in slab.core])]
