@@ -67,6 +67,9 @@ class Settings:
     flow_slab: int = 1            # 'flows': blocks per side of a flow slab in plane (mpicellpose.grid.slabs)
     precision: str | None = None  # the network's arithmetic; None: the model's own (cellpose.precision)
     precision_why: str | None = None  # why the precision is not the one asked for (None: it is)
+    iou_threshold: float = 0.3    # 'iou' stitching: the least IoU of a match
+    iou_depth: int = 8            # 'iou' stitching: voxels of a block's face views on each side
+    normalize: str = "global"     # intensity normalisation: 'global', 'block' or 'none'
 
     @property
     def grid(self) -> geo.BlockGrid:
@@ -227,7 +230,8 @@ def resolve_settings(cfg, vol) -> Settings:
     pipeline, halo = resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter)
     slab = resolve_flow_slab(cfg, shape, blocksize, overlap) if pipeline == "flows" else 1
     return Settings(shape, blocksize, overlap, channel_axis, rule, conn, eval_kwargs, resolved, voxel_size,
-                    voxel_unit, axes, pipeline, halo, slab, precision, precision_why)
+                    voxel_unit, axes, pipeline, halo, slab, precision, precision_why, cfg.iou_threshold, cfg.iou_depth,
+                    cfg.normalize)
 
 
 def resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter) -> tuple:
@@ -368,9 +372,9 @@ def fingerprint_of(cfg, vol, s: Settings, fmt: int) -> dict:
         "eval_kwargs": {k: repr(v) for k, v in sorted(s.eval_kwargs.items())},
         "preprocessing": [[f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', '?')}",
                            repr(sorted(k.items()))] for f, k in cfg.preprocessing_steps],
-        "stitch": {"rule": s.stitch_rule, "connectivity": s.connectivity, "iou_threshold": cfg.iou_threshold,
-                   "iou_depth": cfg.iou_depth},
-        "normalize": cfg.normalize if cfg.backend == "cellpose" else None,
+        "stitch": {"rule": s.stitch_rule, "connectivity": s.connectivity, "iou_threshold": s.iou_threshold,
+                   "iou_depth": s.iou_depth},
+        "normalize": s.normalize if cfg.backend == "cellpose" else None,
         # blocks: the form of earlier versions (their runs resume); flows: its flow field's layout changed
         "pipeline": {"pipeline": "flows", "flow_halo": s.flow_halo, "flow_slab": s.flow_slab}
         if s.pipeline == "flows" else [s.pipeline, s.flow_halo],
