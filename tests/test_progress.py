@@ -10,7 +10,7 @@ import pytest
 
 from mpicellpose.grid import geometry as geo
 from mpicellpose.runner import progress
-from mpicellpose.runner.quiet import quiet_libraries
+from mpicellpose.runner.runlog import quiet_libraries
 
 
 class FakeBox:

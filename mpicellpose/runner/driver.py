@@ -28,8 +28,7 @@ from .phases import normalize as normalization
 from .phases import faces, finish, flows, maskahead, merge, relabel, segment, table
 from .phases.plan import Plan, make_plan, open_volume, resolve_settings, spatial_shape, validate_input  # noqa: F401
 from .phases.plan import fingerprint_of, output_format
-from .quiet import quiet_libraries
-from .runlog import RANK, log
+from .runlog import RANK, log, quiet_libraries
 from .signals import StopFlag, handling_signals
 from .workdir import fingerprint_diff
 
@@ -262,18 +261,13 @@ def find_complete(cfg, vol, place, n_ranks):
     """Rank 0: :class:`Complete` when OUTPUT is the finished output of this configuration (its
     marker says complete with this run's run_id; its object table and boxes are there), else
     None.  Only reads; ``--restart`` always computes again."""
-    if cfg.restart:
-        return None
-    marker = outputs.output_marker(place.array)
-    if not marker or marker.get("complete") is not True or marker.get("n_objects") is None:
-        return None
-    tbl, boxes = outputs.table_path(place.stem), outputs.boxes_path(place.stem)
-    if not (os.path.isfile(tbl) and os.path.isfile(boxes)):
+    marker = outputs.finished_marker(place, cfg.restart)  # before the dry plan: it is cheap
+    if marker is None:
         return None
     dry = make_plan(cfg, vol, n_ranks, prepare=False)
     if dry.run_id != marker.get("run_id"):
         return None
-    return Complete(dry, marker, tbl, boxes)
+    return Complete(dry, marker, outputs.table_path(place.stem), outputs.boxes_path(place.stem))
 
 
 def _what_changed(cfg, vol, err):

@@ -219,12 +219,7 @@ def precision_facts(cfg, plan) -> dict:
 
 def _already_complete(cfg, plan) -> bool:
     """OUTPUT is the finished output of this very configuration: segment would do nothing."""
-    if cfg.restart:
-        return False
-    marker = outputs.output_marker(plan.output.array) or {}
-    return bool(marker.get("complete") is True and marker.get("run_id") == plan.run_id
-                and os.path.isfile(outputs.table_path(plan.output.stem))
-                and os.path.isfile(outputs.boxes_path(plan.output.stem)))
+    return outputs.finished_marker(plan.output, cfg.restart, plan.run_id) is not None
 
 
 def dry_run(cfg, n_ranks: int, gpu_memory=None) -> dict:
