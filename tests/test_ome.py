@@ -279,7 +279,7 @@ PYRAMID_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     from mpi4py import MPI
-    from mpicellpose import pyramid
+    from mpicellpose.volumes import pyramid
     group, n = sys.argv[1], int(sys.argv[2])
     pyramid.build_pyramid(group, n, MPI.COMM_WORLD, factor=(1, 2, 2))
     if sys.argv[3:] == ["fail"]:
