@@ -53,3 +53,12 @@ def test_a_new_option_that_changes_the_labels_enters_the_fingerprint_when_set(mo
     s = plan.Settings((8, 8), (8, 8), (0, 0), None, "touch", 1, {}, None, None, None, ("y", "x"))
     assert plan._declared_options(RunConfig(input="x"), s) == {}  # at its default: fingerprints unchanged
     assert plan._declared_options(RunConfig(input="x", schedule="static"), s) == {"schedule": "static"}
+
+
+def test_the_run_context_reads_every_declared_option_that_does_not_change_the_labels():
+    from mpicellpose.runner.context import RunOptions
+
+    opts = RunOptions.of(RunConfig(input="x", schedule="static", read_ahead="off"))
+    assert opts.read_ahead == "off" and opts.schedule == "static" and opts.watchdog is None
+    names = {o.name for o in OPTIONS if o.config and not o.labels and not o.into}
+    assert all(hasattr(opts, n) for n in names)

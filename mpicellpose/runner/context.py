@@ -8,9 +8,10 @@ takes the context instead of loose arguments, and reads no raw configuration fie
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from ..options import OPTIONS
 from .workdir import WorkDir
 
 
@@ -35,12 +36,24 @@ class RunOptions:
     pyramid: int | None = None
     pyramid_method: str = "mode"
     config: dict | None = None             # the configuration as given (RunConfig.to_dict), for the provenance
+    # every other declared option that does not change the labels (mpicellpose.options), by name:
+    # ``options.<name>`` reads it, so a new such option needs no field here
+    declared: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, cfg) -> "RunOptions":
         """The options of configuration ``cfg`` (a :class:`mpicellpose.config.RunConfig`)."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if f.name != "config"},
-                   config=cfg.to_dict())
+        own = {f.name for f in fields(cls)}
+        declared = {o.name: getattr(cfg, o.name) for o in OPTIONS
+                    if o.config and not o.labels and not o.into and o.name not in own}
+        return cls(**{name: getattr(cfg, name) for name in own - {"config", "declared"}}, config=cfg.to_dict(),
+                   declared=declared)
+
+    def __getattr__(self, name):  # only for names that are not fields: the declared options
+        declared = self.__dict__.get("declared") or {}
+        if name in declared:
+            return declared[name]
+        raise AttributeError(f"{type(self).__name__} has no option {name!r}")
 
     @property
     def cellpose(self) -> bool:
