@@ -8,14 +8,8 @@ import numpy as np
 from . import comm as mpi
 from .config import RunConfig
 from .errors import ConfigError
-from .grid.geometry import Block
-from .grid import stitch as st
 from .runner import driver
-from .runner.blocks import build_backend, number_core, segment_image
-from .runner.phases import normalize as normalization
-from .runner.phases.flows import LocalFlowMasks
-from .runner.phases.plan import kept_blocks, open_volume, resolve_settings
-from .runner.quiet import quiet_libraries
+from .runner.oneblock import block_for_crop, segment_one_block  # noqa: F401 - block_for_crop: public here too
 
 log = logging.getLogger(__name__)
 
@@ -105,41 +99,6 @@ def dask_cluster_options(cluster, cluster_kwargs, comm) -> None:
                 world.Get_size())
 
 
-def block_for_crop(grid, block_index, crop):
-    """The grid's block whose read region ``crop`` is (``block_index``'s when ``crop`` is None), or a
-    free-standing block for any other region: read = the crop, core = the crop less the overlap on
-    every side not at the volume's start, at most one block long (``linear`` -1)."""
-    if crop is None:
-        return grid.block(tuple(block_index))
-    crop = tuple(crop)
-    if len(crop) != len(grid.shape) or not all(isinstance(c, slice) and c.step in (None, 1) for c in crop):
-        raise ConfigError(f"crop must be {len(grid.shape)} slices (one per spatial axis, step 1), got {crop!r}")
-    want = tuple(geo_range(c, n) for c, n in zip(crop, grid.shape))
-    for a, b in want:
-        if not b > a:
-            raise ConfigError(f"crop {crop!r} is empty or outside the volume of shape {grid.shape}")
-    guess = tuple(0 if a == 0 else min((a + o) // s, g - 1)
-                  for (a, _), o, s, g in zip(want, grid.overlap, grid.blocksize, grid.grid_shape))
-    for index in dict.fromkeys([tuple(block_index) if block_index is not None else guess, guess]):
-        if len(index) == len(want) and all(0 <= i < g for i, g in zip(index, grid.grid_shape)):
-            blk = grid.block(index)
-            if blk.read == want:
-                return blk
-    core = []
-    for (a, b), o, s in zip(want, grid.overlap, grid.blocksize):
-        lo = a + o if a > 0 else a
-        lo = min(lo, b - 1)
-        core.append((lo, min(b, lo + s)))
-    index = tuple(block_index) if block_index is not None else guess
-    return Block(index=index, linear=-1, core=tuple(core), read=want)
-
-
-def geo_range(c: slice, n: int) -> tuple:
-    """(start, stop) of slice ``c`` on an axis of length ``n`` (None and negative bounds resolved)."""
-    start, stop, _ = c.indices(n)
-    return start, stop
-
-
 def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, blocksize, overlap, output_zarr=None,
                   preprocessing_steps=(), worker_logs_directory=None, test_mode=False, *, backend="cellpose",
                   backend_kwargs=None, channel_axis=None, segmenter=None, device=None, threads=None, **options):
@@ -193,27 +152,10 @@ def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, bloc
                     model_kwargs=dict(model_kwargs or {}), eval_kwargs=dict(eval_kwargs or {}),
                     backend_kwargs=dict(backend_kwargs or {}), channel_axis=channel_axis, device=device,
                     threads=threads, **options)
-    vol = open_volume(cfg)
-    settings = resolve_settings(cfg, vol)  # the defaults a run resolves (overlap, diameter, anisotropy)
-    grid = settings.grid
-    blk = block_for_crop(grid, block_index, crop)
-    box = mpi.Mailbox(mpi.SelfComm())
-    if segmenter is None:
-        # the same global bounds as the run: sampled from the blocks in the mask, whatever the rank count
-        norm = normalization.global_normalization(cfg, settings, kept_blocks(cfg, grid), vol.array, box)
-        segmenter = build_backend(cfg, settings, norm, box, load=True)
-    if blk.linear >= 0 and settings.pipeline == "flows" and not getattr(segmenter, "from_flows", False):
-        # the flows of every core the read region touches, as the run computes them
-        segmenter = LocalFlowMasks(segmenter, settings, kept_blocks(cfg, grid), vol.array, cfg.preprocessing_steps)
-    with quiet_libraries():  # the warnings a run hides say nothing to a user here either
-        labels = segment_image(vol.array, blk, settings, cfg.preprocessing_steps, segmenter)
-    _, n, core = number_core(labels, blk)
-    stats = st.block_stats(core, n, [a for a, _ in blk.core])
-    boxes = [tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)) for lo, hi in zip(stats["bbox_min"], stats["bbox_max"])]
-    ids = np.arange(1, n + 1, dtype=np.uint32)
+    one = segment_one_block(cfg, block_index, crop, segmenter)
     if test_mode:
-        return core, boxes, ids
+        return one.labels, one.boxes, one.ids
     if output_zarr is None:
         raise ConfigError("process_block needs output_zarr unless test_mode=True")
-    output_zarr[blk.core_slices] = core
-    return boxes, ids
+    output_zarr[one.block.core_slices] = one.labels
+    return one.boxes, one.ids

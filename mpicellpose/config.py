@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .options import landing_keys
 
 BACKENDS = ("cellpose", "threshold", "labels")
 STITCH_RULES = ("touch", "iou")
@@ -58,7 +59,7 @@ class RunConfig:
     schedule: str = "dynamic"  # how blocks are handed out: 'dynamic' (at run time, costliest first) or 'static'
     pipeline: str | None = None  # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block); None: flows under Cellpose 3, blocks under 4
     flow_halo: int | None = None  # in-plane context of the flow step (voxels); None: 16 x diameter / 30, at least 16
-    flow_slab: int | None = None  # blocks per side of a flow slab in plane; None: mpicellpose.grid.slabs.auto_group
+    flow_slab: int | None = None  # blocks per side of a flow slab in plane; None: mpicellpose.grid.slabs.auto_flow_slab
     masks_during_flows: str = "auto"  # 'flows': build masks in a CPU thread while the GPU computes flows (auto: on a GPU)
     read_ahead: str = "auto"  # read the next block in a thread while the network works on this one (auto: on a GPU)
     precision: str | None = None  # the network's arithmetic: 'float32', 'bfloat16', 'float16'; None: the model's own
@@ -284,9 +285,9 @@ def _qualname(fn) -> str:
 
 
 # --------------------------------------------------------------------------- config files
-# convenience keys (as on the command line) that land inside the kwargs dicts
-_EVAL_KEYS = {"diameter": "diameter", "anisotropy": "anisotropy", "batch_size": "batch_size"}
-_BACKEND_KEYS = {"threshold": "threshold", "connectivity": "connectivity"}
+# convenience keys (as on the command line: --model, --diameter, ...) that land inside the kwargs
+# dicts, declared with the options (mpicellpose.options: Option.into)
+_LANDING = landing_keys()
 
 
 def field_names() -> list:
@@ -307,30 +308,21 @@ def from_mapping(d: dict) -> "RunConfig":
     """
     d = dict(d)
     names = set(field_names())
-    unknown = sorted(set(d) - names - set(_EVAL_KEYS) - set(_BACKEND_KEYS) - {"model"})
+    unknown = sorted(set(d) - names - set(_LANDING))
     if unknown:
-        valid = sorted(names | set(_EVAL_KEYS) | set(_BACKEND_KEYS) | {"model"})
+        valid = sorted(names | set(_LANDING))
         raise ConfigError(f"unknown configuration key(s) {unknown}{_nearest_keys(unknown, valid)}; valid keys: {valid}")
-    mk = dict(d.pop("model_kwargs", None) or {})
-    ek = dict(d.pop("eval_kwargs", None) or {})
-    bk = dict(d.pop("backend_kwargs", None) or {})
-    if d.get("model") is not None:
-        mk["pretrained_model"] = d["model"]
-    d.pop("model", None)
-    for key, target in _EVAL_KEYS.items():
+    kwargs = {name: dict(d.pop(name, None) or {}) for name in ("model_kwargs", "eval_kwargs", "backend_kwargs")}
+    for key, (target, inner) in _LANDING.items():
         v = d.pop(key, None)
         if v is not None:
-            ek[target] = v
-    for key, target in _BACKEND_KEYS.items():
-        v = d.pop(key, None)
-        if v is not None:
-            bk[target] = v
+            kwargs[target][inner] = v
     for name in ("blocksize", "overlap", "voxel_size"):
         if isinstance(d.get(name), list):
             d[name] = tuple(d[name])
     if "input" not in d:
         raise ConfigError("configuration lacks ['input']: give it on the command line or in the file")
-    return RunConfig(model_kwargs=mk, eval_kwargs=ek, backend_kwargs=bk, **d)
+    return RunConfig(**kwargs, **d)
 
 
 def load_file(path) -> dict:

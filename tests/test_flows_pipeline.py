@@ -30,7 +30,7 @@ from mpicellpose.cellpose import flowfield as ff
 from mpicellpose.grid import geometry as geo
 from mpicellpose.synthetic.metrics import match_objects
 from mpicellpose.runner.phases.flows import cores_touching, needed_flows, needed_slabs
-from mpicellpose.grid.slabs import SlabGrid, auto_group, flow_bytes_per_voxel
+from mpicellpose.grid.slabs import SlabGrid, auto_flow_slab, flow_bytes_per_voxel
 from mpicellpose.volumes.storage import numpy_array_to_zarr
 from mpicellpose.synthetic.nuclei import make_nuclei
 
@@ -40,7 +40,7 @@ BIN = Path(sys.executable).parent
 
 def _settings(shape, block, overlap, halo, group=1):
     return SimpleNamespace(grid=geo.BlockGrid(shape, block, overlap), shape=shape, flow_halo=halo, pipeline="flows",
-                           flow_group=group, eval_kwargs={"diameter": 16})
+                           flow_slab=group, eval_kwargs={"diameter": 16})
 
 
 # --------------------------------------------------------------------------- pure
@@ -61,7 +61,7 @@ def test_cost_interior_block_is_square_of_the_halo_growth():
     assert cost.network_cost(s, every)["flows_per_voxel"] == 1.0
     # 256^3 blocks in a 4096^3 volume: the automatic slabs are 2 blocks wide (within twice a read region)
     big = geo.BlockGrid((4096,) * 3, (256,) * 3, (60,) * 3)
-    assert auto_group(big) == 2 and auto_group(geo.BlockGrid((4096,) * 3, (512,) * 3, (60,) * 3)) == 1
+    assert auto_flow_slab(big) == 2 and auto_flow_slab(geo.BlockGrid((4096,) * 3, (512,) * 3, (60,) * 3)) == 1
     s = _settings((4096,) * 3, (256,) * 3, (60,) * 3, 16, group=2)
     cube = [s.grid.linear_of((4 + i, 4 + j, 4 + k)) for i in (0, 1) for j in (0, 1) for k in (0, 1)]
     slabs = SlabGrid(s.grid, cube, 2, 16)  # per orientation, two layers of one 2x2 slab
@@ -122,9 +122,9 @@ def test_default_halo_is_sixteen_network_pixels_and_never_exceeds_the_block(tmp_
     cfg = RunConfig(input=img, blocksize=(12, 32, 32), model_kwargs={"pretrained_model": "demo"})
     s = resolve_settings(cfg, open_volume(cfg))
     assert s.pipeline == "flows" and s.flow_halo == 12  # 16, clipped to the 12-voxel blocks
-    assert s.flow_group == 4  # the slabs span whole planes: 4 blocks of 12 along z (ZX, ZY planes)
+    assert s.flow_slab == 4  # the slabs span whole planes: 4 blocks of 12 along z (ZX, ZY planes)
     cfg = RunConfig(input=img, blocksize=(12, 32, 32), flow_slab=1, model_kwargs={"pretrained_model": "demo"})
-    assert resolve_settings(cfg, open_volume(cfg)).flow_group == 1
+    assert resolve_settings(cfg, open_volume(cfg)).flow_slab == 1
     with pytest.raises(ConfigError, match="flow_slab must be a number of blocks >= 1"):
         RunConfig(input=img, flow_slab=0)
     cfg = RunConfig(input=img, blocksize=32, eval_kwargs={"diameter": 60}, model_kwargs={"pretrained_model": "demo"})
@@ -154,7 +154,7 @@ def test_resume_with_other_slabs_is_refused_by_name(tmp_path):
                         model_kwargs={"pretrained_model": "demo"}, **kw)
         return make_plan(cfg, open_volume(cfg), 2)
 
-    assert plan(flow_slab=1).settings.flow_group == 1
+    assert plan(flow_slab=1).settings.flow_slab == 1
     with pytest.raises(ResumeMismatchError, match=r"pipeline\.flow_slab: 1 -> 2"):
         plan()
 

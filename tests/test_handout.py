@@ -92,7 +92,7 @@ def test_progress_with_blocks_handed_out_at_run_time():
     grid = geo.BlockGrid((16, 16, 128), (16, 16, 16), (0, 0, 0))   # 8 blocks of 4096 voxels
     plan = types.SimpleNamespace(grid=grid, handout="dynamic", segment_assignment=sc.round_robin_shares(range(8), 3))
     box = Box()
-    p = progress.Progress(box, plan, stream=io.StringIO())
+    p = progress.Progress.of_plan(box, plan, stream=io.StringIO())
     t0 = p.t0
     assert p.total == 8 and p.total_vox == 8 * 4096 and p.estimate(t0 + 1)["running"] == 3
     # rank 1 finished 2 blocks in 10 s and is on its third; nobody else reported yet

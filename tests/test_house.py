@@ -12,7 +12,7 @@ MAX_MODULES = 12         # per folder, its __init__ and __main__ left out
 
 #: What sits directly in mpicellpose/: the public face, the run configuration and the errors, and
 #: the folders (``models/`` holds the shipped weights: package data, no code).
-TOP_LEVEL = {"__init__.py", "__main__.py", "_version.py", "api.py", "config.py", "errors.py"}
+TOP_LEVEL = {"__init__.py", "__main__.py", "_version.py", "api.py", "config.py", "errors.py", "options.py"}
 FOLDERS = {"cellpose", "cli", "comm", "grid", "models", "runner", "synthetic", "tools", "training", "volumes"}
 
 #: The rooms and which rooms each may import (a room: a folder, or one top-level module; importing
@@ -24,29 +24,31 @@ FOLDERS = {"cellpose", "cli", "comm", "grid", "models", "runner", "synthetic", "
 ALLOWED = {
     "errors": set(),
     "_version": set(),
-    "config": {"errors"},
+    "options": set(),  # the options declared once (stdlib only)
+    "config": {"errors", "options"},
     "comm": {"errors"},
     "grid": {"errors"},
     "volumes": {"errors", "comm", "grid"},
     "cellpose": {"errors", "comm", "grid", "volumes"},
-    "runner": {"errors", "_version", "config", "comm", "grid", "volumes", "cellpose"},
+    "runner": {"errors", "_version", "config", "options", "comm", "grid", "volumes", "cellpose"},
     "synthetic": {"errors", "volumes", "cellpose"},
     "training": {"errors", "volumes", "cellpose", "synthetic"},
     "tools": {"errors", "config", "comm", "grid", "volumes", "cellpose", "runner", "synthetic"},
-    "api": {"errors", "config", "comm", "grid", "runner"},
-    "cli": {"errors", "config", "comm", "grid", "volumes", "runner", "tools"},
+    "api": {"errors", "config", "comm", "runner"},
+    "cli": {"errors", "config", "options", "comm", "grid", "volumes", "runner", "tools"},
     "__main__": {"cli"},
     "mpicellpose": {"_version", "api", "config", "grid", "runner", "volumes"},  # __init__: the public names, lazily
 }
 
-#: The modules outside runner/ that import a phase, and why (the command line never does).
+#: The modules outside runner/ that import a phase, and why (the command line never does; the
+#: public calls go through the runner's public calls: driver.run, oneblock.segment_one_block).
 PHASE_IMPORTERS = {
-    # process_block: one block through the very functions of a run (resolve_settings, the global
-    # normalisation, LocalFlowMasks), so that its labels equal the run's
-    "mpicellpose.api",
     # mpicellpose plan: the plan segment would make (make_plan, open_volume), without running it
     "mpicellpose.tools.dryrun",
 }
+
+#: What api.py may import of runner/: its public calls only.
+API_RUNNER = {"mpicellpose.runner", "mpicellpose.runner.driver", "mpicellpose.runner.oneblock"}
 
 #: What grid/ may import besides itself and errors: pure computation only.
 PURE_IMPORTS = {"__future__", "bisect", "collections", "dataclasses", "functools", "heapq", "itertools", "math",
@@ -211,6 +213,11 @@ def test_the_phases_are_the_runs_own():
                  if d.startswith("mpicellpose.runner.phases") and room(n) != "runner"}
     assert not {n for n in importers if room(n) == "cli"}, "the command line imports a phase"
     assert importers == PHASE_IMPORTERS
+
+
+def test_the_public_calls_use_the_runners_public_calls():
+    deps = import_graph()["mpicellpose.api"]
+    assert {d for d in deps if room(d) == "runner"} <= API_RUNNER
 
 
 def test_grid_is_pure():

@@ -15,7 +15,7 @@ def plan_for(img, cfg, blocksize=16, kept=None):
     g = geo.BlockGrid(img.shape, blocksize, 4)
     kept = list(range(len(g))) if kept is None else kept
     s = Settings(img.shape, g.blocksize, g.overlap, None, "iou", 1, dict(cfg.eval_kwargs), None, None, None,
-                 tuple("zyx"[-img.ndim:]))
+                 tuple("zyx"[-img.ndim:]), normalize=cfg.normalize)
     return s, kept
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from mpicellpose.grid import geometry as geo
 from mpicellpose.runner import progress
-from mpicellpose.runner.quiet import quiet_libraries
+from mpicellpose.runner.runlog import quiet_libraries
 
 
 class FakeBox:
@@ -30,7 +30,7 @@ def plan(assignment=((0, 1), (2, 3))):
 
 def test_estimate_moves_during_a_block_and_the_eta_falls():
     box = FakeBox()
-    p = progress.Progress(box, plan(), stream=io.StringIO())
+    p = progress.Progress.of_plan(box, plan(), stream=io.StringIO())
     t0 = p.t0
     first = p.estimate(t0 + 5)
     assert first["eta"] is None and first["fraction"] == 0 and first["running"] == 2
@@ -57,7 +57,7 @@ def test_estimate_moves_during_a_block_and_the_eta_falls():
 
 def test_text_of_the_line():
     box = FakeBox()
-    p = progress.Progress(box, plan(), stream=io.StringIO())
+    p = progress.Progress.of_plan(box, plan(), stream=io.StringIO())
     assert "ETA after the first block" in p.text(p.t0 + 3)
     box.progress[0] = (1, 2)
     p._record()
@@ -80,7 +80,7 @@ def test_terminal_gets_one_redrawn_line_and_logs_get_plain_lines(monkeypatch, ca
     lg = logging.getLogger("mpicellpose.run")
     lg.addHandler(handler)
     try:
-        p = progress.Progress(FakeBox(), plan(), stream=stream)
+        p = progress.Progress.of_plan(FakeBox(), plan(), stream=stream)
         assert p.tty
         p.start()
         time.sleep(0.3)
@@ -92,7 +92,7 @@ def test_terminal_gets_one_redrawn_line_and_logs_get_plain_lines(monkeypatch, ca
     assert "segment [" in text
     # in a log (no terminal): plain lines
     with caplog.at_level(logging.INFO, logger="mpicellpose.run"):
-        p = progress.Progress(FakeBox(), plan(), stream=io.StringIO())
+        p = progress.Progress.of_plan(FakeBox(), plan(), stream=io.StringIO())
         assert not p.tty
         p.start()
         time.sleep(0.3)

@@ -16,17 +16,17 @@ both alike.
 from __future__ import annotations
 
 from . import geometry as geo
-from .slabs import SlabGrid, auto_group, default_flow_halo, flow_bytes_per_voxel
+from .slabs import SlabGrid, auto_flow_slab, default_flow_halo, flow_bytes_per_voxel
 
 
-def network_voxels(settings, blocks, pipeline: str, halo=None, group=None) -> int:
+def network_voxels(settings, blocks, pipeline: str, halo=None, flow_slab=None) -> int:
     """Voxels the network evaluates (per orientation) to segment ``blocks`` (kept blocks);
-    ``halo``, ``group``: the flow step's, when not the settings' own."""
+    ``halo``, ``flow_slab``: the flow step's, when not the settings' own."""
     grid = settings.grid
     if pipeline == "flows":
         halo = settings.flow_halo if halo is None else halo
-        group = settings.flow_group if group is None else group
-        slabs = SlabGrid(grid, blocks, group, halo)
+        flow_slab = settings.flow_slab if flow_slab is None else flow_slab
+        slabs = SlabGrid(grid, blocks, flow_slab, halo)
         return slabs.network_voxels(slabs.linears)
     return int(geo.block_sizes(grid, list(blocks), "read").sum())
 
@@ -47,10 +47,10 @@ def network_cost(settings, blocks, cellpose: bool = True) -> dict:
            "blocks_per_voxel": round(network_voxels(settings, blocks, "blocks") / core, 4)}
     if cellpose:
         halo = settings.flow_halo or default_flow_halo(settings.eval_kwargs.get("diameter"), len(settings.shape))
-        group = settings.flow_group if settings.pipeline == "flows" else auto_group(settings.grid)
-        out["flows_per_voxel"] = round(network_voxels(settings, blocks, "flows", halo, group) / core, 4)
+        flow_slab = settings.flow_slab if settings.pipeline == "flows" else auto_flow_slab(settings.grid)
+        out["flows_per_voxel"] = round(network_voxels(settings, blocks, "flows", halo, flow_slab) / core, 4)
         out["flow_halo"] = halo
-        out["flow_slab"] = group
+        out["flow_slab"] = flow_slab
         out["flow_scratch_bytes"] = flow_scratch_bytes(settings, blocks)
     out["network_per_voxel"] = out.get(f"{settings.pipeline}_per_voxel", out["blocks_per_voxel"])
     return out

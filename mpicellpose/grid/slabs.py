@@ -4,13 +4,13 @@ Cellpose's 3D network runs on the planes of three orientations: orientation ``p`
 planes normal to axis ``p`` (0: YX planes, 1: ZX, 2: ZY; a 2D image has one orientation, the
 image itself).  A plane needs context only within itself, so the unit of the flow step is a
 *slab*: per orientation, the planes through one layer of blocks along the normal axis (no
-context along it), spanning up to ``group x group`` blocks in plane, grown in plane by the flow
+context along it), spanning up to ``flow_slab x flow_slab`` blocks in plane, grown in plane by the flow
 halo where it meets other slabs.  Wider slabs mean less halo per voxel: the network's cost per
 output voxel is ``((G*B + 2h) / (G*B))^2`` for an interior slab instead of ``((B + 2h) / B)^2``
 per block, and a slab that spans the whole plane needs no halo at all (exactly what
 whole-volume Cellpose computes for those planes).
 
-A slab is a fixed function of the block grid, the mask and ``group`` (never of the rank count),
+A slab is a fixed function of the block grid, the mask and ``flow_slab`` (never of the rank count),
 so the flow field, and with it the labels, is the same at any number of ranks.  Each slab
 writes its orientation's three values (two in-plane flow components and the cell probability)
 for the cores of its kept blocks: one chunk per (orientation, block), written by one slab, so no
@@ -19,7 +19,7 @@ two ranks write the same chunk.  The mask step sums the orientations as Cellpose
 Examples
 --------
 >>> from mpicellpose.grid.geometry import BlockGrid
->>> s = SlabGrid(BlockGrid((160, 160, 160), (80, 80, 80), (32, 32, 32)), range(8), group=2, halo=16)
+>>> s = SlabGrid(BlockGrid((160, 160, 160), (80, 80, 80), (32, 32, 32)), range(8), flow_slab=2, halo=16)
 >>> len(s), [s.block(i).read for i in (0, 1)]
 (6, [((0, 80), (0, 160), (0, 160)), ((80, 160), (0, 160), (0, 160))])
 >>> round(s.network_voxels(range(len(s))) / 160 ** 3, 3)
@@ -35,7 +35,7 @@ import numpy as np
 
 from . import geometry as geo
 
-# The automatic group keeps a slab's core within max(SLAB_VOXELS, 2 x the largest block's read
+# The automatic flow slab keeps a slab's core within max(SLAB_VOXELS, 2 x the largest block's read
 # region): the flow step holds ~60 bytes per voxel of a slab (the image as float32 in two channels,
 # the network's output and its copies), Cellpose's per-block eval ~130 per voxel of a read region,
 # so a slab never needs much more memory than a block does under --pipeline blocks.
@@ -74,8 +74,8 @@ def normal_axis(ndim: int, orient: int):
     return orient if ndim == 3 else None
 
 
-def auto_group(grid: geo.BlockGrid, budget: int | None = None) -> int:
-    """The largest in-plane group whose slabs' cores stay within ``budget`` voxels in every
+def auto_flow_slab(grid: geo.BlockGrid, budget: int | None = None) -> int:
+    """The widest in-plane flow slab whose slabs' cores stay within ``budget`` voxels in every
     orientation (default: see :data:`SLAB_VOXELS`; at least 1; no more than the grid needs to span
     the whole plane)."""
     ndim, cap = grid.ndim, max(grid.grid_shape)
@@ -93,10 +93,10 @@ def auto_group(grid: geo.BlockGrid, budget: int | None = None) -> int:
     return best
 
 
-def largest_slab_voxels(grid: geo.BlockGrid, group: int, halo: int) -> int:
+def largest_slab_voxels(grid: geo.BlockGrid, flow_slab: int, halo: int) -> int:
     """Voxels of the largest slab's planes, halo included (an interior slab; for memory estimates)."""
     ndim = grid.ndim
-    return max(math.prod(min(b, s) if k == normal_axis(ndim, p) else min(group * b + 2 * halo, s)
+    return max(math.prod(min(b, s) if k == normal_axis(ndim, p) else min(flow_slab * b + 2 * halo, s)
                          for k, (b, s) in enumerate(zip(grid.blocksize, grid.shape)))
                for p in range(orientations(ndim)))
 
@@ -131,8 +131,8 @@ class SlabGrid:
     """The slabs of a block grid: ``block(linear)`` and ``sizes`` make it usable wherever the
     per-block loop and the schedules take a block grid."""
 
-    def __init__(self, grid: geo.BlockGrid, kept, group: int, halo: int, along: int = 0):
-        self.grid, self.group, self.halo, self.along = grid, max(1, int(group)), int(halo), int(along)
+    def __init__(self, grid: geo.BlockGrid, kept, flow_slab: int, halo: int, along: int = 0):
+        self.grid, self.flow_slab, self.halo, self.along = grid, max(1, int(flow_slab)), int(halo), int(along)
         self.ndim = grid.ndim
         self.n_orient = orientations(self.ndim)
         self._kept = np.zeros(len(grid), bool)
@@ -143,7 +143,7 @@ class SlabGrid:
 
     def _shape(self, p):
         a = normal_axis(self.ndim, p)
-        return tuple(n if k == a else math.ceil(n / self.group) for k, n in enumerate(self.grid.grid_shape))
+        return tuple(n if k == a else math.ceil(n / self.flow_slab) for k, n in enumerate(self.grid.grid_shape))
 
     def __len__(self) -> int:
         return len(self.linears)
@@ -156,7 +156,7 @@ class SlabGrid:
 
     def _block_ranges(self, p, pos):
         a = normal_axis(self.ndim, p)
-        return [range(i, i + 1) if k == a else range(i * self.group, min((i + 1) * self.group, n))
+        return [range(i, i + 1) if k == a else range(i * self.flow_slab, min((i + 1) * self.flow_slab, n))
                 for k, (i, n) in enumerate(zip(pos, self.grid.grid_shape))]
 
     def _blocks_of(self, linear: int) -> tuple:
@@ -197,13 +197,13 @@ class SlabGrid:
 
     def coarse_order(self, linears) -> list:
         """``linears`` in the order the flow step hands them out between equal costs: by the
-        position of their first block in units of ``group`` blocks (then orientation), so the
+        position of their first block in units of ``flow_slab`` blocks (then orientation), so the
         three orientations advance through the volume together and a block's masks can be built
         (``--masks-during-flows``) long before the last slab, not only after the last orientation."""
         def key(s):
             p, pos = self._split(s)
             first = self.grid.index_of(self._blocks_of(s)[0])
-            return (tuple(i // self.group for i in first), p, pos)
+            return (tuple(i // self.flow_slab for i in first), p, pos)
         return sorted(linears, key=key)
 
     def of_blocks(self, blocks) -> list:
@@ -215,6 +215,6 @@ class SlabGrid:
         out = []
         for p in range(self.n_orient):
             a = normal_axis(self.ndim, p)
-            pos = tuple(i if k == a else i // self.group for k, i in enumerate(ix))
+            pos = tuple(i if k == a else i // self.flow_slab for k, i in enumerate(ix))
             out.append(self.offsets[p] + np.ravel_multi_index(pos, self.shapes[p]))
         return np.unique(np.concatenate(out)).tolist()

@@ -121,23 +121,25 @@ def number_core(labels, blk: geo.Block):
     return read_local, n, read_local[blk.core_in_read]
 
 
-def record_block(work, scratch, grid, blk, settings, iou_depth, read_local, n, core) -> None:
+def record_block(work, scratch, blk, settings, read_local, n, core) -> None:
     """Persist what later phases need: the core in the scratch array, then the record
     (written atomically: from then on the block counts as done)."""
+    grid = settings.grid
     scratch[blk.core_slices] = core
     stats = st.block_stats(core, n, [a for a, _ in blk.core])
     origin = [a for a, _ in blk.read]
     views = {view_key(o): np.ascontiguousarray(read_local[geo.box_slices(box, origin)])
-             for o, box in view_boxes(grid, blk.linear, settings.stitch_rule, settings.connectivity, iou_depth)}
+             for o, box in view_boxes(grid, blk.linear, settings.stitch_rule, settings.connectivity,
+                                           settings.iou_depth)}
     work.save_record(blk.linear, n=np.int64(n), **stats, **views)
 
 
-def backend_eval_kwargs(cfg, settings, normalization) -> dict:
+def backend_eval_kwargs(settings, normalization) -> dict:
     """Cellpose's eval arguments for every block: the settings plus the normalisation."""
     eval_kwargs = dict(settings.eval_kwargs)
     if normalization is not None:
         eval_kwargs["normalize"] = normalization["normalize"]
-    elif cfg.normalize == "none":
+    elif settings.normalize == "none":
         eval_kwargs["normalize"] = False
     return eval_kwargs
 
@@ -154,24 +156,26 @@ def gpu_rank_wants(mode: str, backend) -> bool:
     return str(getattr(model, "device", "cpu")).startswith(("cuda", "mps"))
 
 
-def build_backend(cfg, settings, normalization, box, load=True):
+def build_backend(options, settings, normalization, box, load=True):
     """This rank's backend.  Collective: every rank calls it, also one with no block to
-    segment (``load=False``: it takes part in the device binding but loads no model).  Under
+    segment (``load=False``: it takes part in the device binding but loads no model).
+    ``options``: the backend, its arguments, the device and threads
+    (:class:`mpicellpose.runner.context.RunOptions`, or the configuration).  Under
     ``--pipeline flows`` a loaded Cellpose model must have the private calls the flow and mask
     steps use (:func:`mpicellpose.cellpose.flowfield.check_cellpose_internals`)."""
     from ..cellpose.gpu import bind_device  # noqa: PLC0415 - lazy, torch is optional
 
     ndim = len(settings.shape)
-    if not isinstance(cfg.backend, str):
-        return cfg.backend
-    if cfg.backend != "cellpose":
-        return make_backend(cfg.backend, backend_kwargs=cfg.backend_kwargs, ndim=ndim)
-    binding = bind_device(box, cfg.device)
+    if not isinstance(options.backend, str):
+        return options.backend
+    if options.backend != "cellpose":
+        return make_backend(options.backend, backend_kwargs=options.backend_kwargs, ndim=ndim)
+    binding = bind_device(box, options.device)
     if not load:
         return None
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(binding.local_size, 1))
-    backend = make_backend("cellpose", model_kwargs=cfg.model_kwargs,
-                           eval_kwargs=backend_eval_kwargs(cfg, settings, normalization),
+    threads = options.threads or max(1, (os.cpu_count() or 1) // max(binding.local_size, 1))
+    backend = make_backend("cellpose", model_kwargs=options.model_kwargs,
+                           eval_kwargs=backend_eval_kwargs(settings, normalization),
                            resolved=settings.resolved_model, device=binding.device, threads=threads, ndim=ndim,
                            precision=settings.precision)
     if backend.ignored and box.rank == 0:

@@ -23,12 +23,12 @@ from ..grid.cost import cost_summary
 from ..volumes import storage
 from . import outputs
 from .blocks import gpu_rank_wants
+from .context import RunContext
 from .phases import normalize as normalization
 from .phases import faces, finish, flows, maskahead, merge, relabel, segment, table
 from .phases.plan import Plan, make_plan, open_volume, resolve_settings, spatial_shape, validate_input  # noqa: F401
 from .phases.plan import fingerprint_of, output_format
-from .quiet import quiet_libraries
-from .runlog import RANK, log
+from .runlog import RANK, log, quiet_libraries
 from .signals import StopFlag, handling_signals
 from .workdir import fingerprint_diff
 
@@ -122,48 +122,32 @@ def _run(cfg: RunConfig, box, stop, held) -> RunResult:
         return _already_complete(box, plan, clock)
     if box.rank == 0 and plan.precision_why:
         log.info(plan.precision_why)
-    plan = plan.with_normalization(normalization.global_normalization(cfg, plan.settings, plan.kept, vol.array, box))
-    _log_normalization(box, plan)
+    ctx = RunContext.build(cfg, plan, box, stop, vol)
+    norm = normalization.global_normalization(ctx.options, plan.settings, plan.kept, ctx.src, box)
+    ctx = ctx.with_plan(plan.with_normalization(norm))
+    _log_normalization(box, ctx.plan)
     clock.lap("normalize")
-    if cfg.backend == "cellpose":
-        import_backend(cfg, box)
+    if ctx.options.cellpose:
+        import_backend(box)
         clock.lap("import")
-    my_blocks = box.scatter(plan.segment_assignment if box.rank == 0 else None, "handing out the blocks")
-    flows_pipeline = plan.settings.pipeline == "flows"  # every rank may compute flows: every rank loads the model
-    backend, scratch = segment.start_backend(cfg, plan, box, plan.to_segment if flows_pipeline else my_blocks)
-    clock.lap("model_load")
-    flowed = None
-    if flows_pipeline:
-        ahead = None
-        if gpu_rank_wants(cfg.masks_during_flows, backend):  # a GPU rank by default
-            ahead = functools.partial(maskahead.MaskAhead, cfg, plan, backend, scratch)
-        flowed = flows.flows_phase(cfg, plan, box, stop, vol.array, backend, plan.to_segment, ahead)
-        clock.lap("flows")
-        backend = flows.FlowMasks(backend, plan) if backend is not None else None
-        if flowed.masked:  # the segmentation phase does the others
-            plan = plan.without_blocks(flowed.masked, box.size)
-            my_blocks = plan.segment_assignment[box.rank]
-    segmented = segment.segment_phase(cfg, plan, box, stop, vol.array, my_blocks, backend, scratch)
-    if flowed is not None and flowed.masked:
-        segmented = replace(segmented, blocks_now=segmented.blocks_now + len(flowed.masked))
-    del backend
-    clock.lap("segment")
+    ctx, segmented, flowed = _segment(ctx, clock)
+    plan = ctx.plan
     mine = plan.owners(box.size)[box.rank]  # the blocks this rank stitches, relabels and reports
-    counts, offsets = merge.block_counts(plan, box, mine)
-    edges = faces.match_faces(cfg, plan, box, mine, offsets)
+    counts, offsets = merge.block_counts(ctx, mine)
+    edges = faces.match_faces(ctx, offsets)
     merged = merge.merge(box, edges, counts, offsets, mine)
     clock.lap("stitch")
-    relabelled = relabel.relabel_phase(cfg, plan, box, stop, mine, merged)
+    relabelled = relabel.relabel_phase(ctx, mine, merged)
     clock.lap("relabel")
-    tabled = table.table_phase(plan, box, mine, merged)
+    tabled = table.table_phase(ctx, mine, merged)
     clock.lap("table")
-    levels = finish.build_label_pyramid(cfg, plan, box)
+    levels = finish.build_label_pyramid(ctx)
     if plan.output.group is not None:
         clock.lap("pyramid")
     clock.timings["total"] = time.perf_counter() - clock.t0
     summary = _summary(box, plan, merged, tabled, levels, clock.timings, flowed)
-    summary["warnings"] = finish.result_warnings(cfg, plan, merged.n_objects, tabled.size_hist)
-    summary = finish.finish_phase(cfg, plan, box, summary)
+    summary["warnings"] = finish.result_warnings(ctx.options, plan, merged.n_objects, tabled.size_hist)
+    summary = finish.finish_phase(ctx, summary)
     reused = box.allreduce_sum(relabelled.reused, "counting reused blocks")
     _log_done(box, plan, merged, segmented, summary)
     summary["comm_bytes_sent"] = edges.bytes_sent
@@ -171,6 +155,32 @@ def _run(cfg: RunConfig, box, stop, held) -> RunResult:
     boxes = Boxes(np.load(outputs.boxes_path(plan.output.stem), mmap_mode="r"))
     return RunResult(labels, boxes, merged.n_objects, merged.n_merged, summary["timings"],
                      tabled.table, len(plan.done) + reused, summary, plan.output.array)
+
+
+def _segment(ctx, clock):
+    """The backend, the flow step (``--pipeline flows``) and the segmentation: (the context with the
+    plan of what is left to segment, Segmented, Flowed or None)."""
+    plan, box = ctx.plan, ctx.box
+    my_blocks = box.scatter(plan.segment_assignment if box.rank == 0 else None, "handing out the blocks")
+    flows_pipeline = plan.settings.pipeline == "flows"  # every rank may compute flows: every rank loads the model
+    backend, scratch = segment.start_backend(ctx, plan.to_segment if flows_pipeline else my_blocks)
+    clock.lap("model_load")
+    flowed = None
+    if flows_pipeline:
+        ahead = None
+        if gpu_rank_wants(ctx.options.masks_during_flows, backend):  # a GPU rank by default
+            ahead = functools.partial(maskahead.MaskAhead, ctx, backend, scratch)
+        flowed = flows.flows_phase(ctx, backend, plan.to_segment, ahead)
+        clock.lap("flows")
+        backend = flows.FlowMasks(backend, ctx) if backend is not None else None
+        if flowed.masked:  # the segmentation phase does the others
+            ctx = ctx.with_plan(plan.without_blocks(flowed.masked, box.size))
+    segmented = segment.segment_phase(ctx, backend, scratch)
+    if flowed is not None and flowed.masked:
+        segmented = replace(segmented, blocks_now=segmented.blocks_now + len(flowed.masked))
+    del backend
+    clock.lap("segment")
+    return ctx, segmented, flowed
 
 
 def plan_phase(cfg, box, held):
@@ -219,7 +229,7 @@ def _raise_from_root(payload):
     raise agreed(DistributedError(f"rank 0 failed during planning: {message}", [(0, message)]))
 
 
-def import_backend(cfg, box):
+def import_backend(box):
     """Every rank imports Cellpose and torch, once the plan is agreed (timed apart: "import").
 
     A failure is not raised here: :func:`mpicellpose.runner.blocks.build_backend` reports it clearly."""
@@ -251,18 +261,13 @@ def find_complete(cfg, vol, place, n_ranks):
     """Rank 0: :class:`Complete` when OUTPUT is the finished output of this configuration (its
     marker says complete with this run's run_id; its object table and boxes are there), else
     None.  Only reads; ``--restart`` always computes again."""
-    if cfg.restart:
-        return None
-    marker = outputs.output_marker(place.array)
-    if not marker or marker.get("complete") is not True or marker.get("n_objects") is None:
-        return None
-    tbl, boxes = outputs.table_path(place.stem), outputs.boxes_path(place.stem)
-    if not (os.path.isfile(tbl) and os.path.isfile(boxes)):
+    marker = outputs.finished_marker(place, cfg.restart)  # before the dry plan: it is cheap
+    if marker is None:
         return None
     dry = make_plan(cfg, vol, n_ranks, prepare=False)
     if dry.run_id != marker.get("run_id"):
         return None
-    return Complete(dry, marker, tbl, boxes)
+    return Complete(dry, marker, outputs.table_path(place.stem), outputs.boxes_path(place.stem))
 
 
 def _what_changed(cfg, vol, err):

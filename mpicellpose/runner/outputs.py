@@ -173,6 +173,23 @@ def output_marker(path):
         return None
 
 
+def finished_marker(place, restart: bool = False, run_id: str | None = None):
+    """OUTPUT's 'mpicellpose' attributes when it is a finished output (marked complete with its
+    object count, its object table and boxes beside it) of run ``run_id`` (of any run when None),
+    else None; with ``restart`` (``--restart``: compute it again) always None.  Only reads: the one
+    answer to "is it already complete?" of ``segment`` and ``plan``."""
+    if restart:
+        return None
+    marker = output_marker(place.array)
+    if not marker or marker.get("complete") is not True or marker.get("n_objects") is None:
+        return None
+    if run_id is not None and marker.get("run_id") != run_id:
+        return None
+    if not (os.path.isfile(table_path(place.stem)) and os.path.isfile(boxes_path(place.stem))):
+        return None
+    return marker
+
+
 def _is_our_table(path: str) -> bool:
     try:
         with open(path) as f:

@@ -61,12 +61,11 @@ class Progress:
     every few seconds (every 5 s at first, at most every 30 s in long runs).
     """
 
-    def __init__(self, box, plan, stream=None, label="segment", unit="block"):
+    def __init__(self, box, grid, shares, handout="static", stream=None, label="segment", unit="block"):
         self.box, self.label, self.unit = box, label, unit
-        grid = plan.grid
         # blocks handed out at run time: each rank reports (voxels done, voxels of its block in progress)
-        self.dynamic = getattr(plan, "handout", "static") == "dynamic" and box.size > 1
-        assign = [list(a) for a in plan.segment_assignment] + [[] for _ in range(box.size)]
+        self.dynamic = handout == "dynamic" and box.size > 1
+        assign = [list(a) for a in shares] + [[] for _ in range(box.size)]
         self.sizes = [geo.block_sizes(grid, a, "read").tolist() for a in assign[:box.size]]
         self.total = sum(len(a) for a in self.sizes)
         self.total_vox = sum(sum(a) for a in self.sizes)
@@ -81,6 +80,11 @@ class Progress:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
+
+    @classmethod
+    def of_plan(cls, box, plan, **kw) -> "Progress":
+        """The display of the segmentation of ``plan`` (its grid, shares and hand-out)."""
+        return cls(box, plan.grid, plan.segment_assignment, getattr(plan, "handout", "static"), **kw)
 
     # -- main thread ---------------------------------------------------------
     def __call__(self) -> None:

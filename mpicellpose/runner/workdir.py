@@ -75,6 +75,8 @@ class WorkDir:
         self.blocks = self.path / "blocks"
         self.relabel = self.path / "relabel"
         self.table = self.path / "table"
+        self.flows_store = self.path / "flows.zarr"   # --pipeline flows: the flow field
+        self.flows = self.path / "flows"              # its done-markers, one per slab
         self._chunks = None   # (grid shape, dimension separator) of the scratch array, read once
         self.layout_mismatch = False  # set by check(): this run's directory has an older layout
 
@@ -84,6 +86,10 @@ class WorkDir:
     # -- per block ---------------------------------------------------------------
     def record(self, linear) -> Path:
         return self.blocks / str(int(linear) // FANOUT) / f"{int(linear)}.npz"
+
+    def flow_done(self, linear) -> Path:
+        """The done-marker of slab ``linear``'s flows (written once its chunks are on disk)."""
+        return self.flows / str(int(linear) // FANOUT) / f"{int(linear)}.done"
 
     def relabel_done(self, linear) -> Path:
         return self.relabel / str(int(linear) // FANOUT) / f"{int(linear)}.done"

@@ -57,7 +57,7 @@ def with_flow_step(memory: dict, settings) -> dict:
     """Under ``--pipeline flows`` the flow step holds a slab and the mask step a block's read
     region: the estimate is the larger of the two (the slab's from its arrays' sizes, not fitted)."""
     if settings.pipeline == "flows":
-        slab = largest_slab_voxels(settings.grid, settings.flow_group, settings.flow_halo)
+        slab = largest_slab_voxels(settings.grid, settings.flow_slab, settings.flow_halo)
         memory = dict(memory, flow_step_bytes=int(memory["constant"] + SLAB_BYTES_PER_VOXEL * slab),
                       largest_slab_voxels=int(slab))
         memory["bytes"] = max(memory["bytes"], memory["flow_step_bytes"])
@@ -222,12 +222,7 @@ def precision_facts(cfg, plan) -> dict:
 
 def _already_complete(cfg, plan) -> bool:
     """OUTPUT is the finished output of this very configuration: segment would do nothing."""
-    if cfg.restart:
-        return False
-    marker = outputs.output_marker(plan.output.array) or {}
-    return bool(marker.get("complete") is True and marker.get("run_id") == plan.run_id
-                and os.path.isfile(outputs.table_path(plan.output.stem))
-                and os.path.isfile(outputs.boxes_path(plan.output.stem)))
+    return outputs.finished_marker(plan.output, cfg.restart, plan.run_id) is not None
 
 
 def dry_run(cfg, n_ranks: int, gpu_memory=None) -> dict:

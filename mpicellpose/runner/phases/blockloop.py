@@ -12,21 +12,22 @@ from ..runlog import log
 from ..signals import StopNow
 
 
-def read_ahead_wanted(cfg, backend) -> bool:
+def read_ahead_wanted(options, backend) -> bool:
     """``--read-ahead`` for this rank: auto is on for a rank whose model runs on a GPU."""
-    return gpu_rank_wants(getattr(cfg, "read_ahead", "auto"), backend)
+    return gpu_rank_wants(getattr(options, "read_ahead", "auto"), backend)
 
 
-def run_blocks(box, grid, shares, dynamic, label, progress, stop, work, block_error, load=None):
-    """The block loop of a per-block phase (segmentation, flows): this rank's share of ``shares``,
-    or blocks handed out at run time (:class:`mpicellpose.comm.Handout`; every rank enters it, with
-    or without blocks).  ``work(blk, done, get)`` does one block and may return a count; a block stopped
+def run_blocks(ctx, grid, shares, label, progress, work, block_error, load=None):
+    """The block loop of a per-block phase (segmentation, flows): this rank's share of ``shares``
+    (units of ``grid``), or, with the plan's dynamic hand-out, blocks handed out at run time
+    (:class:`mpicellpose.comm.Handout`; every rank enters it, with or without blocks).  ``work(blk, done, get)`` does one block and may return a count; a block stopped
     by a signal is not counted (a resume redoes it); an error is logged, told to the other ranks and
     returned (``block_error(exc, blk)`` names the block).  Returns (error or None, sum of the counts).
 
     ``load(blk)`` (optional, ``--read-ahead``): the block's input, read in a thread while the block
     before it is worked on; ``get()`` then returns it (or raises the read's error) and is None
     without ``load``."""
+    box, stop, dynamic = ctx.box, ctx.stop, ctx.plan.handout == "dynamic"
     mine = shares[box.rank] if box.rank < len(shares) else ()
     total = -1 if dynamic and box.size > 1 else len(mine)
     err, done, vox, seconds, counted = None, 0, 0, 0.0, 0

@@ -96,9 +96,9 @@ class FaceMatcher:
     it is agreed on after the stream ends.
     """
 
-    def __init__(self, plan, rank, owner, offsets, iou_threshold, mine=None):
+    def __init__(self, plan, work, rank, owner, offsets, mine=None):
         self.plan, self.rank, self.owner, self.offsets = plan, rank, owner, offsets
-        self.iou_threshold = iou_threshold
+        self.iou_threshold = plan.settings.iou_threshold
         self.grid = plan.grid
         # only the faces of this rank's blocks (``mine``; all kept blocks when not given)
         self.pairs = face_pairs(self.grid, plan.kept, plan.stitch_rule, plan.connectivity, blocks=mine)
@@ -113,7 +113,7 @@ class FaceMatcher:
                 self.outgoing.setdefault(rb, []).append((a, o))
             elif ra != rb and rb == rank:
                 self.sources.add(ra)
-        self.views = RecordViews(WorkDir(plan.work_dir), uses)
+        self.views = RecordViews(work, uses)
         self.budget = exchange_budget()
         self.edges, self.error, self.sent = [], None, 0
 
@@ -174,10 +174,11 @@ class FaceMatcher:
         return Edges(pairs, self.sent)
 
 
-def match_faces(cfg, plan, box, mine, offsets) -> Edges:
+def match_faces(ctx, offsets) -> Edges:
     """Every rank: the edges between provisional IDs across the faces of its blocks."""
+    plan, box = ctx.plan, ctx.box
     owners = plan.owners(box.size)
-    matcher = FaceMatcher(plan, box.rank, RunOwners(owners), offsets, cfg.iou_threshold, mine=owners[box.rank])
+    matcher = FaceMatcher(plan, ctx.work, box.rank, RunOwners(owners), offsets, mine=owners[box.rank])
     matcher.match_local()  # pairs inside this rank first, then the faces shared with others, streamed
     box.exchange({d: matcher.messages(k) for d, k in matcher.outgoing.items()}, matcher.sources, matcher.receive,
                  "exchanging face views")

@@ -15,24 +15,24 @@ from importlib.metadata import PackageNotFoundError, version
 from ..._version import __version__
 from ...volumes import pyramid, storage
 from .. import outputs
-from ..workdir import WorkDir
 
 
-def build_label_pyramid(cfg, plan, box):
+def build_label_pyramid(ctx):
     """Collective: downsampled levels of an NGFF label image (every rank writes its chunks)."""
+    plan, opts = ctx.plan, ctx.options
     place = plan.output
     if place.group is None:
         return None
     in_group = place.image_group is not None
-    if cfg.pyramid is None and not in_group:
+    if opts.pyramid is None and not in_group:
         return None
-    if cfg.pyramid == 0:
+    if opts.pyramid == 0:
         return None
-    like = place.image_group if in_group and cfg.pyramid is None else None
+    like = place.image_group if in_group and opts.pyramid is None else None
     level = None
     if like is not None:
         level = plan.fingerprint["input"].get("level") or 0
-    return pyramid.build_pyramid(place.group, cfg.pyramid, box, method=cfg.pyramid_method, like=like,
+    return pyramid.build_pyramid(place.group, opts.pyramid, ctx.box, method=opts.pyramid_method, like=like,
                                  like_level=level if level is not None else 0)
 
 
@@ -43,33 +43,34 @@ def _version_of(name):
         return None
 
 
-def provenance(cfg, plan, summary) -> dict:
-    """Everything needed to know how an output was made (stored in its attributes)."""
+def provenance(opts, plan, summary) -> dict:
+    """Everything needed to know how an output was made (stored in its attributes); ``opts``: the
+    run's :class:`mpicellpose.runner.context.RunOptions`."""
     return {
         "mpicellpose": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
         "numpy": _version_of("numpy"), "zarr": _version_of("zarr"),
-        "cellpose": _version_of("cellpose") if cfg.backend == "cellpose" else None,
-        "torch": _version_of("torch") if cfg.backend == "cellpose" else None, "mpi4py": _version_of("mpi4py"),
-        "model": plan.resolved_model, "config": json.loads(json.dumps(cfg.to_dict(), default=storage.json_default)),
+        "cellpose": _version_of("cellpose") if opts.backend == "cellpose" else None,
+        "torch": _version_of("torch") if opts.backend == "cellpose" else None, "mpi4py": _version_of("mpi4py"),
+        "model": plan.resolved_model, "config": json.loads(json.dumps(opts.config, default=storage.json_default)),
         "eval_kwargs_used": plan.eval_kwargs, "ranks": summary.get("ranks"),
-    } | ({"precision": precision_used(cfg, plan)} if cfg.backend == "cellpose" else {})
+    } | ({"precision": precision_used(opts, plan)} if opts.backend == "cellpose" else {})
 
 
-def precision_used(cfg, plan) -> dict:
+def precision_used(opts, plan) -> dict:
     """The network's arithmetic in this run, and why when it is not what was asked for."""
     from ...cellpose.models import cellpose_version
     from ...cellpose.precision import model_precision
 
-    own = model_precision(cellpose_version()[0], plan.resolved_model, cfg.model_kwargs)
+    own = model_precision(cellpose_version()[0], plan.resolved_model, opts.model_kwargs)
     return {"precision": plan.precision or own, "why": plan.precision_why}
 
 
-def result_warnings(cfg, plan, n_objects: int, size_hist) -> list:
+def result_warnings(opts, plan, n_objects: int, size_hist) -> list:
     """What looks wrong with a finished Cellpose run's result, with the likely causes: no object at all,
     or a median object far from the diameter the network was told (empty list: nothing to say)."""
     from .table import median_diameter
 
-    if cfg.backend != "cellpose" or not plan.kept:
+    if opts.backend != "cellpose" or not plan.kept:
         return []
     diameter = float(plan.eval_kwargs.get("diameter") or 0) or None
     nchan = 1 if plan.channel_axis is None else None
@@ -90,13 +91,13 @@ def result_warnings(cfg, plan, n_objects: int, size_hist) -> list:
     return []
 
 
-def mark_complete(cfg, plan, summary) -> None:
+def mark_complete(opts, plan, summary) -> None:
     """Rank 0: the completion marker and provenance in the output's attributes."""
     arr = storage.open_array(plan.output.array, mode="r+")
     meta = dict(arr.attrs.get("mpicellpose", {}))
     meta.update({
         "run_id": plan.run_id, "complete": True, "version": __version__,
-        "provenance": provenance(cfg, plan, summary),
+        "provenance": provenance(opts, plan, summary),
         "voxel_size": list(plan.voxel_size) if plan.voxel_size else None,
         "voxel_unit": plan.voxel_unit if plan.voxel_size else "voxel",
         "table_parquet": os.path.basename(summary["table_parquet"]) if summary.get("table_parquet") else None,
@@ -112,16 +113,18 @@ def mark_complete(cfg, plan, summary) -> None:
     arr.attrs["mpicellpose"] = json.loads(json.dumps(meta, default=storage.json_default))
 
 
-def finish_phase(cfg, plan, box, summary) -> dict:
+def finish_phase(ctx, summary) -> dict:
     """Rank 0 marks the output complete; then (unless ``keep_work``) every rank removes its own
     blocks' files from the work directory and rank 0 what is left; every rank gets the summary."""
+    plan, box = ctx.plan, ctx.box
+
     def finish():
-        mark_complete(cfg, plan, summary)
+        mark_complete(ctx.options, plan, summary)
         return summary
 
     summary = box.on_root(finish, "finishing the output")
-    if not cfg.keep_work:
+    if not ctx.options.keep_work:
         with box.step("removing the work directory's block files"):
-            WorkDir(plan.work_dir).remove_blocks(plan.owners(box.size)[box.rank])
-        box.on_root(lambda: WorkDir(plan.work_dir).remove(), "removing the work directory")
+            ctx.work.remove_blocks(plan.owners(box.size)[box.rank])
+        box.on_root(lambda: ctx.work.remove(), "removing the work directory")
     return summary

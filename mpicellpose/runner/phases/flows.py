@@ -18,8 +18,6 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -46,29 +44,20 @@ class Flowed:
     masked: tuple = ()       # blocks whose masks were built and recorded during the flow step
 
 
-def store_path(work_dir) -> Path:
-    return Path(work_dir) / "flows.zarr"
-
-
-def done_path(work_dir, linear: int) -> Path:
-    return Path(work_dir) / "flows" / str(int(linear) // 1000) / f"{int(linear)}.done"
-
-
-def create_store(plan) -> None:
+def create_store(plan, work) -> None:
     """Rank 0: the flow field's array (three half-precision channels per orientation, one chunk
     per orientation and block)."""
-    path = store_path(plan.work_dir)
-    if not path.exists():
+    if not work.flows_store.exists():
         ndim = len(plan.shape)
         channels = 3 * orientations(ndim)
-        storage.create_array(path, (channels, *plan.shape), (3, *plan.blocksize), FLOW_DTYPE)
+        storage.create_array(work.flows_store, (channels, *plan.shape), (3, *plan.blocksize), FLOW_DTYPE)
 
 
 def slab_grid(settings, kept, along: int = 0) -> SlabGrid:
     """The run's slabs; ``along``: voxels read beyond a slab along its planes' normal (context
     for Cellpose's resizing, see :func:`mpicellpose.cellpose.flowfield.along_context`; nothing else
     depends on it)."""
-    return SlabGrid(settings.grid, kept, settings.flow_group, settings.flow_halo, along)
+    return SlabGrid(settings.grid, kept, settings.flow_slab, settings.flow_halo, along)
 
 
 def cores_touching(grid: geo.BlockGrid, box) -> list:
@@ -91,16 +80,17 @@ def needed_slabs(slabs: SlabGrid, kept, todo) -> list:
     return slabs.of_blocks(needed_flows(slabs.grid, kept, todo))
 
 
-def flows_todo(plan, slabs, box, todo_segment) -> list:
+def flows_todo(ctx, slabs, todo_segment) -> list:
     """Slabs whose flows must be computed now: needed by ``todo_segment`` and not done yet
     (each rank checks its share of the done-markers)."""
-    need = needed_slabs(slabs, plan.kept, todo_segment)
-    mine = [s for s in need[box.rank::box.size] if not done_path(plan.work_dir, s).exists()]
+    box = ctx.box
+    need = needed_slabs(slabs, ctx.plan.kept, todo_segment)
+    mine = [s for s in need[box.rank::box.size] if not ctx.work.flow_done(s).exists()]
     missing = box.allgather(mine, "checking which flows are done")
     return sorted(s for part in missing for s in part)
 
 
-def _fsync_chunk(store: Path, chunk_index) -> None:
+def _fsync_chunk(store, chunk_index) -> None:
     """Make a chunk durable before its done-marker (zarr v2 keys: p.i.j.k)."""
     path = store / ".".join(str(int(i)) for i in chunk_index)
     if path.exists():
@@ -116,7 +106,7 @@ def flow_read(settings, src, steps, slab):
     return slab, block_image(src, slab.as_block(), settings, steps)
 
 
-def flow_slab(settings, src, steps, backend, slab, stop=None, read=None):
+def slab_flows(settings, src, steps, backend, slab, stop=None, read=None):
     """(the slab's three values over its core as float32, network voxels); ``read``:
     :func:`flow_read`'s result when it was read already."""
     _, img = read if read is not None else flow_read(settings, src, steps, slab)
@@ -128,26 +118,26 @@ def flow_slab(settings, src, steps, backend, slab, stop=None, read=None):
     return flows, nv
 
 
-def flows_phase(cfg, plan, box, stop, src, backend, todo_segment, ahead=None) -> Flowed:
+def flows_phase(ctx, backend, todo_segment, ahead=None) -> Flowed:
     """Every rank: compute the flows this run still needs, then agree.  ``ahead``: builds the
     thread that masks blocks during this step (:mod:`mpicellpose.runner.phases.maskahead`), or None."""
+    plan, box, stop = ctx.plan, ctx.box, ctx.stop
     t0 = time.perf_counter()
-    box.on_root(lambda: create_store(plan), "creating the flow field")
+    box.on_root(lambda: create_store(plan, ctx.work), "creating the flow field")
     ahead = ahead() if ahead is not None else None
     slabs = slab_grid(plan.settings, plan.kept)  # what is handed out; the slabs as read: _flow_slabs
-    todo = flows_todo(plan, slabs, box, todo_segment)
+    todo = flows_todo(ctx, slabs, todo_segment)
     if box.rank == 0:
         kept = len(needed_slabs(slabs, plan.kept, todo_segment)) - len(todo)  # done by an earlier run
         log.info("flows: %d slab(s) to compute on %d rank(s)%s (network once per voxel; slabs up to %d block(s) "
                  "wide, in-plane halo %d)", len(todo), box.size,
-                 f", {kept} reused from an earlier run" if kept else "", plan.settings.flow_group,
+                 f", {kept} reused from an earlier run" if kept else "", plan.settings.flow_slab,
                  plan.settings.flow_halo)
     shares = make_shares(plan.handout, slabs, slabs.coarse_order(todo), box.size)
     box.start_progress("flows")
-    view = SimpleNamespace(grid=slabs, segment_assignment=shares, handout=plan.handout)
-    progress, agreed = Progress(box, view, label="flows", unit="slab").start(), False
+    progress, agreed = Progress(box, slabs, shares, plan.handout, label="flows", unit="slab").start(), False
     try:
-        err, nv = _flow_slabs(cfg, plan, slabs, box, stop, src, backend, shares, ahead, progress)
+        err, nv = _flow_slabs(ctx, slabs, backend, shares, ahead, progress)
         masked = ahead.drain(box, stop) if ahead is not None else []
         if err is None and ahead is not None and ahead.error is not None:
             err = ahead.error
@@ -168,10 +158,11 @@ def flows_phase(cfg, plan, box, stop, src, backend, todo_segment, ahead=None) ->
     return Flowed(len(todo), int(total_nv), time.perf_counter() - t0, tuple(masked))
 
 
-def _flow_slabs(cfg, plan, slabs, box, stop, src, backend, shares, ahead, progress):
+def _flow_slabs(ctx, slabs, backend, shares, ahead, progress):
     """This rank's slabs; (the error to agree on or None, network voxels).  What the slabs read
     beyond their planes (:func:`mpicellpose.cellpose.flowfield.along_context`) asks the model, and the
     store is opened, inside the loop: an error there is one slab's, agreed like any other."""
+    plan, box, stop, src, steps = ctx.plan, ctx.box, ctx.stop, ctx.src, ctx.options.preprocessing_steps
     lazy = {}
 
     def as_read(slab):
@@ -180,12 +171,12 @@ def _flow_slabs(cfg, plan, slabs, box, stop, src, backend, shares, ahead, progre
         return lazy["slabs"].block(slab.linear)
 
     def one(slab, done, get):
-        read = get() if get is not None else flow_read(plan.settings, src, cfg.preprocessing_steps, as_read(slab))
-        flows, n = flow_slab(plan.settings, src, cfg.preprocessing_steps, backend, read[0], stop, read)
+        read = get() if get is not None else flow_read(plan.settings, src, steps, as_read(slab))
+        flows, n = slab_flows(plan.settings, src, steps, backend, read[0], stop, read)
         maybe_fault("flows", box.rank, done)
         if "store" not in lazy:
-            lazy["store"] = storage.open_array(store_path(plan.work_dir), mode="r+")
-        write_flows(plan, lazy["store"], slab, flows)
+            lazy["store"] = storage.open_array(ctx.work.flows_store, mode="r+")
+        write_flows(plan.grid, ctx.work, lazy["store"], slab, flows)
         if ahead is not None:
             ahead.offer_slab(slab)
         return n
@@ -196,24 +187,23 @@ def _flow_slabs(cfg, plan, slabs, box, stop, src, backend, shares, ahead, progre
         return _about(BackendError(f"flows of {slab.label}: {type(exc).__name__}: {exc}"), slab.as_block())
 
     load = None
-    if read_ahead_wanted(cfg, backend):
+    if read_ahead_wanted(ctx.options, backend):
         def load(slab):
-            return flow_read(plan.settings, src, cfg.preprocessing_steps, as_read(slab))
-    return run_blocks(box, slabs, shares, plan.handout == "dynamic", "flows", progress, stop, one, slab_error,
-                      load)
+            return flow_read(plan.settings, src, steps, as_read(slab))
+    return run_blocks(ctx, slabs, shares, "flows", progress, one, slab_error, load)
 
 
-def write_flows(plan, store, slab, flows) -> None:
+def write_flows(grid, work, store, slab, flows) -> None:
     """The slab's values over its kept blocks' cores, durable, then the slab's done-marker."""
-    grid, p = plan.grid, slab.orient
+    p = slab.orient
     origin = [a for a, _ in slab.core]
     half = ff.to_half(flows)
     blocks = [grid.block(b) for b in slab.blocks]
     for blk in blocks:
         store[(slice(3 * p, 3 * p + 3),) + blk.core_slices] = half[(slice(None),) + geo.box_slices(blk.core, origin)]
     for blk in blocks:
-        _fsync_chunk(store_path(plan.work_dir), (p,) + tuple(blk.index))
-    marker = done_path(plan.work_dir, slab.linear)
+        _fsync_chunk(work.flows_store, (p,) + tuple(blk.index))
+    marker = work.flow_done(slab.linear)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
 
@@ -224,11 +214,11 @@ class FlowMasks:
 
     from_flows = True
 
-    def __init__(self, backend, plan):
-        self.backend, self.settings = backend, plan.settings
+    def __init__(self, backend, ctx):
+        self.backend, self.settings = backend, ctx.settings
         self.name = f"{getattr(backend, 'name', 'cellpose')} (masks from flows)"
-        self.store = storage.open_array(store_path(plan.work_dir), mode="r")
-        self.kept = set(int(b) for b in plan.kept)
+        self.store = storage.open_array(ctx.work.flows_store, mode="r")
+        self.kept = set(int(b) for b in ctx.plan.kept)
 
     def read_flows(self, blk) -> np.ndarray:
         """The flow field over the block's read region (float32, the orientations summed); the
@@ -271,7 +261,7 @@ class LocalFlowMasks(FlowMasks):
         origin = [a for a, _ in blk.read]
         for s in needed_slabs(slabs, self.kept, [blk.linear]):
             slab = slabs.block(s)
-            f, _ = flow_slab(self.settings, self.src, self.steps, self.backend, slab)
+            f, _ = slab_flows(self.settings, self.src, self.steps, self.backend, slab)
             inter = geo.box_intersect(slab.core, blk.read)
             stored[(slice(3 * slab.orient, 3 * slab.orient + 3),) + geo.box_slices(inter, origin)] = \
                 ff.to_half(f)[(slice(None),) + geo.box_slices(inter, [a for a, _ in slab.core])]

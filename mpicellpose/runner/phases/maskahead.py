@@ -23,8 +23,7 @@ import threading
 
 from ..blocks import number_core, record_block
 from ..runlog import log
-from ..workdir import WorkDir
-from .flows import FlowMasks, done_path, needed_slabs, slab_grid
+from .flows import FlowMasks, needed_slabs, slab_grid
 
 POLL = 0.5  # seconds between looks at the done-markers while no block is ready
 
@@ -32,11 +31,11 @@ POLL = 0.5  # seconds between looks at the done-markers while no block is ready
 class MaskAhead:
     """The CPU thread of one rank; :meth:`offer_slab` each slab this rank computed."""
 
-    def __init__(self, cfg, plan, backend, scratch):
-        self.cfg, self.plan, self.scratch = cfg, plan, scratch
-        self.masks = FlowMasks(backend, plan)
+    def __init__(self, ctx, backend, scratch):
+        plan = ctx.plan
+        self.plan, self.scratch, self.work = plan, scratch, ctx.work
+        self.masks = FlowMasks(backend, ctx)
         self.slabs = slab_grid(plan.settings, plan.kept)
-        self.work = WorkDir(plan.work_dir)
         self.todo = set(plan.to_segment)
         self.pending, self.done, self.error, self.current = [], [], None, None
         self._cv = threading.Condition()
@@ -53,8 +52,7 @@ class MaskAhead:
                 self._cv.notify()
 
     def _ready(self, linear: int) -> bool:
-        plan = self.plan
-        return all(done_path(plan.work_dir, s).exists() for s in needed_slabs(self.slabs, plan.kept, [linear]))
+        return all(self.work.flow_done(s).exists() for s in needed_slabs(self.slabs, self.plan.kept, [linear]))
 
     def _next(self):
         """The first pending block whose flows are all done, or None once stopped."""
@@ -80,7 +78,7 @@ class MaskAhead:
             try:
                 labels = self.masks.segment_block(blk)
                 read_local, n, core = number_core(labels, blk)
-                record_block(self.work, self.scratch, grid, blk, s, self.cfg.iou_depth, read_local, n, core)
+                record_block(self.work, self.scratch, blk, s, read_local, n, core)
             except Exception as exc:  # noqa: BLE001 - reported by the main thread
                 self.error = exc
                 log.error("masks of block %s during the flow step: %s: %s", blk.index, type(exc).__name__, exc)

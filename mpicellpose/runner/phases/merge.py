@@ -35,7 +35,6 @@ import numpy as np
 
 from ...grid import stitch as st
 from ..faults import maybe_fault
-from ..workdir import WorkDir
 
 
 @dataclass(frozen=True)
@@ -74,9 +73,9 @@ class Merge:
                                   self.away_final[lo:hi], self.dtype)
 
 
-def block_counts(plan, box, mine) -> tuple:
+def block_counts(ctx, mine) -> tuple:
     """(counts, offsets) per block of the grid: every rank reads its blocks' records."""
-    grid, work = plan.grid, WorkDir(plan.work_dir)
+    grid, work, box = ctx.plan.grid, ctx.work, ctx.box
     mine = np.asarray(list(mine), np.int64)
     mine_counts = np.zeros(mine.size, np.int64)
     with box.step("loading block records"):

@@ -66,15 +66,16 @@ def channel_bounds(vals, pct):
     return out
 
 
-def global_normalization(cfg, settings, kept, src, box):
+def global_normalization(options, settings, kept, src, box):
     """Percentiles of the whole volume (sampled in parallel), or None when not wanted.
 
     Every rank calls it (``box``: the run's :class:`mpicellpose.comm.Mailbox`); ``kept``
-    are the blocks in the mask.  Returns the dict to pass as Cellpose's ``normalize`` on
+    are the blocks in the mask; ``options``: the run's backend and mask
+    (:class:`mpicellpose.runner.context.RunOptions`, or the configuration).  Returns the dict to pass as Cellpose's ``normalize`` on
     every rank.  The sample depends on the grid only, so the bounds are the same for any
     number of ranks (and for :func:`mpicellpose.process_block`).
     """
-    if cfg.backend != "cellpose" or cfg.normalize != "global":
+    if options.backend != "cellpose" or settings.normalize != "global":
         return None
     user = settings.eval_kwargs.get("normalize", True)
     if user is False or (isinstance(user, dict) and user.get("lowhigh") is not None):
@@ -85,7 +86,7 @@ def global_normalization(cfg, settings, kept, src, box):
     grid = settings.grid
     err, mine = None, []
     try:  # everything that can fail on one rank stays inside: the gather below is collective
-        mask = cfg.mask
+        mask = options.mask
         if isinstance(mask, (str, os.PathLike)):
             mask = readers.open_input(mask, what="mask")
         if mask is not None and int(np.prod(mask.shape)) > (1 << 27):

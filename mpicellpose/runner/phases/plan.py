@@ -28,7 +28,8 @@ from ...grid import geometry as geo
 from ...grid import schedule as sched
 from ...grid.partition import assign_contiguous
 from ...grid.slabs import default_flow_halo as flow_halo_default
-from ...grid.slabs import auto_group
+from ...grid.slabs import auto_flow_slab
+from ...options import OPTIONS_BY_NAME, labels_options
 from ...volumes import readers, storage
 from ...volumes.volume import anisotropy
 from .. import outputs
@@ -63,9 +64,12 @@ class Settings:
     axes: tuple                   # spatial axis names
     pipeline: str = "blocks"      # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block)
     flow_halo: int = 0            # 'flows': in-plane context of the network around a core (voxels)
-    flow_group: int = 1           # 'flows': blocks per side of a flow slab in plane (mpicellpose.grid.slabs)
+    flow_slab: int = 1            # 'flows': blocks per side of a flow slab in plane (mpicellpose.grid.slabs)
     precision: str | None = None  # the network's arithmetic; None: the model's own (cellpose.precision)
     precision_why: str | None = None  # why the precision is not the one asked for (None: it is)
+    iou_threshold: float = 0.3    # 'iou' stitching: the least IoU of a match
+    iou_depth: int = 8            # 'iou' stitching: voxels of a block's face views on each side
+    normalize: str = "global"     # intensity normalisation: 'global', 'block' or 'none'
 
     @property
     def grid(self) -> geo.BlockGrid:
@@ -224,9 +228,10 @@ def resolve_settings(cfg, vol) -> Settings:
         raise ConfigError(f"stitch='iou' needs an overlap of at least 1 voxel on every axis, got {overlap}")
     axes = tuple(a for i, a in enumerate(vol.axes) if i != channel_axis)
     pipeline, halo = resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter)
-    group = resolve_flow_group(cfg, shape, blocksize, overlap) if pipeline == "flows" else 1
+    slab = resolve_flow_slab(cfg, shape, blocksize, overlap) if pipeline == "flows" else 1
     return Settings(shape, blocksize, overlap, channel_axis, rule, conn, eval_kwargs, resolved, voxel_size,
-                    voxel_unit, axes, pipeline, halo, group, precision, precision_why)
+                    voxel_unit, axes, pipeline, halo, slab, precision, precision_why, cfg.iou_threshold, cfg.iou_depth,
+                    cfg.normalize)
 
 
 def _channels_named(vol) -> str:
@@ -267,13 +272,13 @@ def resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter) -> tuple:
     return pipeline, halo
 
 
-def resolve_flow_group(cfg, shape, blocksize, overlap) -> int:
+def resolve_flow_slab(cfg, shape, blocksize, overlap) -> int:
     """Blocks per side of a flow slab in plane: ``--flow-slab``, or
-    :func:`mpicellpose.grid.slabs.auto_group` (a fixed function of the grid: the labels never depend
+    :func:`mpicellpose.grid.slabs.auto_flow_slab` (a fixed function of the grid: the labels never depend
     on the rank count)."""
     grid = geo.BlockGrid(shape, blocksize, overlap)
     if cfg.flow_slab is None:
-        return auto_group(grid)
+        return auto_flow_slab(grid)
     return max(1, min(int(cfg.flow_slab), max(grid.grid_shape)))
 
 
@@ -331,6 +336,29 @@ def input_identity(cfg, arr, vol=None):
     return ident
 
 
+#: The options that change the labels (mpicellpose.options: ``labels=True``) that the fingerprint's
+#: fixed form below holds (the form of earlier versions: their runs resume).  Any other such option
+#: is added under its own name when it is not at its default (:func:`_declared_options`).
+FIXED_FORM = frozenset({
+    "dataset", "level", "channel", "timepoint", "channel_axis", "tile_pattern", "voxel_size",  # input (its shape)
+    "zarr_format", "blocksize", "overlap", "mask", "backend", "model", "diameter", "anisotropy", "normalize",
+    "eval_kwargs", "model_kwargs", "threshold", "stitch", "connectivity", "iou_threshold", "iou_depth",
+    "pipeline", "flow_halo", "flow_slab", "precision", "batch_size",
+})
+
+
+def _declared_options(cfg, s: Settings) -> dict:
+    """The options that change the labels and are not in the fixed form, where not at their
+    default (from Settings when it resolves them, else as configured)."""
+    out = {}
+    for name in labels_options():
+        if name not in FIXED_FORM:
+            v = getattr(s, name) if hasattr(s, name) else getattr(cfg, name)
+            if v != OPTIONS_BY_NAME[name].default:
+                out[name] = v
+    return out
+
+
 def fingerprint_of(cfg, vol, s: Settings, fmt: int) -> dict:
     """Everything that changes the labels: a resume with a different fingerprint is refused."""
     return {
@@ -350,14 +378,14 @@ def fingerprint_of(cfg, vol, s: Settings, fmt: int) -> dict:
         "eval_kwargs": {k: repr(v) for k, v in sorted(s.eval_kwargs.items())},
         "preprocessing": [[f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', '?')}",
                            repr(sorted(k.items()))] for f, k in cfg.preprocessing_steps],
-        "stitch": {"rule": s.stitch_rule, "connectivity": s.connectivity, "iou_threshold": cfg.iou_threshold,
-                   "iou_depth": cfg.iou_depth},
-        "normalize": cfg.normalize if cfg.backend == "cellpose" else None,
+        "stitch": {"rule": s.stitch_rule, "connectivity": s.connectivity, "iou_threshold": s.iou_threshold,
+                   "iou_depth": s.iou_depth},
+        "normalize": s.normalize if cfg.backend == "cellpose" else None,
         # blocks: the form of earlier versions (their runs resume); flows: its flow field's layout changed
-        "pipeline": {"pipeline": "flows", "flow_halo": s.flow_halo, "flow_slab": s.flow_group}
+        "pipeline": {"pipeline": "flows", "flow_halo": s.flow_halo, "flow_slab": s.flow_slab}
         if s.pipeline == "flows" else [s.pipeline, s.flow_halo],
         "zarr_format": fmt,
-    } | ({"precision": s.precision} if s.precision and cfg.backend == "cellpose" else {})
+    } | ({"precision": s.precision} if s.precision and cfg.backend == "cellpose" else {}) | _declared_options(cfg, s)
 
 
 def run_id_of(fingerprint: dict) -> str:

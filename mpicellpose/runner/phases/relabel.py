@@ -17,7 +17,6 @@ from ...volumes import ngff, ngff_io, storage
 from ...volumes.safety import remove_zarr
 from .. import outputs
 from ..faults import maybe_fault
-from ..workdir import WorkDir
 
 
 @dataclass(frozen=True)
@@ -26,8 +25,9 @@ class Relabelled:
     reused: int    # blocks this rank found written by an earlier run of the same configuration
 
 
-def prepare_output(cfg, plan, dtype) -> None:
+def prepare_output(ctx, dtype) -> None:
     """Rank 0: create the output (or keep ours when resuming)."""
+    plan = ctx.plan
     place = plan.output
     out = place.array
     if os.path.exists(out):
@@ -36,9 +36,9 @@ def prepare_output(cfg, plan, dtype) -> None:
             arr = storage.open_array(out, mode="r")
             if np.dtype(arr.dtype) == dtype and tuple(arr.shape) == tuple(plan.shape):
                 return
-        if not (marker and marker.get("run_id") == plan.run_id) and not cfg.overwrite:
+        if not (marker and marker.get("run_id") == plan.run_id) and not ctx.options.overwrite:
             raise OutputExistsError(f"output {out!r} exists and was not made by this run; add --overwrite")
-        WorkDir(plan.work_dir).clear_relabel_markers()
+        ctx.work.clear_relabel_markers()
     # an NGFF label image: replace only the label group, never the image it belongs to
     if os.path.lexists(place.root) and storage.node_kind(place.root) is not None:
         remove_zarr(place.root, plan.replaces or f"the zarr node {place.root}")
@@ -53,9 +53,11 @@ def prepare_output(cfg, plan, dtype) -> None:
                                       image_group=place.image_group, zarr_format=plan.zarr_format)
 
 
-def relabel_phase(cfg, plan, box, stop, mine, merge) -> Relabelled:
-    box.on_root(lambda: prepare_output(cfg, plan, merge.dtype), "creating the output")
-    grid, work = plan.grid, WorkDir(plan.work_dir)
+def relabel_phase(ctx, mine, merge) -> Relabelled:
+    """Every rank: its blocks (``mine``) from the scratch array to the output, with final IDs."""
+    plan, box, stop = ctx.plan, ctx.box, ctx.stop
+    box.on_root(lambda: prepare_output(ctx, merge.dtype), "creating the output")
+    grid, work = plan.grid, ctx.work
     written = reused = 0
     with box.step("relabelling", interrupted=lambda: bool(stop)):
         out = storage.open_array(plan.output.array, mode="r+")

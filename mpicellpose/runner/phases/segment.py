@@ -18,7 +18,6 @@ from ..blocks import block_image, build_backend, number_core, record_block, segm
 from ..faults import maybe_fault
 from ..progress import Progress
 from ..runlog import log
-from ..workdir import WorkDir
 from .blockloop import read_ahead_wanted, run_blocks
 
 
@@ -28,15 +27,16 @@ class Segmented:
     seconds: float
 
 
-def start_backend(cfg, plan, box, my_blocks):
+def start_backend(ctx, my_blocks):
     """(backend or None, scratch array): every rank takes part, with or without blocks."""
+    plan, box = ctx.plan, ctx.box
     model = plan.resolved_model
-    if box.rank == 0 and model and isinstance(cfg.backend, str) and cfg.backend == "cellpose":
+    if box.rank == 0 and model and ctx.options.cellpose:
         log.info("loading model %s (%s) on the rank(s) with blocks", model.get("name"),
                  model.get("path") or "downloaded by Cellpose")
     with box.step("backend start-up"):
-        scratch = storage.open_array(WorkDir(plan.work_dir).scratch, mode="r+")
-        backend = build_backend(cfg, plan.settings, plan.normalization, box, load=bool(my_blocks))
+        scratch = storage.open_array(ctx.work.scratch, mode="r+")
+        backend = build_backend(ctx.options, plan.settings, plan.normalization, box, load=bool(my_blocks))
     return backend, scratch
 
 
@@ -49,13 +49,15 @@ def _block_error(exc, blk):
     return err
 
 
-def segment_phase(cfg, plan, box, stop, src, my_blocks, backend, scratch) -> Segmented:
+def segment_phase(ctx, backend, scratch) -> Segmented:
+    """Every rank: its share of the plan's blocks (or those handed out at run time), then one agreement."""
+    box, stop = ctx.box, ctx.stop
     t0 = time.perf_counter()
     box.start_progress("segment")
     label = "masks" if getattr(backend, "from_flows", False) else "segment"  # --pipeline flows: the mask step
-    progress, agreed = Progress(box, plan, label=label).start(), False
+    progress, agreed = Progress.of_plan(box, ctx.plan, label=label).start(), False
     try:
-        err = _segment_blocks(cfg, plan, box, stop, src, my_blocks, backend, scratch, progress)
+        err = _segment_blocks(ctx, backend, scratch, progress)
         if stop and err is None:
             box.notify_abort("stop requested by signal")
         box.agree(err, interrupted=bool(stop), where="segmentation", progress=progress)
@@ -65,22 +67,19 @@ def segment_phase(cfg, plan, box, stop, src, my_blocks, backend, scratch) -> Seg
     return Segmented(progress.total, time.perf_counter() - t0)
 
 
-def _segment_blocks(cfg, plan, box, stop, src, my_blocks, backend, scratch, progress):
+def _segment_blocks(ctx, backend, scratch, progress):
     """This rank's blocks; returns the error to agree on (or None)."""
-    grid, work = plan.grid, WorkDir(plan.work_dir)
+    plan, box, stop, src, steps = ctx.plan, ctx.box, ctx.stop, ctx.src, ctx.options.preprocessing_steps
 
     def one(blk, done, get):
-        labels = segment_image(src, blk, plan.settings, cfg.preprocessing_steps, backend, stop,
-                               img=get() if get is not None else None)
+        labels = segment_image(src, blk, plan.settings, steps, backend, stop, img=get() if get is not None else None)
         read_local, n, core = number_core(labels, blk)
         maybe_fault("segment", box.rank, done)
-        record_block(work, scratch, grid, blk, plan.settings, cfg.iou_depth, read_local, n, core)
+        record_block(ctx.work, scratch, blk, plan.settings, read_local, n, core)
 
-    dynamic = getattr(plan, "handout", "static") == "dynamic"
     load = None
-    if read_ahead_wanted(cfg, backend) and not getattr(backend, "from_flows", False):
+    if read_ahead_wanted(ctx.options, backend) and not getattr(backend, "from_flows", False):
         def load(blk):
-            return block_image(src, blk, plan.settings, cfg.preprocessing_steps)
-    err, _ = run_blocks(box, grid, plan.segment_assignment, dynamic, "segment", progress, stop, one, _block_error,
-                        load)
+            return block_image(src, blk, plan.settings, steps)
+    err, _ = run_blocks(ctx, plan.grid, plan.segment_assignment, "segment", progress, one, _block_error, load)
     return err

@@ -19,7 +19,6 @@ from ...grid import stitch as st
 from ...volumes import storage
 from .. import outputs
 from .. import table as tbl
-from ..workdir import WorkDir
 
 
 @dataclass(frozen=True)
@@ -60,9 +59,9 @@ def median_diameter(size_hist, ndim: int, anisotropy: float = 1.0) -> float | No
     return float((6 * voxels * anisotropy / np.pi) ** (1 / 3))
 
 
-def _pieces(plan, mine, merge):
+def _pieces(plan, work, mine, merge):
     """(final ID, voxels, bbox min, bbox max, coordinate sums, block) of every label of my blocks."""
-    work, nd, grid = WorkDir(plan.work_dir), len(plan.shape), plan.grid
+    nd, grid = len(plan.shape), plan.grid
     pieces = []
     for b in mine:
         n = int(merge.counts[b])
@@ -92,11 +91,13 @@ def _prepare(plan, csv_tmp, rows_bytes, pq_dir, bpath, n_objects):
     tbl.create_boxes_file(bpath, n_objects, len(plan.shape))
 
 
-def table_phase(plan, box, mine, merge) -> TableSummary:
+def table_phase(ctx, mine, merge) -> TableSummary:
+    """Every rank: the object table's rows of its ID range, written in place; boxes; counts."""
+    plan, box = ctx.plan, ctx.box
     rank, size, nd = box.rank, box.size, len(plan.shape)
     n_objects = merge.n_objects
     with box.step("reading block statistics"):
-        cols = _pieces(plan, mine, merge)
+        cols = _pieces(plan, ctx.work, mine, merge)
     dest = tbl.owner_of(cols[0], size, n_objects)
     got = box.alltoall_arrays(st.split_rows(dest, size, *cols), "routing object rows")
     part = st.reduce_pieces(*(np.concatenate([g[i] for g in got]) for i in range(6)))
