@@ -90,7 +90,7 @@ def test_standin_flows_labels_identical_across_ranks_and_true(tmp_path):
 def test_standin_flows_ten_thousand_blocks(tmp_path):
     pytest.importorskip("cellpose")
     shape = (176, 176, 176)  # 22^3 = 10648 blocks of 8^3
-    img, gt = make_nuclei(shape, seed=1, mean_diameter=6.0, **SEPARATED)
+    img, gt = make_nuclei(shape, seed=1, mean_diameter=6.0, **dict(SEPARATED, min_gap=2.0))  # as scale_flows.py
     numpy_array_to_zarr(tmp_path / "in.zarr", img, (64, 64, 64))
     _segment(4, tmp_path / "in.zarr", tmp_path / "out.zarr", "--blocksize", "8,8,8", "--overlap", "4", timeout=1150)
     arr = zarr.open(str(tmp_path / "out.zarr"), mode="r")
