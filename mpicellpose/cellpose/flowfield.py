@@ -147,7 +147,10 @@ class _Capture:
         planes = xr.transpose(_PERM[p])[lo:hi]
         kw = {"batch_size": batch_size, "augment": augment, "tile_overlap": tile_overlap, "rsz": None,
               "bsize": self._tile_size(bsize)}
-        y, style = cp_core.run_net(nets[p], planes, **kw)
+        if getattr(nets[p], "standin_flows", False):  # the scale-test stand-in (cellpose/standin.py)
+            y, style = nets[p].planes(planes), np.zeros((len(planes), 256), np.float32)
+        else:
+            y, style = cp_core.run_net(nets[p], planes, **kw)
         self.network_voxels = int(np.prod(planes.shape[:3]))
         sel = [slice(None)] * 3
         sel[axis] = slice(lo, hi)

@@ -88,6 +88,10 @@ def resolve_model(model_kwargs: dict) -> dict:
         from .shipped import resolve_cyto2ch
 
         return resolve_cyto2ch(name, *cellpose_version())
+    if name == "standin-flows":  # the scale-test stand-in network (cellpose/standin.py)
+        from .standin import resolve as resolve_standin
+
+        return resolve_standin(name, *cellpose_version())
     if name == "demo" or name.startswith(("demo_nuclei", "demo_cp4")):
         from .shipped import resolve_demo  # demo_nuclei_v1 under 3.x, the stand-in under 4.x
 

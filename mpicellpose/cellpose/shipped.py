@@ -346,6 +346,11 @@ def load_shipped(res: dict, mk: dict):
     ``30 / diameter``, and its stand-in was trained on 16-voxel objects at native scale.
     """
     kw = {k: v for k, v in mk.items() if k != "pretrained_model"}
+    if res["loader"] == "standin-flows":  # the scale-test stand-in (cellpose/standin.py): no weights
+        from .standin import load as load_standin_flows
+
+        model = load_standin_flows(**kw)
+        return model, float(model.diam_mean), 1.0
     if res["loader"] == CP4_STANDIN_LOADER:
         what, load = "the Cellpose 4 stand-in demo model", load_standin
     elif res["loader"] == CYTO2CH_LOADER:

@@ -217,7 +217,8 @@ class WorkDir:
             storage.write_json(self.run_json, {"run_id": run_id, "fingerprint": fingerprint, "layout": LAYOUT,
                                                "created": datetime.datetime.now().isoformat(timespec="seconds")})
         if not self.scratch.exists():
-            storage.create_array(self.scratch, shape, blocksize, np.uint32, zarr_format=2, dimension_separator="/")
+            storage.create_array(self.scratch, shape, blocksize, np.uint32, zarr_format=2,
+                                 dimension_separator=storage.NESTED)
 
     def remove(self) -> None:
         """Remove what a run made here, then the directory if that left it empty (a user's

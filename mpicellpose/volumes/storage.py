@@ -59,6 +59,12 @@ def check_writable(directory) -> None:
         raise InputError(f"output directory {str(directory)!r} is not writable ({exc.strerror})") from None
 
 
+#: The zarr v2 chunk-key separator of every array a run writes (work directory, flow field, output):
+#: ``0/3/7`` rather than ``0.3.7``, so no directory holds more entries than one grid axis has chunks
+#: (zarr v3's default chunk key encoding, ``c/0/3/7``, is nested already).
+NESTED = "/"
+
+
 def open_array(path, mode: str = "r"):
     return zarr_module().open_array(str(path), mode=mode)
 

@@ -50,7 +50,8 @@ def create_store(plan, work) -> None:
     if not work.flows_store.exists():
         ndim = len(plan.shape)
         channels = 3 * orientations(ndim)
-        storage.create_array(work.flows_store, (channels, *plan.shape), (3, *plan.blocksize), FLOW_DTYPE)
+        storage.create_array(work.flows_store, (channels, *plan.shape), (3, *plan.blocksize), FLOW_DTYPE,
+                             dimension_separator=storage.NESTED)
 
 
 def slab_grid(settings, kept, along: int = 0) -> SlabGrid:
@@ -90,9 +91,14 @@ def flows_todo(ctx, slabs, todo_segment) -> list:
     return sorted(s for part in missing for s in part)
 
 
-def _fsync_chunk(store, chunk_index) -> None:
-    """Make a chunk durable before its done-marker (zarr v2 keys: p.i.j.k)."""
-    path = store / ".".join(str(int(i)) for i in chunk_index)
+def _separator(store: str) -> str:
+    return storage.read_json(Path(store) / ".zarray").get("dimension_separator") or "."
+
+
+def _fsync_chunk(store: Path, chunk_index) -> None:
+    """Make a chunk durable before its done-marker (zarr v2 keys: ``p/i/j/k``, or ``p.i.j.k`` in a
+    work directory of an earlier version, which is resumed as it was written)."""
+    path = store / _separator(str(store)).join(str(int(i)) for i in chunk_index)
     if path.exists():
         fd = os.open(path, os.O_RDONLY)
         try:

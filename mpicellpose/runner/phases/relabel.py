@@ -43,7 +43,7 @@ def prepare_output(ctx, dtype) -> None:
     if os.path.lexists(place.root) and storage.node_kind(place.root) is not None:
         remove_zarr(place.root, plan.replaces or f"the zarr node {place.root}")
     attrs = {"mpicellpose": {"run_id": plan.run_id, "complete": False, "version": __version__}}
-    extra = {}
+    extra = {"dimension_separator": storage.NESTED}  # v2: chunk files nested per axis (v3 nests by default)
     if place.group is not None:
         extra = ngff.array_options(plan.zarr_format, plan.axes)
         os.makedirs(place.group, exist_ok=True)
