@@ -18,6 +18,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
