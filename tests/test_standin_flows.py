@@ -86,14 +86,17 @@ def test_standin_flows_labels_identical_across_ranks_and_true(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.mpi
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(900)
 def test_standin_flows_ten_thousand_blocks(tmp_path):
+    """10^4 blocks through the whole flows pipeline on 4 ranks.  In 2D (100 x 100 blocks of 8^2: 85 s on
+    2 cores) rather than the scale series' 3D volume (22^3 blocks: 338 s), so the suite stays short; the
+    bookkeeping per block (records, faces, merge, relabel, table) is the same."""
     pytest.importorskip("cellpose")
-    shape = (176, 176, 176)  # 22^3 = 10648 blocks of 8^3
-    img, gt = make_nuclei(shape, seed=1, mean_diameter=6.0, **dict(SEPARATED, min_gap=2.0))  # as scale_flows.py
-    numpy_array_to_zarr(tmp_path / "in.zarr", img, (64, 64, 64))
-    _segment(4, tmp_path / "in.zarr", tmp_path / "out.zarr", "--blocksize", "8,8,8", "--overlap", "4", timeout=1150)
+    shape = (800, 800)  # 100^2 = 10^4 blocks of 8^2
+    img, gt = make_nuclei(shape, seed=1, mean_diameter=6.0, **dict(SEPARATED, min_gap=2.0))
+    numpy_array_to_zarr(tmp_path / "in.zarr", img, (200, 200))
+    _segment(4, tmp_path / "in.zarr", tmp_path / "out.zarr", "--blocksize", "8,8", "--overlap", "4", timeout=850)
     arr = zarr.open(str(tmp_path / "out.zarr"), mode="r")
     assert np.prod([-(-s // 8) for s in shape]) >= 10_000
-    # objects of 4-8 voxels across in blocks of 8: most found (0.90 measured; small ones fall under min_size)
+    # objects of 4-8 pixels across in blocks of 8: most found (0.868 measured; small ones fall under min_size)
     assert match_objects(arr[...], gt)["f1"] >= 0.85
