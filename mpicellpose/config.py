@@ -59,7 +59,7 @@ class RunConfig:
     schedule: str = "dynamic"  # how blocks are handed out: 'dynamic' (at run time, costliest first) or 'static'
     pipeline: str | None = None  # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block); None: flows under Cellpose 3, blocks under 4
     flow_halo: int | None = None  # in-plane context of the flow step (voxels); None: 16 x diameter / 30, at least 16
-    flow_slab: int | None = None  # blocks per side of a flow slab in plane; None: mpicellpose.grid.slabs.auto_flow_slab
+    flow_box: int | None = None  # blocks per side of a flow box; None: mpicellpose.grid.boxes.auto_flow_box
     masks_during_flows: str = "auto"  # 'flows': build masks in a CPU thread while the GPU computes flows (auto: on a GPU)
     read_ahead: str = "auto"  # read the next block in a thread while the network works on this one (auto: on a GPU)
     precision: str | None = None  # the network's arithmetic: 'float32', 'bfloat16', 'float16'; None: the model's own
@@ -115,7 +115,7 @@ class RunConfig:
             object.__setattr__(self, "watchdog", wd)
 
     def _check_run_options(self):
-        """Schedule, pipeline, read-ahead and masks during flows, flow halo and slab, precision, threads."""
+        """Schedule, pipeline, read-ahead and masks during flows, flow halo and box, precision, threads."""
         if self.schedule not in ("dynamic", "static"):
             raise ConfigError(f"schedule must be 'dynamic' or 'static', got {self.schedule!r}")
         if self.pipeline not in (None, "flows", "blocks"):
@@ -126,8 +126,8 @@ class RunConfig:
             raise ConfigError(f"masks_during_flows must be 'auto', 'on' or 'off', got {self.masks_during_flows!r}")
         if self.flow_halo is not None and (isinstance(self.flow_halo, bool) or int(self.flow_halo) < 0):
             raise ConfigError(f"flow_halo must be a number of voxels >= 0, got {self.flow_halo!r}")
-        if self.flow_slab is not None and (isinstance(self.flow_slab, bool) or int(self.flow_slab) < 1):
-            raise ConfigError(f"flow_slab must be a number of blocks >= 1, got {self.flow_slab!r}")
+        if self.flow_box is not None and (isinstance(self.flow_box, bool) or int(self.flow_box) < 1):
+            raise ConfigError(f"flow_box must be a number of blocks >= 1, got {self.flow_box!r}")
         if self.precision is not None and self.precision not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"precision must be 'float32', 'bfloat16' or 'float16', got {self.precision!r}")
         if self.threads is not None and int(self.threads) < 1:

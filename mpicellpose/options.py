@@ -5,11 +5,11 @@ From :data:`OPTIONS` come the command line's arguments (:func:`add_options`, use
 the configuration-file keys that land inside the argument dicts (:func:`landing_keys`) and
 the options that change the labels (:func:`labels_options`, checked against the run's
 fingerprint in ``runner/phases/plan.fingerprint_of``).  An option's name is the same from the
-command line down: ``--flow-slab`` is ``flow_slab`` in a configuration file, ``RunConfig.flow_slab``
-and ``Settings.flow_slab``.
+command line down: ``--flow-box`` is ``flow_box`` in a configuration file, ``RunConfig.flow_box``
+and ``Settings.flow_box``.
 
->>> OPTIONS_BY_NAME["flow_slab"].flag, OPTIONS_BY_NAME["diameter"].into
-('--flow-slab', ('eval_kwargs', 'diameter'))
+>>> OPTIONS_BY_NAME["flow_box"].flag, OPTIONS_BY_NAME["diameter"].into
+('--flow-box', ('eval_kwargs', 'diameter'))
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def connectivity(text):
     return v
 
 
-def slab_count(text):
-    """``--flow-slab N|auto`` (auto: None)."""
+def box_count(text):
+    """``--flow-box N|auto`` (auto: None)."""
     if str(text).strip().lower() == "auto":
         return None
     try:
@@ -213,23 +213,22 @@ OPTIONS = (
        choices=("dynamic", "static"), default="dynamic"),
     _O("pipeline", "performance",
        "Cellpose: 'flows' (default under Cellpose 3) runs the network once per voxel (per orientation, "
-       "slabs of planes through the block cores plus --flow-halo in plane), stores the flow field in the "
-       "work directory, then builds masks per "
-       "block with the full overlap; 'blocks' runs Cellpose's eval on each block with its overlap "
+       "on the planes through boxes of --flow-box blocks plus --flow-halo in plane) and builds the masks "
+       "of each box with the full overlap, exchanging only the boxes' shells through the work directory; 'blocks' runs Cellpose's eval on each block with its overlap "
        "(the network sees overlapping voxels several times; the default under Cellpose 4)",
        choices=("flows", "blocks"), labels=True),
     _O("flow_halo", "performance",
        "--pipeline flows: in-plane context around a block's core for the network, in voxels "
        "(default 16 x diameter / 30, at least 16)", type=int, metavar="N", labels=True),
-    _O("flow_slab", "performance",
-       "--pipeline flows: blocks per side, in plane, of the planes the network runs on at once; wider "
-       "slabs need less --flow-halo per voxel but more memory (default auto: as many as keep a slab "
-       "within 2^24 voxels or twice a block with its overlap, whichever is more; e.g. 2 for 256^3 "
-       "blocks)", type=slab_count, metavar="N|auto", labels=True),
+    _O("flow_box", "performance",
+       "--pipeline flows: blocks per side of a flow box, the unit of the flow and mask steps; larger "
+       "boxes need less --flow-halo and shell traffic per voxel but more memory (default auto: as many as "
+       "keep a box with its overlap within 2^26 voxels, e.g. 2 for 128^3 blocks with a 60-voxel overlap)",
+       type=box_count, metavar="N|auto", labels=True),
     _O("masks_during_flows", "performance",
-       "--pipeline flows: build masks in a CPU thread while the GPU computes the next blocks' flows "
-       "(default auto: on for ranks with a GPU, off on CPU-only ranks, where both would share the "
-       "same cores); the labels are the same either way", choices=AUTO_ON_OFF, default="auto"),
+       "--pipeline flows: build masks in a CPU thread while the GPU computes the next boxes' flows "
+       "(default auto: on for ranks with a GPU; off: between boxes, as on CPU-only ranks, where both "
+       "would share the same cores); the labels are the same either way", choices=AUTO_ON_OFF, default="auto"),
     _O("read_ahead", "performance",
        "read the next block's image in a thread while the network works on this one (default auto: "
        "on for ranks with a GPU); one more block in memory, the labels are the same either way",

@@ -2,15 +2,15 @@
 
 Cellpose's 3D network runs on 2D planes in three orientations (YX, ZX, ZY) and sums them.
 A plane needs context only within itself, so the network does not need a block's full 3D
-overlap: each orientation runs on *slabs* (:mod:`mpicellpose.grid.slabs`), the planes through a
-layer of block cores, each plane grown by a small in-plane halo (``flow_halo``) where it meets
-another slab.  The network's cost per output voxel is then about ``((G*B + 2h) / (G*B))^2``
-instead of ``((B + 2o) / B)^3`` (o: the 3D overlap; G: blocks per slab side in plane).
+overlap: each orientation runs on the planes through a *flow box* (:mod:`mpicellpose.grid.boxes`),
+each plane grown by a small in-plane halo (``flow_halo``).  The network's cost per output voxel is
+then about ``((kB + 2h) / kB)^2`` instead of ``((B + 2o) / B)^3`` (o: the 3D overlap; k: blocks per
+box side).
 
 The mask step (following the flows to where they converge, building masks) does need a 3D
-neighbourhood of about a cell diameter; it runs per block on its read region (core +
-overlap) of the flow field, so neighbouring blocks see the same flows in their overlap and
-the usual face stitching joins what they found.
+neighbourhood of about a cell diameter; it runs per box on its core plus the overlap of the
+flow field, so neighbouring boxes see the same flows in their overlap and the usual face
+stitching joins what they found.
 
 Both steps go through the installed Cellpose's own code: the flow step calls ``eval`` with
 ``compute_masks=False`` and substitutes the model's ``_run_net`` by one that runs the
@@ -18,9 +18,9 @@ selected planes (so conversion, normalisation and resizing are Cellpose's), the 
 calls the model's ``_compute_masks`` with the arguments ``eval`` would give it.  Works with
 Cellpose 3.1 and 4.x (same private signatures, checked at start-up).
 
-The flow field is kept in half precision, three values per voxel and orientation (the two
-in-plane flow components, then the cell probability): 18 bytes per voxel in 3D (three
-orientations, summed in single precision by the mask step as Cellpose sums them), 6 in 2D.
+Each orientation's three values (the two in-plane flow components, then the cell probability)
+are rounded to half precision and summed in single precision as Cellpose sums them; the sum is
+kept in half precision (``ndim + 1`` values: 8 bytes per voxel in 3D, 6 in 2D).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from ..errors import BackendError, ConfigError
-from ..grid.slabs import FLOW_DTYPE
+from ..grid.boxes import FLOW_DTYPE
 
 FLOW_LIMIT = 60000.0   # clip before half precision (its largest finite value is 65504)
 

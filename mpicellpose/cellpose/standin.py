@@ -1,7 +1,7 @@
 """A stand-in for Cellpose's network, for scale tests and benchmarks only (``--model standin-flows``).
 
 It is *not* a segmentation model for real data.  It exists so that the whole real pipeline
-(``--pipeline flows``: slabs, the flow store, Cellpose's own ``_compute_masks``, faces, merge,
+(``--pipeline flows``: flow boxes, their shells, Cellpose's own ``_compute_masks``, faces, merge,
 relabel, table) runs at many ranks and many blocks on a few CPU cores: its "network" costs a few
 array operations per voxel instead of a U-Net.
 

@@ -9,7 +9,7 @@ import json
 import sys
 
 from ..errors import ConfigError, MpiCellposeError
-from ..grid.slabs import SLAB_BYTES_PER_VOXEL
+from ..grid.boxes import BOX_BYTES_PER_VOXEL
 from ..tools.dryrun import ASSUMED_GPU_GIB, dry_run, human_bytes
 from .common import _group, _one_line, add_input_output, add_run_arguments, cli_message, config_from_args, exit_code
 
@@ -30,8 +30,8 @@ def format_report(r: dict) -> str:
         f"{human_bytes(r['memory_model']['constant'])} for Python, the libraries and the model + "
         f"{r['memory_model']['per_voxel']} B x {r['memory_model']['read_voxels']:,} voxels of the largest block "
         f"with its overlap" + (f"; the flow step {human_bytes(r['memory_model']['flow_step_bytes'])} "
-                               f"(~{SLAB_BYTES_PER_VOXEL} B x {r['memory_model']['largest_slab_voxels']:,} voxels "
-                               f"of the largest slab)" if "flow_step_bytes" in r["memory_model"] else ""),
+                               f"(~{BOX_BYTES_PER_VOXEL} B x {r['memory_model']['largest_box_voxels']:,} voxels "
+                               f"of the largest flow box with its overlap)" if "flow_step_bytes" in r["memory_model"] else ""),
         _scratch_line(r),
     ]
     lines += _gpu_lines(r)
@@ -60,7 +60,8 @@ def _scratch_line(r: dict) -> str:
     flows = net.get("flow_scratch_bytes", 0) if net.get("pipeline") == "flows" else 0
     work = r["scratch_bytes_max"] + flows
     return (f"work directory up to {human_bytes(work)}"
-            + (f" (labels {human_bytes(r['scratch_bytes_max'])} + flow field {human_bytes(flows)})" if flows else "")
+            + (f" (labels {human_bytes(r['scratch_bytes_max'])} + flow-box shells {human_bytes(flows)} at the "
+               f"sweep's peak)" if flows else "")
             + f", output up to {human_bytes(r['output_bytes_max'])}, before compression")
 
 
@@ -83,11 +84,17 @@ def _network_lines(r: dict) -> list:
     mark = {"flows": "", "blocks": ""}
     mark[net["pipeline"]] = " <- this run"
     free = r.get("work_dir_free_bytes")
-    return [f"network evaluations per output voxel: {net['flows_per_voxel']} with --pipeline flows (slabs "
-            f"{net.get('flow_slab', 1)} block(s) wide, in-plane halo {net['flow_halo']}){mark['flows']}, "
+    k, parts = net.get("flow_box", 1), net.get("fs_bytes_per_voxel_parts", {})
+    return [f"network evaluations per output voxel: {net['flows_per_voxel']} with --pipeline flows (flow boxes "
+            f"of {k} block(s) per side, in-plane halo {net['flow_halo']}){mark['flows']}, "
             f"{net['blocks_per_voxel']} with --pipeline blocks{mark['blocks']}",
-            f"flow field (--pipeline flows, half precision): {human_bytes(net['flow_scratch_bytes'])} in the work "
-            f"directory" + (f" ({human_bytes(free)} free there)" if free is not None else "")]
+            f"file system under --pipeline flows, beyond the input once and the labels once: "
+            f"{net['fs_bytes_per_voxel']} B per output voxel (input halo {parts.get('input_extra')}, shells written "
+            f"{parts.get('shells_written')}, read {parts.get('shells_read')}, label scratch "
+            f"{parts.get('label_scratch')}); {net['flow_boxes']} flow box(es)",
+            f"flow-box shells at the sweep's peak: {human_bytes(net['flow_scratch_bytes'])} in the work directory"
+            + (f" ({human_bytes(free)} free there)" if free is not None else "")
+            + f"; at most {net['files_per_directory']} entries in any directory there"]
 
 
 def register(sub) -> None:

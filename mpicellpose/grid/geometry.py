@@ -309,7 +309,7 @@ def block_sizes(grid: BlockGrid, blocks, region: str = "core") -> np.ndarray:
     >>> block_sizes(g, [0, 5]).tolist(), block_sizes(g, [0, 5], "read").tolist()
     ([2048, 216], [2880, 616])
     """
-    if not isinstance(grid, BlockGrid):  # another grid of work units (mpicellpose.grid.slabs.SlabGrid)
+    if not isinstance(grid, BlockGrid):  # another grid of work units (mpicellpose.grid.boxes.BoxGrid)
         return grid.sizes(blocks, region)
     blocks = np.asarray(blocks, np.int64).reshape(-1)
     out = np.ones(blocks.size, np.int64)

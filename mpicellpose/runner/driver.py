@@ -25,7 +25,7 @@ from . import outputs
 from .blocks import gpu_rank_wants
 from .context import RunContext
 from .phases import normalize as normalization
-from .phases import faces, finish, flows, maskahead, merge, relabel, segment, table
+from .phases import faces, finish, flows, merge, relabel, segment, table
 from .phases.plan import Plan, make_plan, open_volume, resolve_settings, spatial_shape, validate_input  # noqa: F401
 from .phases.plan import fingerprint_of, output_format
 from .runlog import RANK, log, quiet_libraries
@@ -166,18 +166,17 @@ def _segment(ctx, clock):
     backend, scratch = segment.start_backend(ctx, plan.to_segment if flows_pipeline else my_blocks)
     clock.lap("model_load")
     flowed = None
-    if flows_pipeline:
-        ahead = None
-        if gpu_rank_wants(ctx.options.masks_during_flows, backend):  # a GPU rank by default
-            ahead = functools.partial(maskahead.MaskAhead, ctx, backend, scratch)
-        flowed = flows.flows_phase(ctx, backend, plan.to_segment, ahead)
+    if flows_pipeline:  # the flow step builds the masks too (phases/boxmasks.py)
+        threaded = gpu_rank_wants(ctx.options.masks_during_flows, backend)  # a GPU rank by default
+        flowed = flows.flows_phase(ctx, backend, scratch, threaded)
         clock.lap("flows")
-        backend = flows.FlowMasks(backend, ctx) if backend is not None else None
-        if flowed.masked:  # the segmentation phase does the others
-            ctx = ctx.with_plan(plan.without_blocks(flowed.masked, box.size))
-    segmented = segment.segment_phase(ctx, backend, scratch)
-    if flowed is not None and flowed.masked:
-        segmented = replace(segmented, blocks_now=segmented.blocks_now + len(flowed.masked))
+        left = sorted(set(plan.to_segment) - set(flowed.masked))
+        if left:  # every rank agreed that the step ended well: nothing may be left
+            raise DistributedError(f"the flow step ended without the masks of {len(left)} block(s), e.g. "
+                                   f"{plan.grid.index_of(left[0])}", [(box.rank, "blocks left unmasked")])
+        segmented = segment.Segmented(len(flowed.masked), flowed.seconds)
+    else:
+        segmented = segment.segment_phase(ctx, backend, scratch)
     del backend
     clock.lap("segment")
     return ctx, segmented, flowed
@@ -310,7 +309,7 @@ def _already_complete(box, done: Complete, clock) -> RunResult:
 
 def _summary(box, plan, merged, tabled, levels, timings, flowed=None) -> dict:
     summary = {"n_stitched_objects": tabled.n_stitched_objects, "table": tabled.table,
-               "table_parquet": tabled.table_parquet, "cost": cost_summary(plan, flowed)}
+               "table_parquet": tabled.table_parquet, "cost": cost_summary(plan, flowed, box.size)}
     if plan.output.group is not None:
         summary["pyramid_levels"] = None if levels is None else [list(x) for x in levels]
     summary.update({"n_objects": merged.n_objects, "n_provisional": merged.n_provisional,

@@ -2,10 +2,13 @@
 
 :func:`segment_one_block` resolves the settings a run resolves (overlap, diameter, anisotropy,
 the shipped model's diameter, voxel sizes), samples the same global normalisation, builds the
-same backend and, under ``--pipeline flows``, computes the flows of every core the read region
-touches as the run computes them (:class:`~mpicellpose.runner.phases.flows.LocalFlowMasks`); the
-block then goes through the run's own functions (:mod:`mpicellpose.runner.blocks`), so a crop that
-is a block's read region gives that block's labels in the run.
+same backend, and the block then goes through the run's own functions
+(:mod:`mpicellpose.runner.blocks`), so under ``--pipeline blocks`` a crop that is a block's read
+region gives that block's labels in the run.  Under ``--pipeline flows`` the run builds a block's
+masks from its flow box (:mod:`mpicellpose.grid.boxes`, many blocks); here the block is its own box
+(:class:`LocalFlowMasks`: the network on the planes through its read region, the in-plane halo
+around them, Cellpose's masks of the read region), so one block costs about one block, and its
+labels agree with the run's but for objects near its edges, where the run had more context.
 """
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ import numpy as np
 from .. import comm as mpi
 from ..errors import ConfigError
 from ..grid import stitch as st
+from ..cellpose import flowfield as ff
 from ..grid.geometry import Block
 from .blocks import build_backend, number_core, segment_image
 from .phases import normalize as normalization
-from .phases.flows import LocalFlowMasks
+from .phases.flows import box_flows
 from .phases.plan import kept_blocks, open_volume, resolve_settings
 from .runlog import quiet_libraries
 
@@ -48,9 +52,8 @@ def segment_one_block(cfg, block_index, crop, segmenter=None) -> OneBlock:
         # the same global bounds as the run: sampled from the blocks in the mask, whatever the rank count
         norm = normalization.global_normalization(cfg, settings, kept_blocks(cfg, grid), vol.array, box)
         segmenter = build_backend(cfg, settings, norm, box, load=True)
-    if blk.linear >= 0 and settings.pipeline == "flows" and not getattr(segmenter, "from_flows", False):
-        # the flows of every core the read region touches, as the run computes them
-        segmenter = LocalFlowMasks(segmenter, settings, kept_blocks(cfg, grid), vol.array, cfg.preprocessing_steps)
+    if settings.pipeline == "flows" and not getattr(segmenter, "from_flows", False):
+        segmenter = LocalFlowMasks(segmenter, settings, vol.array, cfg.preprocessing_steps)
     with quiet_libraries():  # the warnings a run hides say nothing to a user here either
         labels = segment_image(vol.array, blk, settings, cfg.preprocessing_steps, segmenter)
     _, n, core = number_core(labels, blk)
@@ -92,3 +95,24 @@ def geo_range(c: slice, n: int) -> tuple:
     """(start, stop) of slice ``c`` on an axis of length ``n`` (None and negative bounds resolved)."""
     start, stop, _ = c.indices(n)
     return start, stop
+
+
+class LocalFlowMasks:
+    """:func:`mpicellpose.process_block` under ``--pipeline flows``: the block's read region is one
+    flow box (flows of the three orientations with the run's in-plane halo, summed in half
+    precision as the run sums them), then Cellpose's masks of that region."""
+
+    from_flows = True
+
+    def __init__(self, backend, settings, src, steps):
+        self.backend, self.settings, self.src, self.steps = backend, settings, src, steps
+        self.name = f"{getattr(backend, 'name', 'cellpose')} (masks from flows)"
+
+    def segment_block(self, blk) -> np.ndarray:
+        s, h = self.settings, self.settings.flow_halo
+        read = tuple((max(0, a - h), min(n, b + h)) for (a, b), n in zip(blk.read, s.shape))
+        field, _ = box_flows(s, self.src, self.steps, self.backend, Block(blk.index, -1, blk.read, read))
+        return ff.compute_masks(self.backend, field.astype(np.float32), len(s.shape), int(np.prod(s.shape)))
+
+    def describe(self):
+        return {"pipeline": "flows", "backend": self.backend.describe()}

@@ -63,6 +63,7 @@ class Progress:
 
     def __init__(self, box, grid, shares, handout="static", stream=None, label="segment", unit="block"):
         self.box, self.label, self.unit = box, label, unit
+        self.units = unit + ("es" if unit.endswith("x") else "s")
         # blocks handed out at run time: each rank reports (voxels done, voxels of its block in progress)
         self.dynamic = handout == "dynamic" and box.size > 1
         assign = [list(a) for a in shares] + [[] for _ in range(box.size)]
@@ -106,8 +107,8 @@ class Progress:
 
     def start(self) -> "Progress":
         if self.box.rank == 0 and self.total:
-            log.info("%s: %d %s(s) on %d rank(s)%s, %s voxels of read regions; the first estimate comes "
-                     "with the first finished %s", self.label, self.total, self.unit, self.box.size,
+            log.info("%s: %d %s on %d rank(s)%s, %s voxels of read regions; the first estimate comes "
+                     "with the first finished %s", self.label, self.total, self.units, self.box.size,
                      ", handed out at run time (costliest first)" if self.dynamic else "", f"{self.total_vox:,}",
                      self.unit)
             self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,),
@@ -127,7 +128,7 @@ class Progress:
             self._draw(now)
             self._write("\n")
         if finished:
-            log.info("%s: %d/%d %ss done in %s", self.label, sum(self.done), self.total, self.unit,
+            log.info("%s: %d/%d %s done in %s", self.label, sum(self.done), self.total, self.units,
                      fmt_eta(now - self.t0))
         elif not self.tty:
             self._line(now)
@@ -182,7 +183,7 @@ class Progress:
         if bar:
             n = int(round(BAR_WIDTH * e["fraction"]))
             head = f"{self.label} [{'#' * n}{'.' * (BAR_WIDTH - n)}] {pct:3.0f}%"
-        body = f"{e['blocks']}/{self.total} {self.unit}s done"
+        body = f"{e['blocks']}/{self.total} {self.units} done"
         if e["running"]:
             body += f", {e['running']} in progress"
         tail = f"elapsed {fmt_eta(e['elapsed'])}, "

@@ -11,9 +11,13 @@ Layout 2 (``<output stem>.mpicellpose-work`` unless ``--work-dir`` names another
     relabel/<k>/<i>.done   output chunk i written with final IDs
     table/                 the object table's parts, one per rank
 
-So a block has at most 3 files here (record, scratch chunk, relabel marker; ``--pipeline
-flows`` adds its flow chunk and marker), and no directory holds more than 1000 records or
-markers, nor more scratch chunks than the grid has blocks along its last axis.  The scratch
+    shells/                --pipeline flows: the flow boxes' shells while the sweep needs them
+                           (mpicellpose.runner.phases.shells; ``flows.zarr`` and ``flows/`` of
+                           earlier versions are removed with the rest)
+
+So a block has at most 3 files here (record, scratch chunk, relabel marker; a flow box adds at
+most 28 while its neighbours need them), and no directory holds more than 1000 records,
+markers or boxes, nor more scratch chunks than the grid has blocks along its last axis.  The scratch
 chunk is fsynced (with its directory) before the record is written, and the record is
 written atomically (fsync, rename): a record on disk means the block's data is on disk, also
 after a node crash.  The resume scan lists the ``blocks/<k>`` directories (one read per
@@ -66,7 +70,7 @@ def _shown(v) -> str:
 class WorkDir:
     """Owns one run's work directory (all ranks build one from the same path)."""
 
-    OWN = ("run.json", "scratch.zarr", "blocks", "relabel", "table", "stitch.npz", "flows.zarr", "flows")
+    OWN = ("run.json", "scratch.zarr", "blocks", "relabel", "table", "stitch.npz", "shells", "flows.zarr", "flows")
 
     def __init__(self, path):
         self.path = Path(path)
@@ -75,8 +79,7 @@ class WorkDir:
         self.blocks = self.path / "blocks"
         self.relabel = self.path / "relabel"
         self.table = self.path / "table"
-        self.flows_store = self.path / "flows.zarr"   # --pipeline flows: the flow field
-        self.flows = self.path / "flows"              # its done-markers, one per slab
+        self.shells = self.path / "shells"    # --pipeline flows: the flow boxes' shells (phases/shells.py)
         self._chunks = None   # (grid shape, dimension separator) of the scratch array, read once
         self.layout_mismatch = False  # set by check(): this run's directory has an older layout
 
@@ -86,10 +89,6 @@ class WorkDir:
     # -- per block ---------------------------------------------------------------
     def record(self, linear) -> Path:
         return self.blocks / str(int(linear) // FANOUT) / f"{int(linear)}.npz"
-
-    def flow_done(self, linear) -> Path:
-        """The done-marker of slab ``linear``'s flows (written once its chunks are on disk)."""
-        return self.flows / str(int(linear) // FANOUT) / f"{int(linear)}.done"
 
     def relabel_done(self, linear) -> Path:
         return self.relabel / str(int(linear) // FANOUT) / f"{int(linear)}.done"
@@ -252,10 +251,10 @@ def free_bytes(path) -> int | None:
 
 
 def check_flow_space(settings, blocks, work_dir) -> None:
-    """Refuse, before any work, a flow field that the work directory's file system cannot hold."""
+    """Refuse, before any work, flow-box shells that the work directory's file system cannot hold."""
     need = flow_scratch_bytes(settings, blocks)
     free = free_bytes(work_dir)
     if free is not None and need > free:
-        raise InputError(f"the flow field of --pipeline flows needs {need / 2**30:.1f} GiB in the work directory "
+        raise InputError(f"the flow boxes' shells of --pipeline flows need up to {need / 2**30:.1f} GiB in the work directory "
                          f"{work_dir} but its file system has {free / 2**30:.1f} GiB free; give a --work-dir on "
                          f"a larger scratch file system, or use --pipeline blocks (no flow field)")

@@ -11,7 +11,7 @@ import numpy as np
 from ..cellpose.cellpose4 import CPSAM_NET, STANDIN_NET, gpu_memory_estimate
 from ..grid import geometry as geo
 from ..grid.cost import network_cost
-from ..grid.slabs import SLAB_BYTES_PER_VOXEL, largest_slab_voxels
+from ..grid.boxes import BOX_BYTES_PER_VOXEL, largest_box_voxels
 from ..runner import outputs
 from ..runner.phases.plan import make_plan, open_volume
 from ..runner.table import have_parquet
@@ -54,12 +54,12 @@ def memory_estimate(backend: str, read_voxels: int, itemsize: int = 2, channels:
 
 
 def with_flow_step(memory: dict, settings) -> dict:
-    """Under ``--pipeline flows`` the flow step holds a slab and the mask step a block's read
-    region: the estimate is the larger of the two (the slab's from its arrays' sizes, not fitted)."""
+    """Under ``--pipeline flows`` the flow and mask steps hold a flow box with its halo or overlap:
+    the estimate is the larger of that and a block's (the box's from its arrays' sizes, not fitted)."""
     if settings.pipeline == "flows":
-        slab = largest_slab_voxels(settings.grid, settings.flow_slab, settings.flow_halo)
-        memory = dict(memory, flow_step_bytes=int(memory["constant"] + SLAB_BYTES_PER_VOXEL * slab),
-                      largest_slab_voxels=int(slab))
+        vox = largest_box_voxels(settings.grid, settings.flow_box, settings.flow_halo)
+        memory = dict(memory, flow_step_bytes=int(memory["constant"] + BOX_BYTES_PER_VOXEL * vox),
+                      largest_box_voxels=int(vox))
         memory["bytes"] = max(memory["bytes"], memory["flow_step_bytes"])
     return memory
 

@@ -1,275 +1,177 @@
-"""Phase 2a (``--pipeline flows``), every rank: the network's flow field, once per voxel.
+"""Phase 2 under ``--pipeline flows``, every rank: the network once per voxel, masks per flow box.
 
-The unit of work is a *slab* (:mod:`mpicellpose.grid.slabs`): per orientation of Cellpose's 3D
-network, the planes through one layer of block cores, up to ``--flow-slab`` blocks wide in
-plane, each plane grown by the in-plane halo.  A slab's three values per voxel
-(:func:`mpicellpose.cellpose.flowfield.compute_flows`) go in half precision to the work directory's
-``flows.zarr``, in its orientation's channels (one chunk per orientation and block, so no two
-ranks write the same chunk), then a done-marker ``flows/<linear // 1000>/<linear>.done`` once
-the chunks are on disk.  The segmentation phase that follows builds each block's masks from
-the flow field of its read region (:class:`FlowMasks`: the orientations summed).
+The unit of work is a *flow box* (:mod:`mpicellpose.grid.boxes`): ``--flow-box`` blocks per
+side.  For each box it is handed, a rank reads the image of its core grown by the in-plane halo,
+runs Cellpose's network on the planes through the core in each orientation
+(:func:`mpicellpose.cellpose.flowfield.compute_flows`), sums the orientations in memory as
+Cellpose does, writes the shell its neighbours need (:mod:`.shells`) and keeps the field for the
+mask step (:mod:`.boxmasks`), which runs once every neighbour's shell is written.  Boxes are
+handed out in a sweep (by layer of boxes along the first axis, costliest first within a layer),
+so the masks follow the flows closely and the shells are deleted behind the sweep.
 
-Only the slabs whose flows some block still to segment needs are computed: on a resume, the
-slabs already done are kept, and a block finished earlier needs none.
+On a resume, a box whose blocks are all recorded is not computed again; a box with blocks still
+to segment is (its field was only in memory); a box whose shell a box still to mask reads is
+computed again only when that shell is not on disk.
 """
 from __future__ import annotations
 
-import itertools
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ...cellpose import flowfield as ff
 from ...errors import BackendError
 from ...grid import geometry as geo
-from ...grid.schedule import make_shares
-from ...grid.slabs import FLOW_DTYPE, SlabGrid, orientations
-from ...volumes import storage
+from ...grid import schedule as sched
+from ...grid.boxes import BoxGrid, orientations
 from ..blocks import _about, block_image, call_backend
 from ..faults import maybe_fault
 from ..progress import Progress
 from ..runlog import log
 from .blockloop import read_ahead_wanted, run_blocks
-
-NEVER_A_CELL = -1.0e4   # cell probability given to voxels of blocks the mask leaves out
+from .boxmasks import NEVER_A_CELL, BoxMasks
+from .shells import ShellStore
 
 
 @dataclass(frozen=True)
 class Flowed:
-    slabs_now: int           # slabs whose flows were computed in this run (all ranks)
+    boxes_now: int           # boxes whose flows were computed in this run (all ranks)
     network_voxels: int      # voxels the network evaluated (per orientation; all ranks)
     seconds: float
-    masked: tuple = ()       # blocks whose masks were built and recorded during the flow step
+    masked: tuple = ()       # blocks recorded by the mask step (all ranks)
+    io: dict = None          # shell bytes written and read, mask-step seconds (all ranks)
 
 
-def create_store(plan, work) -> None:
-    """Rank 0: the flow field's array (three half-precision channels per orientation, one chunk
-    per orientation and block)."""
-    if not work.flows_store.exists():
-        ndim = len(plan.shape)
-        channels = 3 * orientations(ndim)
-        storage.create_array(work.flows_store, (channels, *plan.shape), (3, *plan.blocksize), FLOW_DTYPE,
-                             dimension_separator=storage.NESTED)
+def box_grid(settings, kept) -> BoxGrid:
+    """The run's flow boxes."""
+    return BoxGrid(settings.grid, kept, settings.flow_box, settings.flow_halo)
 
 
-def slab_grid(settings, kept, along: int = 0) -> SlabGrid:
-    """The run's slabs; ``along``: voxels read beyond a slab along its planes' normal (context
-    for Cellpose's resizing, see :func:`mpicellpose.cellpose.flowfield.along_context`; nothing else
-    depends on it)."""
-    return SlabGrid(settings.grid, kept, settings.flow_slab, settings.flow_halo, along)
+def boxes_to_mask(boxes: BoxGrid, todo_segment) -> list:
+    """The boxes with a block still to segment (sorted; vectorised)."""
+    todo = np.asarray(list(todo_segment), np.int64)
+    return np.unique(boxes.box_of_block(todo)).tolist() if todo.size else []
 
 
-def cores_touching(grid: geo.BlockGrid, box) -> list:
-    """Linear indices of the blocks whose core intersects ``box`` (pure)."""
-    ranges = [range(a // size, (b - 1) // size + 1) for (a, b), size in zip(box, grid.blocksize)]
-    return [grid.linear_of(ix) for ix in itertools.product(*ranges)]
+def flows_todo(ctx, boxes: BoxGrid, to_mask) -> list:
+    """Boxes whose flows this run computes: those to mask, and those whose shell a box to mask
+    reads and that is not on disk (each rank looks at its share of the neighbourhoods)."""
+    box, store = ctx.box, ShellStore(ctx.work.shells)
+    need, mine = set(to_mask), set()
+    for b in to_mask[box.rank::box.size]:
+        mine.update(n for n in boxes.neighbours(b) if boxes.has_kept[n] and n not in need and not store.done(n))
+    parts = box.allgather(sorted(mine), "checking which shells are on disk")
+    return sorted(need.union(*map(set, parts)))
 
 
-def needed_flows(grid, kept, todo) -> list:
-    """The kept blocks whose flows the blocks in ``todo`` read (grid order)."""
-    keep = set(int(b) for b in kept)
-    need = set()
-    for b in todo:
-        need.update(c for c in cores_touching(grid, grid.block(b).read) if c in keep)
-    return sorted(need)
+def sweep_shares(boxes: BoxGrid, todo, mode: str, n_ranks: int) -> tuple:
+    """Per-rank shares of ``todo`` handed out as a sweep: layer by layer of boxes along the first
+    axis, the costliest first within a layer (dynamic), or contiguous runs (static)."""
+    if mode == "static":
+        return sched.contiguous_shares(boxes.flow, todo, n_ranks)
+    todo = np.asarray(todo, np.int64)
+    if not todo.size:
+        return tuple(() for _ in range(n_ranks))
+    layer = np.unravel_index(todo, boxes.flow.grid_shape)[0]
+    cost = boxes.sizes(todo, "read")
+    order = np.lexsort((todo, -cost, layer))
+    return sched.round_robin_shares(todo[order].tolist(), n_ranks)
 
 
-def needed_slabs(slabs: SlabGrid, kept, todo) -> list:
-    """The slabs that compute the flows the blocks in ``todo`` read (sorted)."""
-    return slabs.of_blocks(needed_flows(slabs.grid, kept, todo))
+def box_flows(settings, src, steps, backend, blk, stop=None, img=None):
+    """(the summed flow field over ``blk``'s core in half precision, network voxels): the network
+    on the planes through the core in each orientation, each plane the read region's extent."""
+    if img is None:
+        img = block_image(src, blk, settings, steps)
+    ndim, halves, nv = len(settings.shape), [], 0
+    for p in range(orientations(ndim)):
+        flows, n = call_backend(backend, blk, lambda p=p: ff.compute_flows(backend, img, blk.core_in_read, ndim, p),
+                                stop)
+        if not np.all(np.isfinite(flows)):
+            raise _about(BackendError(f"the network gave non-finite flows on {blk.index}"), blk)
+        halves.append(ff.to_half(flows))
+        nv += n
+    return ff.to_half(ff.combine(np.concatenate(halves))), nv
 
 
-def flows_todo(ctx, slabs, todo_segment) -> list:
-    """Slabs whose flows must be computed now: needed by ``todo_segment`` and not done yet
-    (each rank checks its share of the done-markers)."""
-    box = ctx.box
-    need = needed_slabs(slabs, ctx.plan.kept, todo_segment)
-    mine = [s for s in need[box.rank::box.size] if not ctx.work.flow_done(s).exists()]
-    missing = box.allgather(mine, "checking which flows are done")
-    return sorted(s for part in missing for s in part)
+def _mask_out(boxes, linear, field) -> None:
+    """The cores of the box's blocks that the mask leaves out read as 'no cell'."""
+    ndim, origin = boxes.ndim, [a for a, _ in boxes.core(linear)]
+    for b in boxes.blocks_of(linear, kept_only=False):
+        if not boxes.kept(b):
+            sl = geo.box_slices(boxes.grid.block(b).core, origin)
+            field[(ndim,) + sl] = NEVER_A_CELL
+            field[(slice(0, ndim),) + sl] = 0
 
 
-def _separator(store: str) -> str:
-    return storage.read_json(Path(store) / ".zarray").get("dimension_separator") or "."
-
-
-def _fsync_chunk(store: Path, chunk_index) -> None:
-    """Make a chunk durable before its done-marker (zarr v2 keys: ``p/i/j/k``, or ``p.i.j.k`` in a
-    work directory of an earlier version, which is resumed as it was written)."""
-    path = store / _separator(str(store)).join(str(int(i)) for i in chunk_index)
-    if path.exists():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def flow_read(settings, src, steps, slab):
-    """(the slab, its read region's image)."""
-    return slab, block_image(src, slab.as_block(), settings, steps)
-
-
-def slab_flows(settings, src, steps, backend, slab, stop=None, read=None):
-    """(the slab's three values over its core as float32, network voxels); ``read``:
-    :func:`flow_read`'s result when it was read already."""
-    _, img = read if read is not None else flow_read(settings, src, steps, slab)
-    blk = slab.as_block()
-    flows, nv = call_backend(backend, blk, lambda: ff.compute_flows(backend, img, slab.core_in_read,
-                                                                    len(settings.shape), slab.orient), stop)
-    if not np.all(np.isfinite(flows)):
-        raise _about(BackendError(f"the network gave non-finite flows on {slab.label}"), blk)
-    return flows, nv
-
-
-def flows_phase(ctx, backend, todo_segment, ahead=None) -> Flowed:
-    """Every rank: compute the flows this run still needs, then agree.  ``ahead``: builds the
-    thread that masks blocks during this step (:mod:`mpicellpose.runner.phases.maskahead`), or None."""
+def flows_phase(ctx, backend, scratch, threaded: bool) -> Flowed:
+    """Every rank: the flows and masks this run still needs, then agree.  ``threaded``: the mask
+    step in a CPU thread (a GPU rank), else between boxes in the main thread."""
     plan, box, stop = ctx.plan, ctx.box, ctx.stop
     t0 = time.perf_counter()
-    box.on_root(lambda: create_store(plan, ctx.work), "creating the flow field")
-    ahead = ahead() if ahead is not None else None
-    slabs = slab_grid(plan.settings, plan.kept)  # what is handed out; the slabs as read: _flow_slabs
-    todo = flows_todo(ctx, slabs, todo_segment)
+    boxes = box_grid(plan.settings, plan.kept)
+    to_mask = boxes_to_mask(boxes, plan.to_segment)
+    todo = flows_todo(ctx, boxes, to_mask)
+    store = ShellStore(ctx.work.shells)
     if box.rank == 0:
-        kept = len(needed_slabs(slabs, plan.kept, todo_segment)) - len(todo)  # done by an earlier run
-        log.info("flows: %d slab(s) to compute on %d rank(s)%s (network once per voxel; slabs up to %d block(s) "
-                 "wide, in-plane halo %d)", len(todo), box.size,
-                 f", {kept} reused from an earlier run" if kept else "", plan.settings.flow_slab,
-                 plan.settings.flow_halo)
-    shares = make_shares(plan.handout, slabs, slabs.coarse_order(todo), box.size)
+        log.info("flows: %d flow box(es) of %s block(s) to compute on %d rank(s), %d to mask%s (network once "
+                 "per voxel, in-plane halo %d)", len(todo), "x".join([str(boxes.k)] * boxes.ndim), box.size,
+                 len(to_mask), f", {len(boxes) - len(todo)} done or on disk from an earlier run"
+                 if len(todo) < len(boxes) else "", plan.settings.flow_halo)
+    shares = sweep_shares(boxes, todo, plan.handout, box.size)
+    masks = BoxMasks(ctx, backend, scratch, boxes, store, set(to_mask), threaded and backend is not None)
     box.start_progress("flows")
-    progress, agreed = Progress(box, slabs, shares, plan.handout, label="flows", unit="slab").start(), False
+    progress, agreed = Progress(box, boxes, shares, plan.handout, label="flows", unit="box").start(), False
     try:
-        err, nv = _flow_slabs(ctx, slabs, backend, shares, ahead, progress)
-        masked = ahead.drain(box, stop) if ahead is not None else []
-        if err is None and ahead is not None and ahead.error is not None:
-            err = ahead.error
-            box.notify_abort(f"masks during the flow step: {err}")
+        err, nv = _run(ctx, boxes, backend, shares, masks, store, set(to_mask), progress)
+        masked = masks.drain(box, stop)
+        if err is None and masks.error is not None:
+            err = masks.error
+            box.notify_abort(f"masks of the flow boxes: {err}")
         if stop and err is None:
             box.notify_abort("stop requested by signal")
         box.agree(err, interrupted=bool(stop), where="flows", progress=progress)
         agreed = True
     finally:
-        if ahead is not None and not agreed:
-            ahead.close()
+        if not agreed:
+            masks.close()
         progress.close(finished=agreed)
-    parts = box.allgather((nv, masked), "network voxels and blocks masked during the flow step")
-    total_nv = sum(n for n, _ in parts) // orientations(len(plan.shape))
-    masked = sorted(b for _, part in parts for b in part)
-    if box.rank == 0 and masked:
-        log.info("flows: the masks of %d block(s) were built during the flow step", len(masked))
-    return Flowed(len(todo), int(total_nv), time.perf_counter() - t0, tuple(masked))
+    blocks = [b for x in masked for b in boxes.blocks_of(x) if b in masks.todo]
+    parts = box.allgather((nv, blocks, store.bytes_written, store.bytes_read, masks.seconds),
+                          "network voxels and blocks masked")
+    masked_all = sorted(b for p in parts for b in p[1])
+    io = {"shell_bytes_written": sum(p[2] for p in parts), "shell_bytes_read": sum(p[3] for p in parts),
+          "mask_seconds": round(sum(p[4] for p in parts), 3)}
+    total_nv = sum(p[0] for p in parts) // orientations(len(plan.shape))
+    return Flowed(len(todo), int(total_nv), time.perf_counter() - t0, tuple(masked_all), io)
 
 
-def _flow_slabs(ctx, slabs, backend, shares, ahead, progress):
-    """This rank's slabs; (the error to agree on or None, network voxels).  What the slabs read
-    beyond their planes (:func:`mpicellpose.cellpose.flowfield.along_context`) asks the model, and the
-    store is opened, inside the loop: an error there is one slab's, agreed like any other."""
+def _run(ctx, boxes, backend, shares, masks, store, to_mask, progress):
+    """This rank's boxes; (the error to agree on or None, network voxels)."""
     plan, box, stop, src, steps = ctx.plan, ctx.box, ctx.stop, ctx.src, ctx.options.preprocessing_steps
-    lazy = {}
 
-    def as_read(slab):
-        if "slabs" not in lazy:  # the same value whichever thread gets here first
-            lazy["slabs"] = slab_grid(plan.settings, plan.kept, ff.along_context(backend, plan.settings))
-        return lazy["slabs"].block(slab.linear)
-
-    def one(slab, done, get):
-        read = get() if get is not None else flow_read(plan.settings, src, steps, as_read(slab))
-        flows, n = slab_flows(plan.settings, src, steps, backend, read[0], stop, read)
+    def one(blk, done, get):
+        linear = blk.linear
+        field, n = box_flows(plan.settings, src, steps, backend, blk, stop, get() if get else None)
+        _mask_out(boxes, linear, field)
         maybe_fault("flows", box.rank, done)
-        if "store" not in lazy:
-            lazy["store"] = storage.open_array(ctx.work.flows_store, mode="r+")
-        write_flows(plan.grid, ctx.work, lazy["store"], slab, flows)
-        if ahead is not None:
-            ahead.offer_slab(slab)
+        store.write(linear, field, boxes.core(linear), boxes.needed_pieces(linear))
+        if linear in to_mask:
+            masks.add(linear, field)
+        if not masks.threaded:
+            masks.run_ready()
+            if masks.error is not None:
+                raise masks.error
         return n
 
-    def slab_error(exc, slab):
+    def box_error(exc, blk):
         if getattr(exc, "block", None) is not None:
             return exc
-        return _about(BackendError(f"flows of {slab.label}: {type(exc).__name__}: {exc}"), slab.as_block())
+        return _about(BackendError(f"flows of {blk.index}: {type(exc).__name__}: {exc}"), blk)
 
     load = None
     if read_ahead_wanted(ctx.options, backend):
-        def load(slab):
-            return flow_read(plan.settings, src, steps, as_read(slab))
-    return run_blocks(ctx, slabs, shares, "flows", progress, one, slab_error, load)
-
-
-def write_flows(grid, work, store, slab, flows) -> None:
-    """The slab's values over its kept blocks' cores, durable, then the slab's done-marker."""
-    p = slab.orient
-    origin = [a for a, _ in slab.core]
-    half = ff.to_half(flows)
-    blocks = [grid.block(b) for b in slab.blocks]
-    for blk in blocks:
-        store[(slice(3 * p, 3 * p + 3),) + blk.core_slices] = half[(slice(None),) + geo.box_slices(blk.core, origin)]
-    for blk in blocks:
-        _fsync_chunk(work.flows_store, (p,) + tuple(blk.index))
-    marker = work.flow_done(slab.linear)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-
-
-class FlowMasks:
-    """The segmentation phase's backend under ``--pipeline flows``: a block's labels are
-    Cellpose's masks of the flow field over its read region (no image is read)."""
-
-    from_flows = True
-
-    def __init__(self, backend, ctx):
-        self.backend, self.settings = backend, ctx.settings
-        self.name = f"{getattr(backend, 'name', 'cellpose')} (masks from flows)"
-        self.store = storage.open_array(ctx.work.flows_store, mode="r")
-        self.kept = set(int(b) for b in ctx.plan.kept)
-
-    def read_flows(self, blk) -> np.ndarray:
-        """The flow field over the block's read region (float32, the orientations summed); the
-        cores of blocks the mask leaves out read as 'no cell'."""
-        flows = ff.combine(self.store[(slice(None),) + blk.read_slices])
-        return self._mask_out(flows, blk)
-
-    def _mask_out(self, flows, blk):
-        ndim = len(self.settings.shape)
-        for c in cores_touching(self.settings.grid, blk.read):
-            if c not in self.kept:
-                sl = geo.box_slices(geo.box_intersect(self.settings.grid.block(c).core, blk.read),
-                                    [a for a, _ in blk.read])
-                flows[(ndim,) + sl] = NEVER_A_CELL
-                flows[(slice(0, ndim),) + sl] = 0.0
-        return flows
-
-    def segment_block(self, blk) -> np.ndarray:
-        flows = self.read_flows(blk)
-        return ff.compute_masks(self.backend, flows, len(self.settings.shape), int(np.prod(self.settings.shape)))
-
-    def describe(self):
-        return {"pipeline": "flows", "backend": self.backend.describe()}
-
-
-class LocalFlowMasks(FlowMasks):
-    """:func:`mpicellpose.process_block` under ``--pipeline flows``: the flow field of the read
-    region is computed here, slab by slab as the run computes it (each slab it touches whole,
-    stored in half precision), so the labels equal the run's."""
-
-    def __init__(self, backend, settings, kept, src, steps):
-        self.backend, self.settings, self.src, self.steps = backend, settings, src, steps
-        self.name = f"{getattr(backend, 'name', 'cellpose')} (masks from flows)"
-        self.kept = set(int(b) for b in kept)
-
-    def read_flows(self, blk) -> np.ndarray:
-        ndim = len(self.settings.shape)
-        slabs = slab_grid(self.settings, sorted(self.kept), ff.along_context(self.backend, self.settings))
-        stored = np.zeros((3 * orientations(ndim),) + geo.box_shape(blk.read), FLOW_DTYPE)
-        origin = [a for a, _ in blk.read]
-        for s in needed_slabs(slabs, self.kept, [blk.linear]):
-            slab = slabs.block(s)
-            f, _ = slab_flows(self.settings, self.src, self.steps, self.backend, slab)
-            inter = geo.box_intersect(slab.core, blk.read)
-            stored[(slice(3 * slab.orient, 3 * slab.orient + 3),) + geo.box_slices(inter, origin)] = \
-                ff.to_half(f)[(slice(None),) + geo.box_slices(inter, [a for a, _ in slab.core])]
-        return self._mask_out(ff.combine(stored), blk)
+        def load(blk):
+            return block_image(src, blk, plan.settings, steps)
+    return run_blocks(ctx, boxes, shares, "flows", progress, one, box_error, load)

@@ -27,8 +27,8 @@ from ...errors import ConfigError, InputError
 from ...grid import geometry as geo
 from ...grid import schedule as sched
 from ...grid.partition import assign_contiguous
-from ...grid.slabs import default_flow_halo as flow_halo_default
-from ...grid.slabs import auto_flow_slab
+from ...grid.boxes import auto_flow_box
+from ...grid.boxes import default_flow_halo as flow_halo_default
 from ...options import OPTIONS_BY_NAME, labels_options
 from ...volumes import readers, storage
 from ...volumes.volume import anisotropy
@@ -64,7 +64,7 @@ class Settings:
     axes: tuple                   # spatial axis names
     pipeline: str = "blocks"      # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block)
     flow_halo: int = 0            # 'flows': in-plane context of the network around a core (voxels)
-    flow_slab: int = 1            # 'flows': blocks per side of a flow slab in plane (mpicellpose.grid.slabs)
+    flow_box: int = 1             # 'flows': blocks per side of a flow box (mpicellpose.grid.boxes)
     precision: str | None = None  # the network's arithmetic; None: the model's own (cellpose.precision)
     precision_why: str | None = None  # why the precision is not the one asked for (None: it is)
     iou_threshold: float = 0.3    # 'iou' stitching: the least IoU of a match
@@ -228,9 +228,9 @@ def resolve_settings(cfg, vol) -> Settings:
         raise ConfigError(f"stitch='iou' needs an overlap of at least 1 voxel on every axis, got {overlap}")
     axes = tuple(a for i, a in enumerate(vol.axes) if i != channel_axis)
     pipeline, halo = resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter)
-    slab = resolve_flow_slab(cfg, shape, blocksize, overlap) if pipeline == "flows" else 1
+    fbox = resolve_flow_box(cfg, shape, blocksize, overlap, halo) if pipeline == "flows" else 1
     return Settings(shape, blocksize, overlap, channel_axis, rule, conn, eval_kwargs, resolved, voxel_size,
-                    voxel_unit, axes, pipeline, halo, slab, precision, precision_why, cfg.iou_threshold, cfg.iou_depth,
+                    voxel_unit, axes, pipeline, halo, fbox, precision, precision_why, cfg.iou_threshold, cfg.iou_depth,
                     cfg.normalize)
 
 
@@ -272,14 +272,13 @@ def resolve_pipeline(cfg, shape, blocksize, eval_kwargs, diameter) -> tuple:
     return pipeline, halo
 
 
-def resolve_flow_slab(cfg, shape, blocksize, overlap) -> int:
-    """Blocks per side of a flow slab in plane: ``--flow-slab``, or
-    :func:`mpicellpose.grid.slabs.auto_flow_slab` (a fixed function of the grid: the labels never depend
-    on the rank count)."""
+def resolve_flow_box(cfg, shape, blocksize, overlap, halo) -> int:
+    """Blocks per side of a flow box: ``--flow-box``, or :func:`mpicellpose.grid.boxes.auto_flow_box`
+    (a fixed function of the grid: the labels never depend on the rank count)."""
     grid = geo.BlockGrid(shape, blocksize, overlap)
-    if cfg.flow_slab is None:
-        return auto_flow_slab(grid)
-    return max(1, min(int(cfg.flow_slab), max(grid.grid_shape)))
+    if cfg.flow_box is None:
+        return auto_flow_box(grid, halo or 0)
+    return max(1, min(int(cfg.flow_box), max(grid.grid_shape)))
 
 
 def open_volume(cfg):
@@ -343,7 +342,7 @@ FIXED_FORM = frozenset({
     "dataset", "level", "channel", "timepoint", "channel_axis", "tile_pattern", "voxel_size",  # input (its shape)
     "zarr_format", "blocksize", "overlap", "mask", "backend", "model", "diameter", "anisotropy", "normalize",
     "eval_kwargs", "model_kwargs", "threshold", "stitch", "connectivity", "iou_threshold", "iou_depth",
-    "pipeline", "flow_halo", "flow_slab", "precision", "batch_size",
+    "pipeline", "flow_halo", "flow_box", "precision", "batch_size",
 })
 
 
@@ -382,7 +381,7 @@ def fingerprint_of(cfg, vol, s: Settings, fmt: int) -> dict:
                    "iou_depth": s.iou_depth},
         "normalize": s.normalize if cfg.backend == "cellpose" else None,
         # blocks: the form of earlier versions (their runs resume); flows: its flow field's layout changed
-        "pipeline": {"pipeline": "flows", "flow_halo": s.flow_halo, "flow_slab": s.flow_slab}
+        "pipeline": {"pipeline": "flows", "flow_halo": s.flow_halo, "flow_box": s.flow_box}
         if s.pipeline == "flows" else [s.pipeline, s.flow_halo],
         "zarr_format": fmt,
     } | ({"precision": s.precision} if s.precision and cfg.backend == "cellpose" else {}) | _declared_options(cfg, s)
