@@ -255,6 +255,10 @@ def check_flow_space(settings, blocks, work_dir) -> None:
     need = flow_scratch_bytes(settings, blocks)
     free = free_bytes(work_dir)
     if free is not None and need > free:
-        raise InputError(f"the flow boxes' shells of --pipeline flows need up to {need / 2**30:.1f} GiB in the work directory "
-                         f"{work_dir} but its file system has {free / 2**30:.1f} GiB free; give a --work-dir on "
-                         f"a larger scratch file system, or use --pipeline blocks (no flow field)")
+        raise InputError(f"the flow boxes' shells of --pipeline flows need up to {_size(need)} in the work directory "
+                         f"{work_dir} but its file system has {_size(free)} free; give a --work-dir on "
+                         f"a larger scratch file system, a larger --flow-box, or use --pipeline blocks (no flow field)")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
