@@ -76,7 +76,7 @@ def dir_bytes(path) -> int:
 
 
 def one_run(a, inp, out, bs, pipeline, fbox) -> dict:
-    for p in glob.glob(out + "*"):
+    for p in glob.glob(out[:-len(".zarr")] + ".*"):
         os.remove(p) if os.path.isfile(p) else shutil.rmtree(p, ignore_errors=True)
     exe = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -159,11 +159,11 @@ def test_3d_two_ranks_equal_one_rank_and_agree_with_whole_volume(tmp_path, model
 
 @pytest.mark.mpi
 def test_3d_flows_pipeline_two_ranks_equal_one_rank_and_agree_with_whole_volume(tmp_path, model):
-    """--pipeline flows under Cellpose 4 (opt-in there): its slabs span the whole planes here, so each
-    orientation's network sees what whole-volume eval gives it; masks per block from the summed flows."""
+    """--pipeline flows under Cellpose 4 (opt-in there): one flow box spans the volume here, so each
+    orientation's network sees what whole-volume eval gives it; masks of the box from the summed flows."""
     meta = _check_3d(tmp_path, model, pipeline="flows")
     cost = meta["cost"]
-    assert cost["pipeline"] == "flows" and cost["flow_slab"] == 2 and cost["flows_per_voxel"] == 1.0
+    assert cost["pipeline"] == "flows" and cost["flow_box"] >= 1 and cost["flows_per_voxel"] == 1.0
 
 
 BF16_NATIVE, BF16_WHY = cpu_bf16_support()

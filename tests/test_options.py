@@ -29,9 +29,9 @@ def test_the_command_line_gives_every_option_under_its_own_name():
     dests = {a.dest for a in p._actions} - {"help", "input", "output"}
     assert dests == set(OPTIONS_BY_NAME)
     assert set(_FLAGS) <= set(OPTIONS_BY_NAME) and all(_FLAGS[k] == "--" + k.replace("_", "-") for k in _FLAGS)
-    args = p.parse_args(["in.zarr", "--flow-slab", "2", "--diameter", "12", "--model", "demo", "--log-level", "DEBUG"])
+    args = p.parse_args(["in.zarr", "--flow-box", "2", "--diameter", "12", "--model", "demo", "--log-level", "DEBUG"])
     cfg = from_mapping(args_mapping(args))
-    assert cfg.flow_slab == 2 and cfg.eval_kwargs == {"diameter": 12.0}
+    assert cfg.flow_box == 2 and cfg.eval_kwargs == {"diameter": 12.0}
     assert cfg.model_kwargs == {"pretrained_model": "demo"}
 
 

@@ -124,3 +124,18 @@ def test_quiet_hides_the_sparse_warning_without_help():
                           DeprecationWarning)
             warnings.warn("something a user should see", UserWarning)
     assert [str(w.message) for w in seen] == ["something a user should see"]
+
+
+def test_a_share_of_a_block_reported_gives_an_estimate_before_any_block_ends():
+    """A long unit (a flow box) reports the share of it done (``tick``): the display moves and the
+    ETA comes within the first unit, not after it (issue 27, point 2)."""
+    box = FakeBox()
+    p = progress.Progress.of_plan(box, plan(((0,), (1,))), stream=io.StringIO())
+    t0 = p.t0
+    assert p.estimate(t0 + 5)["eta"] is None
+    box.progress[0], box.progress[1] = (0.3, 1), (0.3, 1)  # both ranks 30% into their only block
+    p._record()
+    p.since[0] = p.since[1] = t0 + 30
+    e = p.estimate(t0 + 30)
+    assert e["blocks"] == 0 and e["fraction"] == pytest.approx(0.3) and e["eta"] == pytest.approx(70, rel=0.01)
+    assert "0/2 blocks done, 2 in progress" in p.text(t0 + 30) and "ETA 1m10s" in p.text(t0 + 30)

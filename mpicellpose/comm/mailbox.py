@@ -235,8 +235,8 @@ class Mailbox(DataSteps):
         for r in missing[:8]:
             seq, where = self.arrived[r]
             done = self.progress.get(r)
-            state = f"last at '{where}'" + ("" if not done else f", {done[0]}/{done[1]} blocks done"
-                                            if done[1] >= 0 else f", {done[0]} blocks done")
+            state = f"last at '{where}'" + ("" if not done else f", {int(done[0])}/{done[1]} blocks done"
+                                            if done[1] >= 0 else f", {int(done[0])} blocks done")
             parts.append(f"rank {r} ({state}, silent for {now - self.last_seen[r]:.0f} s)")
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         return ("" if len(missing) == 1 else f"{len(missing)} ranks: ") + "; ".join(parts) + more

@@ -174,10 +174,20 @@ class BoxGrid:
         return geo.Block(f"flow box #{int(box)} {b.index}", int(box), b.core, b.read)
 
     def sizes(self, boxes, region: str = "core") -> np.ndarray:
-        """Voxels of each box's core, or for ``read`` those the network evaluates (its cost)."""
+        """Voxels of each box's core, or for ``read`` those the network evaluates (its cost; vectorised)."""
+        boxes = np.asarray(boxes, np.int64).reshape(-1)
         if region == "core":
             return geo.block_sizes(self.flow, boxes, "core")
-        return np.array([self._network(int(b)) for b in np.asarray(boxes).reshape(-1)], np.int64)
+        core, read = [], []
+        for i, b, s in zip(np.unravel_index(boxes, self.flow.grid_shape), self.flow.blocksize, self.grid.shape):
+            lo, hi = i * b, np.minimum((i + 1) * b, s)
+            core.append(hi - lo)
+            read.append(np.minimum(hi + self.halo, s) - np.maximum(lo - self.halo, 0))
+        out = np.zeros(boxes.size, np.int64)
+        for p in range(orientations(self.ndim)):
+            a = normal_axis(self.ndim, p)
+            out += np.prod([core[k] if k == a else read[k] for k in range(self.ndim)], axis=0).astype(np.int64)
+        return out
 
     # -- neighbours and shells ----------------------------------------------
     def touching(self, region: geo.Box) -> list:
@@ -204,18 +214,10 @@ class BoxGrid:
         return out
 
     # -- the network's cost -------------------------------------------------
-    def _network(self, box: int) -> int:
-        core, read = self.core(box), self.read(box)
-        total = 0
-        for p in range(orientations(self.ndim)):
-            a = normal_axis(self.ndim, p)
-            total += math.prod(hi - lo for lo, hi in (core[k] if k == a else read[k] for k in range(self.ndim)))
-        return total
-
     def network_voxels(self, boxes) -> int:
         """Voxels the network evaluates for ``boxes``, summed over the orientations and divided by
         their number (per output voxel: 1 when every box spans the volume)."""
-        return int(sum(self._network(int(b)) for b in np.asarray(boxes).reshape(-1))) // orientations(self.ndim)
+        return int(self.sizes(boxes, "read").sum()) // orientations(self.ndim)
 
     def needed_pieces(self, box: int) -> dict:
         """The pieces of the shell of ``box`` that the mask region of a neighbour with kept blocks

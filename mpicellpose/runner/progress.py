@@ -128,7 +128,7 @@ class Progress:
             self._draw(now)
             self._write("\n")
         if finished:
-            log.info("%s: %d/%d %s done in %s", self.label, sum(self.done), self.total, self.units,
+            log.info("%s: %d/%d %s done in %s", self.label, sum(int(d) for d in self.done), self.total, self.units,
                      fmt_eta(now - self.t0))
         elif not self.tty:
             self._line(now)
@@ -141,21 +141,24 @@ class Progress:
             done, since, work = list(self.done), list(self.since), list(self.work)
         if self.dynamic:
             return self._estimate_shared(now, done, since, work)
-        finished = [sum(s[:d]) for s, d in zip(self.sizes, done)]
+        # a rank's count may be fractional: the share of its block in progress it reported (tick)
+        finished = [sum(s[:int(d)]) + (d - int(d)) * (s[int(d)] if int(d) < len(s) else 0)
+                    for s, d in zip(self.sizes, done)]
         busy = sum(t - self.t0 for t, d in zip(since, done) if d)
         rate = sum(finished) / busy if busy > 0 and sum(finished) > 0 else None
         est, eta, running = 0.0, 0.0, 0
         for s, d, t, fin in zip(self.sizes, done, since, finished):
-            left = sum(s[d:])
+            left = sum(s) - fin
             part = 0.0
-            if d < len(s):
+            if int(d) < len(s):
                 running += 1
-                if rate:
-                    part = s[d] * _share_done((now - t) * rate / s[d])
+                rest = s[int(d)] * (1.0 - (d - int(d)))
+                if rate and rest > 0:
+                    part = rest * _share_done((now - t) * rate / rest)
             est += fin + part
             if rate:
                 eta = max(eta, (left - part) / rate)
-        return {"blocks": sum(done), "fraction": est / self.total_vox if self.total_vox else 1.0,
+        return {"blocks": int(sum(int(d) for d in done)), "fraction": est / self.total_vox if self.total_vox else 1.0,
                 "rate": rate, "eta": eta if rate else None, "running": running, "elapsed": now - self.t0}
 
     def _estimate_shared(self, now, done, since, work) -> dict:
@@ -173,7 +176,7 @@ class Progress:
                     est += part
                     tail = max(tail, (cur - part) / rate)
         eta = max((self.total_vox - est) / (rate * self.workers), tail) if rate else None
-        return {"blocks": sum(done), "fraction": min(est / self.total_vox, 1.0) if self.total_vox else 1.0,
+        return {"blocks": int(sum(int(d) for d in done)), "fraction": min(est / self.total_vox, 1.0) if self.total_vox else 1.0,
                 "rate": rate, "eta": eta, "running": running, "elapsed": now - self.t0}
 
     def text(self, now: float, bar: bool = False) -> str:

@@ -20,7 +20,9 @@ def read_ahead_wanted(options, backend) -> bool:
 def run_blocks(ctx, grid, shares, label, progress, work, block_error, load=None):
     """The block loop of a per-block phase (segmentation, flows): this rank's share of ``shares``
     (units of ``grid``), or, with the plan's dynamic hand-out, blocks handed out at run time
-    (:class:`mpicellpose.comm.Handout`; every rank enters it, with or without blocks).  ``work(blk, done, get)`` does one block and may return a count; a block stopped
+    (:class:`mpicellpose.comm.Handout`; every rank enters it, with or without blocks).  ``work(blk, done, get,
+    tick)`` does one block and may return a count (``tick(f)``: the share ``f`` of the block done so far, for
+    the progress display of long units); a block stopped
     by a signal is not counted (a resume redoes it); an error is logged, told to the other ranks and
     returned (``block_error(exc, blk)`` names the block).  Returns (error or None, sum of the counts).
 
@@ -41,8 +43,14 @@ def run_blocks(ctx, grid, shares, label, progress, work, block_error, load=None)
                     box.send_progress(done, total, seconds, work=(vox, geo.box_size(blk.read)))
                     progress()
                 t_block = time.perf_counter()
+                size = geo.box_size(blk.read)
+
+                def tick(f, done=done, vox=vox, size=size):
+                    f = min(max(float(f), 0.0), 0.99)
+                    box.send_progress(done + f, total, 0.0, work=(vox + f * size, (1.0 - f) * size))
+                    progress()
                 try:
-                    counted += work(blk, done, get) or 0
+                    counted += work(blk, done, get, tick) or 0
                 except StopNow:
                     break  # the block in progress is not recorded: a resume redoes it
                 except Exception as exc:  # noqa: BLE001 - agreed by the caller, on every rank

@@ -41,7 +41,8 @@ class BoxMasks:
     def __init__(self, ctx, backend, scratch, boxes, store, to_mask, threaded: bool):
         self.ctx, self.backend, self.scratch, self.boxes, self.store = ctx, backend, scratch, boxes, store
         self.to_mask = to_mask                              # every box masked in this run (all ranks)
-        self.todo = set(int(b) for b in ctx.plan.to_segment)
+        self.todo = np.zeros(len(ctx.plan.grid), bool)     # the blocks to segment (a compact array)
+        self.todo[np.asarray(list(ctx.plan.to_segment), np.int64)] = True
         self.total_voxels = int(np.prod(ctx.plan.settings.shape))
         self.pending, self.done, self.error, self.current = {}, [], None, None
         self.seconds = 0.0
@@ -130,7 +131,7 @@ class BoxMasks:
 
     def _record(self, box: int, labels, region) -> None:
         plan, origin = self.ctx.plan, [a for a, _ in region]
-        for i, linear in enumerate(b for b in self.boxes.blocks_of(box) if b in self.todo):
+        for i, linear in enumerate(b for b in self.boxes.blocks_of(box) if self.todo[b]):
             blk = plan.grid.block(linear)
             read_local, n, core = number_core(labels[geo.box_slices(blk.read, origin)], blk)
             maybe_fault("masks", self.ctx.box.rank, len(self.done) + i)

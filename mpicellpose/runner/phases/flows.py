@@ -79,9 +79,10 @@ def sweep_shares(boxes: BoxGrid, todo, mode: str, n_ranks: int) -> tuple:
     return sched.round_robin_shares(todo[order].tolist(), n_ranks)
 
 
-def box_flows(settings, src, steps, backend, blk, stop=None, img=None):
+def box_flows(settings, src, steps, backend, blk, stop=None, img=None, tick=None):
     """(the summed flow field over ``blk``'s core in half precision, network voxels): the network
-    on the planes through the core in each orientation, each plane the read region's extent."""
+    on the planes through the core in each orientation, each plane the read region's extent
+    (``tick(f)`` after each orientation: the share of the box done, for the progress display)."""
     if img is None:
         img = block_image(src, blk, settings, steps)
     ndim, halves, nv = len(settings.shape), [], 0
@@ -92,6 +93,8 @@ def box_flows(settings, src, steps, backend, blk, stop=None, img=None):
             raise _about(BackendError(f"the network gave non-finite flows on {blk.index}"), blk)
         halves.append(ff.to_half(flows))
         nv += n
+        if tick is not None:
+            tick(0.9 * (p + 1) / orientations(ndim))
     return ff.to_half(ff.combine(np.concatenate(halves))), nv
 
 
@@ -137,7 +140,7 @@ def flows_phase(ctx, backend, scratch, threaded: bool) -> Flowed:
         if not agreed:
             masks.close()
         progress.close(finished=agreed)
-    blocks = [b for x in masked for b in boxes.blocks_of(x) if b in masks.todo]
+    blocks = [b for x in masked for b in boxes.blocks_of(x) if masks.todo[b]]
     parts = box.allgather((nv, blocks, store.bytes_written, store.bytes_read, masks.seconds),
                           "network voxels and blocks masked")
     masked_all = sorted(b for p in parts for b in p[1])
@@ -151,9 +154,9 @@ def _run(ctx, boxes, backend, shares, masks, store, to_mask, progress):
     """This rank's boxes; (the error to agree on or None, network voxels)."""
     plan, box, stop, src, steps = ctx.plan, ctx.box, ctx.stop, ctx.src, ctx.options.preprocessing_steps
 
-    def one(blk, done, get):
+    def one(blk, done, get, tick):
         linear = blk.linear
-        field, n = box_flows(plan.settings, src, steps, backend, blk, stop, get() if get else None)
+        field, n = box_flows(plan.settings, src, steps, backend, blk, stop, get() if get else None, tick)
         _mask_out(boxes, linear, field)
         maybe_fault("flows", box.rank, done)
         store.write(linear, field, boxes.core(linear), boxes.needed_pieces(linear))

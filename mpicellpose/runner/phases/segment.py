@@ -71,7 +71,7 @@ def _segment_blocks(ctx, backend, scratch, progress):
     """This rank's blocks; returns the error to agree on (or None)."""
     plan, box, stop, src, steps = ctx.plan, ctx.box, ctx.stop, ctx.src, ctx.options.preprocessing_steps
 
-    def one(blk, done, get):
+    def one(blk, done, get, tick):
         labels = segment_image(src, blk, plan.settings, steps, backend, stop, img=get() if get is not None else None)
         read_local, n, core = number_core(labels, blk)
         maybe_fault("segment", box.rank, done)
