@@ -119,7 +119,7 @@ def test_no_overlap_with_touch_stitching_fails_names_a_fix_and_measures_what_the
     from mpicellpose.synthetic.metrics import label_equivalent
 
     d, out = dense2d, dense2d / "touch.zarr"
-    proc = run_mpi(2, ["-m", "mpicellpose", "check", d / "image.zarr", out, "--blocksize", "64", "--overlap", "0",
+    proc = run_mpi(1, ["-m", "mpicellpose", "check", d / "image.zarr", out, "--blocksize", "64", "--overlap", "0",
                        "--stitch", "touch", "--keep-check", "--json"] + ARGS, timeout=300, check=False)
     assert proc.returncode == 4, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
@@ -161,7 +161,7 @@ def test_on_the_demo_volume_check_measures_what_the_benchmarks_measure(tmp_path)
     generate(str(tmp_path), 48, seed=2)
     image, _, _ = demo_paths(str(tmp_path))
     out = tmp_path / "demo_labels.zarr"
-    proc = run_mpi(2, ["-m", "mpicellpose", "check", image, out, "--blocksize", "24", "--overlap", "16",
+    proc = run_mpi(1, ["-m", "mpicellpose", "check", image, out, "--blocksize", "24", "--overlap", "16",
                        "--keep-check", "--json", "--no-fixes"] + ARGS, timeout=400, check=False)
     assert proc.returncode in (0, 4), proc.stderr[-3000:]
     report = json.loads(proc.stdout)

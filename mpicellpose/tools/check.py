@@ -277,7 +277,8 @@ def _warnings(vol, settings, shape, oracle_vox, bw_vox) -> list:
     cost = 1.0 + bw_vox / max(oracle_vox, 1)
     if cost > MAX_COST:
         out.append(f"the check costs about {cost:.1f}x one whole-region evaluation (the block-wise run evaluates "
-                   f"{bw_vox / max(oracle_vox, 1):.1f}x the region's voxels: the overlap is large for the blocks)")
+                   f"{bw_vox / max(oracle_vox, 1):.1f}x the region's voxels; under --pipeline blocks a large overlap for the "
+                   f"blocks costs the most)")
     return out
 
 
