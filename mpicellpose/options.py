@@ -71,6 +71,7 @@ GROUPS = {
     "performance": ("performance and devices", None),
     "logging": ("logging", None),
     "config": ("configuration file", None),
+    "check": ("seam check", "Block-wise vs whole-region Cellpose on a sample region (mpicellpose check)."),
 }
 
 
@@ -259,15 +260,29 @@ OPTIONS = (
     _O("print_config", "config", "print the resolved configuration as TOML and exit without running",
        switch=True, default=False, config=False, in_messages=False),
 )
+#: The seam check's options (``segment --check``; the thresholds also in ``mpicellpose check``): of the
+#: command line only, never a run's configuration, so apart from :data:`OPTIONS`.
+CHECK_OPTIONS = (
+    _O("check", "check", "first compare block-wise with whole-region Cellpose on a sample region "
+       "(mpicellpose check, the same options) and stop before segmenting when it fails --min-f1 or "
+       "--max-seam-errors", switch=True, default=False, config=False, where="check", in_messages=False),
+    _O("min_f1", "check", "seam check: least object F1 (IoU 0.5) of the block-wise run against whole-region "
+       "Cellpose (default 0.99)", type=float, metavar="F1", default=0.99, config=False, where="check",
+       in_messages=False),
+    _O("max_seam_errors", "check", "seam check: most objects split, merged or left in fragments at block faces, "
+       "per 100 objects the faces cut (default 1)", type=float, metavar="N", default=1.0, config=False,
+       where="check", in_messages=False),
+)
 del _O
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+CHECK_OPTIONS_BY_NAME = {o.name: o for o in CHECK_OPTIONS}
 
 
 def add_options(parser, group, where: str = "run") -> None:
     """Add the options declared ``where`` to ``parser``, each under its heading; ``group(parser,
     title, description)`` gives the argparse group of a heading (created if new)."""
     for key, (title, description) in GROUPS.items():
-        mine = [o for o in OPTIONS if o.group == key and o.where == where]
+        mine = [o for o in (CHECK_OPTIONS if where == "check" else OPTIONS) if o.group == key and o.where == where]
         if mine:
             g = group(parser, title, description)
             for o in mine:
@@ -281,7 +296,7 @@ def flags() -> dict:
 
 def cli_only() -> set:
     """The command line's options that are not configuration keys (``--config``, ``--log-level``)."""
-    return {o.name for o in OPTIONS if not o.config}
+    return {o.name for o in OPTIONS + CHECK_OPTIONS if not o.config}
 
 
 def landing_keys() -> dict:

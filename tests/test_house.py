@@ -45,6 +45,9 @@ ALLOWED = {
 PHASE_IMPORTERS = {
     # mpicellpose plan: the plan segment would make (make_plan, open_volume), without running it
     "mpicellpose.tools.dryrun",
+    # mpicellpose check: the settings, kept blocks and global normalisation bounds of the whole volume,
+    # so that the sample region is segmented with them (the runs themselves go through driver.run)
+    "mpicellpose.tools.check",
 }
 
 #: What api.py may import of runner/: its public calls only.

@@ -16,6 +16,7 @@ import sys
 _SUBCOMMAND_MODULES = (
     "mpicellpose.cli.segment",
     "mpicellpose.cli.plan",
+    "mpicellpose.cli.check",
     "mpicellpose.cli.demo",
     "mpicellpose.cli.preview",
     "mpicellpose.cli.convert",

@@ -5,7 +5,9 @@ import argparse
 import sys
 
 from ..errors import MpiCellposeError
-from .common import add_input_output, add_run_arguments, cli_message, config_from_args, exit_code, run_and_report
+from ..options import add_options
+from .common import (_group, add_input_output, add_run_arguments, cli_message, config_from_args, exit_code,
+                     run_and_report)
 
 SEGMENT_EPILOG = """\
 examples:
@@ -42,6 +44,7 @@ def register(sub) -> None:
     add_input_output(p, "zarr array to create with the labels (may be left out for an OME-Zarr input); "
                         "the object table goes next to it")
     add_run_arguments(p)
+    add_options(p, _group, where="check")  # --check and its thresholds (mpicellpose check)
     p.set_defaults(func=main)
 
 
@@ -55,4 +58,10 @@ def main(args) -> int:
             sys.stderr.write(f"mpicellpose: error: {cli_message(exc, args)}\n")
             return exit_code(exc)
         return 0
+    if getattr(args, "check", False):  # the seam check first; a failing check stops here
+        from .check import run_check_command
+
+        rc = run_check_command(args, gate=True)
+        if rc:
+            return rc
     return run_and_report(lambda: config_from_args(args), args)

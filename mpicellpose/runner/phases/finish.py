@@ -53,7 +53,24 @@ def provenance(opts, plan, summary) -> dict:
         "torch": _version_of("torch") if opts.backend == "cellpose" else None, "mpi4py": _version_of("mpi4py"),
         "model": plan.resolved_model, "config": json.loads(json.dumps(opts.config, default=storage.json_default)),
         "eval_kwargs_used": plan.eval_kwargs, "ranks": summary.get("ranks"),
-    } | ({"precision": precision_used(opts, plan)} if opts.backend == "cellpose" else {})
+    } | ({"precision": precision_used(opts, plan)} if opts.backend == "cellpose" else {}) | seam_check(plan)
+
+
+def seam_check(plan) -> dict:
+    """``{"check": ...}``: what ``mpicellpose check`` found for this OUTPUT (its ``.check.json``
+    beside it), and whether it checked this run's settings (the same fingerprint); {} without one."""
+    path = plan.output.stem + ".check.json"
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    same = json.dumps(rec.get("fingerprint"), sort_keys=True) == json.dumps(
+        json.loads(json.dumps(plan.fingerprint, default=storage.json_default)), sort_keys=True)
+    runs = [{k: r.get(k) for k in ("label", "passed", "f1", "mean_iou", "cut", "seam_errors", "network_per_voxel")}
+            for r in rec.get("runs") or ()]
+    return {"check": {"file": os.path.basename(path), "settings_match": same, "passed": rec.get("passed"),
+                      "verdict": rec.get("verdict"), "region": rec.get("region"), "runs": runs}}
 
 
 def precision_used(opts, plan) -> dict:
