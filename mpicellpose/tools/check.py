@@ -5,7 +5,7 @@ intensity statistic, or the user's ``--region`` widened to whole blocks) is copi
 zarr array that starts at a block boundary, so its block grid is the full run's grid there.  The
 run's own entry (:func:`mpicellpose.runner.driver.run`) then segments it twice: once as one block
 (whole-region Cellpose, the oracle) and once exactly as ``segment`` would (the same blocks,
-overlap, pipeline, flow halo and slab, stitching; the normalisation bounds of the whole volume),
+overlap, pipeline, flow halo and box, stitching; the normalisation bounds of the whole volume),
 on however many ranks were launched.  :mod:`.check_report` compares the two.  When the settings
 fail the thresholds, the next settings that could fix the seams are tried on the same region.
 """
@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import comm as mpi
 from ..errors import ConfigError
+from ..grid import geometry as geo
 from ..grid.cost import network_voxels
 from ..runner import outputs
 from ..runner.phases.normalize import global_normalization
@@ -104,11 +105,19 @@ def crowding(arr, channel_axis, start, stop, level: float) -> float:
     return float(np.mean(vals > level)) if vals.size else 0.0
 
 
+def unit_grid(settings):
+    """The grid whose faces are the seams: the blocks, or under ``--pipeline flows`` the flow boxes
+    (inside a box the masks are built in one call; its blocks only cut the result)."""
+    if settings.pipeline != "flows" or settings.flow_box <= 1:
+        return settings.grid
+    return geo.BlockGrid(settings.shape, tuple(settings.flow_box * b for b in settings.blocksize), settings.overlap)
+
+
 def choose_region(arr, settings, kept, norm) -> dict:
     """The most crowded candidate region whose blocks are all kept by the mask (any region with
-    a kept block when none is whole)."""
+    a kept block when none is whole); under ``--pipeline flows`` around a corner of flow boxes."""
     grid, kept = settings.grid, set(int(b) for b in kept)
-    cands = corner_regions(grid)
+    cands = corner_regions(unit_grid(settings))
     full = [c for c in cands if all(b in kept for b in region_blocks(grid, *c))]
     cands = full or [c for c in cands if any(b in kept for b in region_blocks(grid, *c))]
     if not cands:
@@ -124,7 +133,8 @@ def choose_region(arr, settings, kept, norm) -> dict:
     best = int(np.argmax(scores))
     start, stop = cands[best]
     return {"start": list(start), "stop": list(stop), "crowding": round(scores[best], 4),
-            "how": f"the most crowded of {len(cands)} block corners"}
+            "how": f"the most crowded of {len(cands)} {'flow-box' if unit_grid(settings) is not grid else 'block'} "
+                   f"corners"}
 
 
 # --------------------------------------------------------------------------- the copies and configurations
@@ -156,7 +166,7 @@ def write_mask_crop(mask_spec, shape, start, stop, path) -> str | None:
 
 def region_config(cfg, settings, norm, crop, mask, out, **changes):
     """The user's configuration on the copied region: every default resolved as the full run
-    resolves it (overlap, diameter, anisotropy, flow halo and slab, normalisation bounds)."""
+    resolves it (overlap, diameter, anisotropy, flow halo and box, normalisation bounds)."""
     ek = dict(settings.eval_kwargs)
     if norm is not None:
         ek["normalize"] = norm["normalize"]
@@ -167,12 +177,12 @@ def region_config(cfg, settings, norm, crop, mask, out, **changes):
                 flow_halo=settings.flow_halo if flows else None, work_dir=out + ".work", keep_work=False,
                 overwrite=True, restart=True, labels_name=None, pyramid=None, zarr_format=None, log_dir=None,
                 config_file=None, stitch=settings.stitch_rule, watchdog=cfg.watchdog)
-    if flows and hasattr(cfg, "flow_slab"):
-        base["flow_slab"] = settings.flow_slab
+    if flows:
+        base["flow_box"] = settings.flow_box
     base.update(changes)
     if base["pipeline"] == "blocks":
         base["flow_halo"] = None
-        base.pop("flow_slab", None)
+        base["flow_box"] = None
     return dataclasses.replace(cfg, **base)
 
 
@@ -300,8 +310,9 @@ def prepare(cfg, opts, n_ranks: int) -> dict:
     if base["single"]:
         return base
     if opts.region:
-        start, stop = parse_region(opts.region, s.shape, s.blocksize)
-        region = {"start": list(start), "stop": list(stop), "how": "given, widened to whole blocks"}
+        start, stop = parse_region(opts.region, s.shape, unit_grid(s).blocksize)
+        region = {"start": list(start), "stop": list(stop), "how": "given, widened to whole blocks"
+                  + (" and flow boxes" if unit_grid(s) is not s.grid else "")}
     else:
         region = choose_region(vol.array, s, kept, norm)
     start, stop = region["start"], region["stop"]
