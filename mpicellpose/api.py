@@ -1,7 +1,9 @@
 """The reference's public calls, kept by name and meaning, on top of :mod:`mpicellpose.runner.driver`."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 
 import numpy as np
 
@@ -16,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def distributed_eval(input_zarr, blocksize, write_path, mask=None, preprocessing_steps=(), model_kwargs=None,
                      eval_kwargs=None, *, comm=None, overlap=None, backend="cellpose", backend_kwargs=None,
-                     stitch=None, **options):
+                     stitch=None, progress=None, **options):
     """Segment a large volume block by block on every rank of ``comm`` and stitch it.
 
     Parameters
@@ -44,6 +46,11 @@ def distributed_eval(input_zarr, blocksize, write_path, mask=None, preprocessing
         ``{'threshold': t, 'connectivity': 1}`` for the threshold backend.
     stitch : {'iou', 'touch'}, optional
         Default 'iou' for Cellpose, 'touch' for threshold.
+    progress : bool, optional
+        Rank 0's lines about the run (what it reads, the model, the flow and mask steps' progress
+        with an ETA every few seconds, the summary) on stderr, as the command line shows them.
+        None (default): shown unless the program has set up logging itself (a handler on the root
+        or the ``mpicellpose`` logger: then they go there, at INFO); True: always; False: never.
     **options
         Any other :class:`~mpicellpose.config.RunConfig` field (``overwrite``,
         ``work_dir``, ``keep_work``, ``restart``, ``iou_threshold``, ``device``, ...).
@@ -75,8 +82,50 @@ def distributed_eval(input_zarr, blocksize, write_path, mask=None, preprocessing
                     preprocessing_steps=tuple(preprocessing_steps or ()), backend=backend,
                     model_kwargs=dict(model_kwargs or {}), eval_kwargs=dict(eval_kwargs or {}),
                     backend_kwargs=dict(backend_kwargs or {}), stitch=stitch, **options)
-    res = driver.run(cfg, comm)
+    with show_progress(progress, comm):
+        res = driver.run(cfg, comm)
     return res.labels, res.boxes
+
+
+class _RankLines(logging.Formatter):
+    """The command line's format: time, rank, level, logger, message."""
+
+    def __init__(self, rank: int):
+        super().__init__("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        self.rank = rank
+
+    def format(self, record):
+        if not hasattr(record, "rank"):
+            record.rank = self.rank
+        return super().format(record)
+
+
+@contextlib.contextmanager
+def show_progress(progress, comm):
+    """While inside, rank 0 of ``comm`` (the world when None) logs the run's INFO lines to stderr
+    (``progress``: see :func:`distributed_eval`); the other ranks their warnings, as the command
+    line does.  Nothing is left behind: the handler and the logger's level are removed after."""
+    lg = logging.getLogger("mpicellpose")
+    configured = bool(lg.handlers or logging.getLogger().handlers)
+    if progress is False or (progress is None and configured):
+        yield
+        return
+    rank = (comm if comm is not None else mpi.world()).Get_rank()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handler.setFormatter(_RankLines(rank))
+    level = lg.level
+    if lg.getEffectiveLevel() > logging.INFO:
+        lg.setLevel(logging.INFO)
+    lg.addHandler(handler)
+    propagate = lg.propagate
+    lg.propagate = False   # not twice through the root's last-resort handler
+    try:
+        yield
+    finally:
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+        lg.propagate = propagate
 
 
 def dask_cluster_options(cluster, cluster_kwargs, comm) -> None:

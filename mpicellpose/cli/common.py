@@ -140,6 +140,9 @@ def run_and_report(make_config, args, runner=None) -> int:
     if rank == 0 and result is not None and hasattr(result, "n_objects"):
         done = "already in" if (getattr(result, "stats", None) or {}).get("already_complete") else "written to"
         sys.stdout.write(f"{result.n_objects} objects {done} {result.output} (table: {result.table_path})\n")
+        if result.n_objects:
+            from ..volumes.ngff_io import napari_hint
+            sys.stdout.write(napari_hint(result.output) + "\n")
         for warning in (getattr(result, "stats", None) or {}).get("warnings") or ():
             sys.stdout.write(f"warning: {warning}\n")
     return 0

@@ -11,6 +11,7 @@ import sys
 from ..errors import ConfigError, MpiCellposeError
 from ..grid.boxes import BOX_BYTES_PER_VOXEL
 from ..tools.dryrun import ASSUMED_GPU_GIB, dry_run, human_bytes
+from ..tools.estimate import format_estimate
 from .common import _group, _one_line, add_input_output, add_run_arguments, cli_message, config_from_args, exit_code
 
 
@@ -40,6 +41,7 @@ def format_report(r: dict) -> str:
     if p:
         lines.append(f"network precision {p['precision']}" + (f" ({p['why']})" if p["why"] else "")
                      + f"; bfloat16 on {p['device']}: {'native' if p['bf16_native'] else 'emulated'} ({p['bf16_why']})")
+    lines += format_estimate(r.get("time_estimate"))
     lines.append("writes:")
     lines += [f"  {what}: {path}" for what, path in r["writes"]]
     if r.get("already_complete"):
@@ -112,6 +114,9 @@ def register(sub) -> None:
     g.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
                    help=f"memory of one GPU, for the Cellpose 4 (cpsam) GPU estimate and its warning (default: "
                         f"{ASSUMED_GPU_GIB:g}, assumed)")
+    g.add_argument("--measure", action="store_true",
+                   help="time the network on a small tile of the input with the run's model on this device "
+                        "(about 10-30 s) for the wall-time estimate, instead of the calibrated rates")
     add_input_output(p, "the labels array segment would create")
     add_run_arguments(p)
     p.set_defaults(func=main)
@@ -140,8 +145,8 @@ def _plan_and_print(args, launched: int) -> int:
     try:
         if ranks < 1:
             raise ConfigError(f"--ranks must be >= 1, got --ranks {ranks}")
-        ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("ranks", "json", "gpu_memory")})
-        report = dry_run(config_from_args(ns), ranks, getattr(args, "gpu_memory", None))
+        ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("ranks", "json", "gpu_memory", "measure")})
+        report = dry_run(config_from_args(ns), ranks, getattr(args, "gpu_memory", None), getattr(args, "measure", False))
     except (MpiCellposeError, ValueError, FileNotFoundError, OSError) as exc:
         sys.stderr.write(f"mpicellpose: error: {cli_message(exc, ns)}\n")
         return exit_code(exc)

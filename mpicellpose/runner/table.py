@@ -8,10 +8,12 @@ multi-file dataset, when pyarrow is installed) and its rows of the (N, D, 2) box
 Nothing is quadratic, no rank concatenates or holds the whole table.
 
 Columns: ``id, voxels, [volume_phys], <axis>_min..., <axis>_max... (exclusive), centroid_<axis>...
-(voxels), [centroid_<axis>_phys...], n_blocks, stitched, blocks`` (``blocks``: linear indices of the
-blocks the object spans, ``;``-separated).  The bracketed columns, in physical units, are there when
-the voxel size is known (from the input or ``--voxel-size``); a JSON file beside the table
-(:func:`units`) says the unit of every column.
+(voxels), [centroid_<axis>_phys...], intensity_mean, intensity_max, intensity_sum, n_blocks,
+stitched, blocks`` (``blocks``: linear indices of the blocks the object spans, ``;``-separated;
+the intensities are of the input as read, per channel ``intensity_mean_c0, ...`` when the input
+keeps a channel axis).  The bracketed columns, in physical units, are there when the voxel size is
+known (from the input or ``--voxel-size``); a JSON file beside the table (:func:`units`) says the
+unit of every column.
 """
 from __future__ import annotations
 
@@ -44,22 +46,45 @@ def axis_names(ndim: int):
     return list("zyx"[-ndim:]) if ndim <= 3 else [f"a{i}" for i in range(ndim)]
 
 
-def header(ndim: int, physical: bool = True) -> list:
-    """The table's column names (``physical``: the voxel size is known)."""
+INTENSITY = ("mean", "max", "sum")
+
+
+def intensity_names(channels) -> list:
+    """The intensity columns for an input of ``channels`` channels (0 or None: no columns; 1: the
+    one channel, unsuffixed).
+
+    >>> intensity_names(1), intensity_names(2)[:2]
+    (['intensity_mean', 'intensity_max', 'intensity_sum'], ['intensity_mean_c0', 'intensity_max_c0'])
+    """
+    if not channels:
+        return []
+    suffix = [""] if channels == 1 else [f"_c{k}" for k in range(channels)]
+    return [f"intensity_{what}{s}" for s in suffix for what in INTENSITY]
+
+
+def header(ndim: int, physical: bool = True, channels: int = 0) -> list:
+    """The table's column names (``physical``: the voxel size is known; ``channels``: of the input,
+    for the intensity columns)."""
     ax = axis_names(ndim)
     return (["id", "voxels"] + (["volume_phys"] if physical else []) + [f"{a}_min" for a in ax]
             + [f"{a}_max" for a in ax] + [f"centroid_{a}" for a in ax]
-            + ([f"centroid_{a}_phys" for a in ax] if physical else []) + ["n_blocks", "stitched", "blocks"])
+            + ([f"centroid_{a}_phys" for a in ax] if physical else []) + intensity_names(channels)
+            + ["n_blocks", "stitched", "blocks"])
 
 
-def units(ndim: int, voxel_size, voxel_unit) -> dict:
+def units(ndim: int, voxel_size, voxel_unit, channels: int = 0, dtype=None) -> dict:
     """The unit of every column (written beside the table as JSON).
 
     >>> units(2, (0.5, 0.25), "micrometer")["volume_phys"], units(2, None, None)["centroid_y"]
     ('micrometer^2', 'voxel')
+    >>> units(3, None, None, 1, "uint16")["intensity_sum"]
+    'input intensity (uint16 values), summed over the voxels'
     """
     unit = voxel_unit or "unknown unit"
-    out = {name: "voxel" for name in header(ndim, voxel_size is not None)}
+    out = {name: "voxel" for name in header(ndim, voxel_size is not None, channels)}
+    value = f"input intensity ({np.dtype(dtype).name if dtype is not None else 'as read'} values)"
+    for name in intensity_names(channels):
+        out[name] = value + (", summed over the voxels" if "_sum" in name else "")
     out.update({"id": "label", "voxels": "voxel count", "n_blocks": "count", "stitched": "0 or 1",
                 "blocks": "linear block indices, ;-separated"})
     if voxel_size is not None:
@@ -86,10 +111,41 @@ def columns(part: dict, voxel_size) -> dict:
     for k, a in enumerate(ax):
         if voxel_size is not None:
             cols[f"centroid_{a}_phys"] = cent[:, k] * vs[k]
+    cols.update(intensity_columns(part))
     cols["n_blocks"] = part["n_blocks"]
     cols["stitched"] = (part["n_blocks"] > 1).astype(np.int8)
     cols["blocks"] = blocks_strings(part)
     return cols
+
+
+def intensity_columns(part: dict) -> dict:
+    """Mean, max and sum of the input per object and channel (``part``'s ``intensity_sum`` and
+    ``intensity_max``, ``(n, channels)``), named as :func:`intensity_names` says; none without them."""
+    if "intensity_sum" not in part:
+        return {}
+    isum, imax = part["intensity_sum"], part["intensity_max"]
+    names = intensity_names(isum.shape[1])
+    cols = {}
+    for c in range(isum.shape[1]):
+        mean_, max_, sum_ = names[3 * c: 3 * c + 3]
+        cols[mean_] = isum[:, c] / np.maximum(part["count"], 1)
+        cols[max_] = imax[:, c]
+        cols[sum_] = isum[:, c]
+    return cols
+
+
+def reduce_intensity(ids, block, isum, imax) -> dict:
+    """Intensity sums and maxima of the pieces of each object (``ids`` final IDs, ``block`` the
+    piece's block), in the order of ``np.unique(ids)``; the pieces are added in block order, so
+    the sums (floats too) are the same whatever ranks held the blocks."""
+    ids = np.asarray(ids, np.int64)
+    if ids.size == 0:
+        return {"intensity_sum": isum[:0], "intensity_max": imax[:0]}
+    order = np.lexsort((np.asarray(block, np.int64), ids))
+    s = ids[order]
+    start = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    return {"intensity_sum": np.add.reduceat(isum[order], start, axis=0),
+            "intensity_max": np.maximum.reduceat(imax[order], start, axis=0)}
 
 
 def blocks_strings(part: dict) -> np.ndarray:
@@ -163,14 +219,14 @@ def _csv_text(cols: dict):
     return format_csv(cols).encode()
 
 
-def header_bytes(ndim: int, physical: bool = True) -> bytes:
-    return (",".join(header(ndim, physical)) + "\n").encode()
+def header_bytes(ndim: int, physical: bool = True, channels: int = 0) -> bytes:
+    return (",".join(header(ndim, physical, channels)) + "\n").encode()
 
 
-def create_csv(path, ndim: int, rows_bytes: int, physical: bool = True) -> None:
+def create_csv(path, ndim: int, rows_bytes: int, physical: bool = True, channels: int = 0) -> None:
     """Rank 0: the table file at its final size (header + every rank's rows), header written;
     each rank then writes its rows in place (:func:`write_at`)."""
-    head = header_bytes(ndim, physical)
+    head = header_bytes(ndim, physical, channels)
     with open(path, "wb") as f:
         f.write(head)
         f.truncate(len(head) + int(rows_bytes))

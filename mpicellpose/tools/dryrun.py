@@ -16,6 +16,7 @@ from ..runner import outputs
 from ..runner.phases.plan import make_plan, open_volume
 from ..runner.table import have_parquet
 from ..runner.workdir import free_bytes
+from .estimate import estimate_for
 
 
 # Peak resident memory of one rank (bytes): a constant (Python, numpy, zarr, the MPI library; for
@@ -225,9 +226,12 @@ def _already_complete(cfg, plan) -> bool:
     return outputs.finished_marker(plan.output, cfg.restart, plan.run_id) is not None
 
 
-def dry_run(cfg, n_ranks: int, gpu_memory=None) -> dict:
+def dry_run(cfg, n_ranks: int, gpu_memory=None, measure: bool = False) -> dict:
     """The report (:func:`plan_report`) of the plan ``segment`` would make for ``cfg`` on ``n_ranks``
-    ranks: every check of a run, nothing written, nothing segmented."""
+    ranks: every check of a run, nothing written, nothing segmented; with its wall-time estimate
+    (``measure``: the network timed on a tile of the input, see :mod:`mpicellpose.tools.estimate`)."""
     vol = open_volume(cfg)
     plan = make_plan(cfg, vol, n_ranks, prepare=False)
-    return plan_report(cfg, plan, vol.array, n_ranks, gpu_memory, vol.kind)
+    report = plan_report(cfg, plan, vol.array, n_ranks, gpu_memory, vol.kind)
+    report["time_estimate"] = estimate_for(cfg, plan, vol.array, n_ranks, measure)
+    return report

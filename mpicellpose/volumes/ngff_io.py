@@ -43,6 +43,38 @@ def is_ome_zarr(path) -> bool:
     return bool(meta.get("multiscales"))
 
 
+def label_image_of(array_path):
+    """The NGFF label image (a group with ``image-label`` metadata) holding the labels array at
+    ``array_path`` (its level 0), or None for a plain zarr array."""
+    parent = os.path.dirname(os.path.normpath(str(array_path)))
+    for group in (str(array_path), parent):
+        if node_kind(group) != "group":
+            continue
+        try:
+            _, meta = ome_metadata(node_attrs(zarr_module().open(group, mode="r")))
+        except Exception:  # noqa: BLE001 - a hint only
+            continue
+        if meta.get("image-label") is not None:
+            return group
+    return None
+
+
+def napari_hint(array_path) -> str:
+    """How to open the labels at ``array_path`` as a labels layer in napari (one line).
+
+    >>> napari_hint("/data/labels.zarr")
+    "view in napari as labels: napari --layer-type labels /data/labels.zarr (Python: viewer.add_labels(zarr.open('/data/labels.zarr')))"
+    """
+    group = label_image_of(array_path)
+    if group is not None:
+        image = os.path.dirname(os.path.dirname(group)) if os.path.basename(os.path.dirname(group)) == "labels" else None
+        target = image if image and is_ome_zarr(image) else group
+        return (f"view in napari: napari {target} (OME-Zarr labels: the napari-ome-zarr plugin opens them as a "
+                f"labels layer)")
+    return (f"view in napari as labels: napari --layer-type labels {array_path} (Python: "
+            f"viewer.add_labels(zarr.open({str(array_path)!r})))")
+
+
 def open_volume(path, level=0, channel=None, timepoint=None, *, dataset=None) -> Volume:
     """Open an OME-Zarr image (or a plain zarr array / group + dataset) lazily.
 
