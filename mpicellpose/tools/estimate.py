@@ -8,11 +8,12 @@ wall ~ start-up + (network + mask step + the rest) / the ranks that work at once
   **measured** on the spot (``plan --measure``: the run's own model and settings on a small tile of
   the input, through the flow step's own call) or **calibrated** (:data:`CALIBRATED`, per device
   kind, measured once with the shipped model);
-* **mask step**: voxels of the blocks' read regions times a calibrated cost per voxel;
+* **mask step**: voxels of the blocks' read regions (under ``--pipeline flows``: of the flow boxes'
+  mask regions) times a calibrated cost per voxel;
 * **the rest** (reading, stitching, writing labels and table): a calibrated cost per output voxel;
 * **ranks at once**: on a GPU every rank has its own; on the CPU the ranks share this machine's
   cores (no more ranks than cores compute at a time, each with its share of the threads); never
-  more than the plan has slabs or blocks.
+  more than the plan has flow boxes or blocks.
 
 A rough guide (within a factor of about 2 on this project's runs), for planning a cluster job, not
 a promise: the first run's log gives the real rates ("seconds per megavoxel").
@@ -97,13 +98,14 @@ def step_wall(total: float, units: int, at_once: int) -> float:
 
 
 def _units(settings, kept) -> tuple:
-    """(pieces of work of the network step, of the mask step): slabs (every orientation's) under
-    --pipeline flows, else blocks."""
+    """(pieces of work of the network step, of the mask step, voxels the mask step segments): flow
+    boxes under --pipeline flows, else blocks (None: the blocks' read regions)."""
     if settings.pipeline != "flows":
-        return len(kept), len(kept)
-    from ..grid.slabs import SlabGrid
+        return len(kept), len(kept), None
+    from ..grid.boxes import BoxGrid
 
-    return len(SlabGrid(settings.grid, kept, settings.flow_slab, settings.flow_halo)), len(kept)
+    boxes = BoxGrid(settings.grid, kept, settings.flow_box, settings.flow_halo)
+    return len(boxes), len(boxes), int(geo.block_sizes(boxes.masks, boxes.linears, "read").sum())
 
 
 def estimate(plan, n_ranks: int, device: str, measured: dict | None = None, cores: int | None = None) -> dict:
@@ -126,7 +128,9 @@ def estimate(plan, n_ranks: int, device: str, measured: dict | None = None, core
     masks = read_vox * cal["masks"] / thread_speedup(threads)
     rest = core_vox * cal["rest"]
     startup = cal["startup"] if not measured else STARTUP_BESIDES_MODEL + measured["load_seconds"]
-    net_units, mask_units = _units(settings, kept)
+    net_units, mask_units, mask_vox = _units(settings, kept)
+    if mask_vox is not None:
+        masks = mask_vox * cal["masks"] / thread_speedup(threads)
     wall = (startup + step_wall(network, net_units, at_once) + step_wall(masks, mask_units, at_once)
             + rest / at_once)
     return {"wall_seconds": round(wall, 1), "network_seconds": round(network, 1), "mask_seconds": round(masks, 1),
