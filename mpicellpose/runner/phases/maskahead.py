@@ -98,5 +98,5 @@ class MaskAhead:
         with self._cv:
             self._stop = True
             self._cv.notify()
-        self._thread.join()
+        self._thread.join(600.0)  # bounded: a thread stuck in a hung read must not keep the rank (daemon thread)
         return sorted(self.done)
