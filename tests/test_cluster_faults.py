@@ -104,6 +104,15 @@ def test_the_watchdog_default_is_derived_from_the_run():
     assert wd.watchers(2) == (1,) and wd.watchers(128) == (1, 64, 127)
 
 
+def test_the_batch_scripts_pass_a_watchdog_to_every_rank():
+    from mpicellpose.tools.batch import BatchOptions, parse_segment_args, render
+
+    for scheduler in ("slurm", "lsf"):
+        text = render(BatchOptions(scheduler=scheduler, segment=parse_segment_args(["segment", "in.zarr", "o.zarr"])))
+        assert "export MPICELLPOSE_WATCHDOG=${MPICELLPOSE_WATCHDOG-600}" in text
+    assert "OMP_NUM_THREADS MPICELLPOSE_WATCHDOG; do" in text   # Open MPI: forwarded to the other hosts
+
+
 # ---------------------------------------------------------------- the lock and a requeued job
 def _move_lock_to_a_gone_node(out):
     """The requeued job runs on other nodes: the lock names a host this one cannot check."""

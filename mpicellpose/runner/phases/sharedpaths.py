@@ -5,7 +5,7 @@ The most common first-run mistake on a cluster is a path on node-local storage (
 own, different folder) and fail much later with a bare "not found".  So, right after the plan:
 
 * rank 0 writes a small check file (a random token) into the work directory and into the
-  folder that holds OUTPUT; every rank reads both back and checks that the input exists and
+  folder that holds OUTPUT's lock and tables; every rank reads both back and checks that the input exists and
   lists the same entries as on rank 0; any rank that differs stops the job in seconds, with
   its rank, host and path named and the hint that the path looks node-local;
 * every rank checks its device (:func:`mpicellpose.cellpose.gpu.check_devices`): a rank whose
@@ -46,7 +46,7 @@ def _listing(path) -> str | None:
 def _probe_dirs(plan) -> dict:
     """{what: folder} of the folders rank 0 writes a check file into."""
     return {"the work directory": str(plan.work_dir),
-            "the folder of OUTPUT": os.path.dirname(plan.output.root.rstrip("/")) or "."}
+            "the folder of OUTPUT": os.path.dirname(plan.output.stem) or "."}   # where its lock and tables go
 
 
 def _write_probes(plan, token) -> dict:
