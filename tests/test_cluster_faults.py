@@ -187,8 +187,9 @@ def test_lock_rules_without_mpi(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- node-local paths
-def test_a_node_local_work_directory_is_refused_at_plan_time(vol, tmp_path):
-    """Two ranks, each with its own working directory; the work directory is given through a link
+@pytest.mark.parametrize("local", ["work", "output", "input"])
+def test_a_node_local_path_is_refused_at_plan_time(vol, tmp_path, local):
+    """Two ranks, each with its own working directory; the node-local path is given through a link
     to /proc/self/cwd, so the same path shows each rank a different folder (as $TMPDIR would)."""
     exe = mpiexec_path()
     if exe is None:
@@ -196,8 +197,20 @@ def test_a_node_local_work_directory_is_refused_at_plan_time(vol, tmp_path):
     for d in ("node-a", "node-b"):
         (tmp_path / d).mkdir()
     (tmp_path / "local").symlink_to("/proc/self/cwd")
-    work = tmp_path / "local" / "work"
-    args = [sys.executable, *seg(vol[0] / "in.zarr", tmp_path / "out" / "l.zarr", "--work-dir", work)]
+    inp, out, extra = vol[0] / "in.zarr", tmp_path / "out" / "l.zarr", []
+    if local == "work":
+        extra = ["--work-dir", tmp_path / "local" / "work"]
+        seen = rf"the work directory {re.escape(str(tmp_path / 'local' / 'work'))} as rank 0"
+    elif local == "output":
+        out = tmp_path / "local" / "l.zarr"
+        seen = rf"the folder of OUTPUT {re.escape(str(tmp_path / 'local'))} as rank 0"
+    else:
+        import shutil
+
+        shutil.copytree(vol[0] / "in.zarr", tmp_path / "node-a" / "in.zarr")   # only rank 0's node has it
+        inp = tmp_path / "local" / "in.zarr"
+        seen = rf"the input {re.escape(str(inp))} \(rank 0 opened it\)"
+    args = [sys.executable, *seg(inp, out, *extra)]
     cmd = [exe, "-n", "1", "-wdir", str(tmp_path / "node-a"), *args, ":",
            "-n", "1", "-wdir", str(tmp_path / "node-b"), *args]
     t = time.monotonic()
@@ -205,11 +218,10 @@ def test_a_node_local_work_directory_is_refused_at_plan_time(vol, tmp_path):
     wall = time.monotonic() - t
     assert proc.returncode != 0
     assert wall < 10, wall
-    assert re.search(rf"rank 1 on host \S+ does not see the work directory {re.escape(str(work))} as rank 0",
-                     proc.stderr), proc.stderr
+    assert re.search(rf"rank 1 on host \S+ does not see {seen}", proc.stderr), proc.stderr
     assert "looks node-local" in proc.stderr
-    assert not list((tmp_path / "node-a" / "work").glob("blocks/**/*.npz"))   # nothing segmented
-    assert not list((tmp_path / "node-a" / "work").glob(".mpicellpose-probe-*"))   # check files removed
+    assert not list(tmp_path.glob("**/blocks/**/*.npz"))   # nothing segmented
+    assert not list(tmp_path.glob("node-a/**/.mpicellpose-probe-*"))   # check files removed
 
 
 # ---------------------------------------------------------------- durability

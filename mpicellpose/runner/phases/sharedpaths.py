@@ -5,9 +5,10 @@ The most common first-run mistake on a cluster is a path on node-local storage (
 own, different folder) and fail much later with a bare "not found".  So, right after the plan:
 
 * rank 0 writes a small check file (a random token) into the work directory and into the
-  folder that holds OUTPUT's lock and tables; every rank reads both back and checks that the input exists and
-  lists the same entries as on rank 0; any rank that differs stops the job in seconds, with
-  its rank, host and path named and the hint that the path looks node-local;
+  folder that holds OUTPUT's lock and tables; every rank reads both back and checks that the
+  input exists with the same zarr metadata (or file size) as on rank 0; any rank that differs
+  stops the job in seconds, with its rank, host and path named and the hint that the path
+  looks node-local;
 * every rank checks its device (:func:`mpicellpose.cellpose.gpu.check_devices`): a rank whose
   GPU is missing or unusable stops the job before any block is segmented, unless
   ``--allow-cpu-fallback``;
@@ -32,12 +33,21 @@ PROBE_PREFIX = ".mpicellpose-probe-"
 DEVICES_DIR = "devices"   # in the work directory: one file per rank and run attempt
 
 
+META_FILES = ("zarr.json", ".zarray", ".zgroup", ".zattrs")   # what of a zarr input is compared
+
+
 def _listing(path) -> str | None:
-    """A short digest of what ``path`` is (None: not there): the sorted names of a folder, else its size."""
+    """A short digest of what ``path`` is (None: not there): a zarr node's metadata files, a file's size.
+    Never a directory listing: a flat zarr array may hold millions of chunk files, and every rank reads."""
     try:
         if os.path.isdir(path):
-            names = sorted(os.listdir(path))
-            return hashlib.sha1("\n".join(n for n in names if not n.startswith(PROBE_PREFIX)).encode()).hexdigest()
+            h = hashlib.sha1(b"dir")
+            for name in META_FILES:
+                p = os.path.join(path, name)
+                if os.path.isfile(p):
+                    with open(p, "rb") as f:
+                        h.update(name.encode() + f.read())
+            return h.hexdigest()
         return f"file {os.path.getsize(path)}"
     except OSError:
         return None
@@ -68,7 +78,7 @@ def _what_i_see(cfg, probes, token, input_digest) -> list:
     bad = []
     src = cfg.input if isinstance(cfg.input, (str, os.PathLike)) else None
     if src is not None and input_digest is not None and _listing(src) != input_digest:
-        why = "it does not exist here" if _listing(src) is None else "it holds other files here than on rank 0"
+        why = "it does not exist here" if _listing(src) is None else "it is another file or array here than on rank 0"
         bad.append(("the input", os.path.abspath(src), why))
     for what, path in probes.items():
         try:
