@@ -56,6 +56,8 @@ class RunConfig:
     pyramid: int | None = None
     pyramid_method: str = "mode"
     watchdog: float | None = None
+    lock_wait: float | None = None  # seconds to wait for another run's lock (None: mpicellpose.runner.lock.default_wait)
+    allow_cpu_fallback: bool = False  # a rank without a usable GPU runs on the CPU instead of stopping the job
     schedule: str = "dynamic"  # how blocks are handed out: 'dynamic' (at run time, costliest first) or 'static'
     pipeline: str | None = None  # 'flows' (network once per voxel, then masks) or 'blocks' (eval per block); None: flows under Cellpose 3, blocks under 4
     flow_halo: int | None = None  # in-plane context of the flow step (voxels); None: 16 x diameter / 30, at least 16

@@ -205,8 +205,12 @@ OPTIONS = (
        in_messages=False),
     _O("watchdog", "run",
        "end the job when a rank has waited this long for another rank that sent no word "
-       "(stuck I/O, a dead GPU); default 3600, or 4x the slowest block if longer; 0 turns it "
-       "off (also MPICELLPOSE_WATCHDOG)", type=float, metavar="SECONDS"),
+       "(stuck I/O, a dead GPU, a silent rank 0); default 10x the slowest block so far, at least 300; "
+       "when given: this, or 4x the slowest block if longer; 0 turns it off (also MPICELLPOSE_WATCHDOG)", type=float, metavar="SECONDS"),
+    _O("lock_wait", "run",
+       "when another run holds OUTPUT's lock, wait this long for it to end or for its lease to run out "
+       "before failing (default: a lease plus two refreshes, ~12 min, inside a scheduler job, where a "
+       "requeued job may start before the old one's lease ends; 0 outside one)", type=float, metavar="SECONDS"),
     # performance
     _O("schedule", "performance",
        "how blocks go to ranks: dynamic (default) hands them out at run time, costliest first, "
@@ -245,6 +249,10 @@ OPTIONS = (
     _O("device", "performance",
        "where each rank runs the model (default auto: one GPU per rank, round-robin, else CPU)",
        metavar="auto|cpu|cuda|cuda:K"),
+    _O("allow_cpu_fallback", "performance",
+       "let a rank whose GPU is missing or unusable run on the CPU (~100x slower, and its blocks' labels "
+       "can differ slightly); by default the job stops before segmenting, naming the host and rank",
+       switch=True, default=False),
     _O("threads", "performance", "CPU threads per rank (default cores / ranks per node)", type=int, metavar="N"),
     # logging
     _O("log_level", "logging",

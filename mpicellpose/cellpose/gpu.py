@@ -151,3 +151,63 @@ def _warn_cpu(rank: int, host: str, why: str, all_ranks) -> None:
             logger.warning("all %d ranks %s run on the CPU (%s); %s", len(all_ranks), where, why, advice)
         return
     logger.warning("rank %d on %s runs on the CPU (%s); %s", rank, host, why, advice)
+
+
+def device_problem(override: Optional[str] = None, injected: Optional[str] = None) -> tuple:
+    """(device kind, problem or None) of this rank, before any model is loaded: ``"cuda"`` when its
+    GPUs answer, else ``"cpu"`` with why the GPU it was given is missing or unusable (None: it was
+    given none).  ``injected``: a fault-injection action (tests) that marks the device unusable."""
+    choice = _normalise_override(override)
+    if injected:
+        return "cpu", f"its GPU is unusable ({injected}: injected fault)"
+    if choice in ("cpu", "mps"):
+        return choice, None
+    n, why = count_visible_gpus()
+    ids = visible_gpu_ids()
+    if n == 0:
+        if ids:   # the scheduler gave this rank GPUs, but CUDA cannot use them
+            return "cpu", f"CUDA_VISIBLE_DEVICES={','.join(ids)} but {why}"
+        return "cpu", (f"--device {override} was asked for but {why}" if choice != "auto" else None)
+    try:
+        import torch  # noqa: PLC0415 - counted above, so importable
+
+        for k in range(n):   # a tiny allocation per visible GPU: one that fell off the bus fails here
+            torch.zeros(1, device=f"cuda:{k}").add_(1).cpu()
+    except Exception as exc:  # noqa: BLE001 - any CUDA error means unusable
+        return "cpu", f"its GPU does not answer ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    return "cuda", None
+
+
+def check_devices(box, override: Optional[str] = None, *, allow_cpu_fallback: bool = False,
+                  injected: Optional[str] = None) -> tuple:
+    """Collective (every rank of the gateway ``box``): (this rank's device, ``"cuda:K"``, ``"cpu"`` or
+    ``"mps"``; whether it falls back to the CPU for want of a usable GPU), or an error on every rank naming the host and rank of each rank whose GPU is missing
+    or unusable (given GPUs that do not answer, or none while other ranks have one), unless
+    ``allow_cpu_fallback`` (those ranks then run on the CPU, with a warning).  A job where no rank
+    has a GPU is not a fault: it runs on the CPU as before."""
+    from ..errors import BackendError, agreed  # noqa: PLC0415
+
+    kind, problem = device_problem(override, injected)
+    local_rank, local_size, host = box.node_local("device check: ranks per node")
+    seen = box.allgather((host, kind, problem), "device check: every rank's device")
+    any_gpu = any(k == "cuda" for _, k, _ in seen)
+    bad = [(r, h, p or "it sees no GPU while other ranks have one") for r, (h, k, p) in enumerate(seen)
+           if p or (any_gpu and k == "cpu" and _normalise_override(override) == "auto")]
+    if bad:
+        names = "; ".join(f"rank {r} on host {h}: {p}" for r, h, p in bad[:8]) + (
+            f"; and {len(bad) - 8} more rank(s)" if len(bad) > 8 else "")
+        if not allow_cpu_fallback:
+            raise agreed(BackendError(
+                f"{len(bad)} rank(s) have no usable GPU: {names}. The job stops here, before any block is "
+                f"segmented: a rank on the CPU is ~100x slower (every other rank would wait for its blocks) "
+                f"and its blocks' labels can differ slightly. Check the job's GPU request and the node "
+                f"(give the host name to your site's support), or pass --allow-cpu-fallback to run these "
+                f"ranks on the CPU"))
+        if box.rank == 0:
+            logger.warning("--allow-cpu-fallback: %d rank(s) run on the CPU: %s", len(bad), names)
+        if any(r == box.rank for r, _, _ in bad):
+            return "cpu", True
+    if kind != "cuda":
+        return kind, False
+    n, _ = count_visible_gpus()
+    return choose_device(local_rank, local_size, n, override), False

@@ -21,6 +21,7 @@ _SUBCOMMAND_MODULES = (
     "mpicellpose.cli.preview",
     "mpicellpose.cli.convert",
     "mpicellpose.cli.info",
+    "mpicellpose.cli.verify",
     "mpicellpose.cli.batch",
 )
 

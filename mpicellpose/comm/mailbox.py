@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
-import sys
 import threading
 import time
 import zlib
@@ -17,6 +14,9 @@ import numpy as np
 from ..errors import DistributedError, Interrupted
 from . import streams
 from .collectives import DataSteps
+from .watchdog import (EXIT_ERROR, EXIT_INTERRUPTED, STOP_GRACE_SECONDS, WATCHDOG_SECONDS,  # noqa: F401
+                       Watchdog, _describe, stop_grace_seconds, watchdog_given, watchdog_limit, watchdog_seconds,
+                       watchers)
 from .world import _mpi, processor_name
 
 log = logging.getLogger("mpicellpose.comm")
@@ -24,16 +24,14 @@ log = logging.getLogger("mpicellpose.comm")
 TAG_NOTICE_ABORT = 71
 TAG_NOTICE_PROGRESS = 72
 TAG_NOTICE_ARRIVAL = 74
-_TAGS = (TAG_NOTICE_ABORT, TAG_NOTICE_PROGRESS, TAG_NOTICE_ARRIVAL)  # notice kind k uses _TAGS[k]
-ABORT, PROGRESS, ARRIVAL = 0, 1, 2
+TAG_NOTICE_HEARTBEAT = 75
+_TAGS = (TAG_NOTICE_ABORT, TAG_NOTICE_PROGRESS, TAG_NOTICE_ARRIVAL, TAG_NOTICE_HEARTBEAT)  # kind k: _TAGS[k]
+ABORT, PROGRESS, ARRIVAL, HEARTBEAT = 0, 1, 2, 3
 
 OK, INTERRUPTED, FAILED = 0, 1, 2
 MESSAGE_CHARS = 2000   # of one rank's error in an agreement's report
 MESSAGE_RANKS = 32     # failing ranks named one by one in that report (then a count)
 
-WATCHDOG_SECONDS = 3600.0   # default: a rank silent this long while others wait ends the job
-STOP_GRACE_SECONDS = 10.0   # after SIGTERM/SIGINT, how long a waiting rank waits for the others
-EXIT_ERROR, EXIT_INTERRUPTED = 1, 3
 # a waiting rank sleeps WAIT_FIRST_SLEEP, then longer, between tests: a collective completes only as its ranks
 # test it (log2(ranks) steps for an allreduce), so long sleeps add up at scale (measured on 2 cores: 8 ranks,
 # a labelled barrier took 42 ms with 2 -> 10 ms sleeps, 14 ms with 0.2 -> 2 ms; 64 ranks 99 -> 28 ms, and less
@@ -51,26 +49,7 @@ def _label_hash(label: str) -> int:
     return zlib.crc32(label.encode()) + 1  # > 0
 
 
-def _seconds(value, default):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return default
-    return v if v >= 0 else default
-
-
-def watchdog_seconds(value=None) -> float:
-    """The watchdog in seconds: ``value``, else $MPICELLPOSE_WATCHDOG, else the default (0: off)."""
-    if value is None:
-        value = os.environ.get("MPICELLPOSE_WATCHDOG")
-    return _seconds(value, WATCHDOG_SECONDS) if value is not None else WATCHDOG_SECONDS
-
-
-def stop_grace_seconds() -> float:
-    return _seconds(os.environ.get("MPICELLPOSE_STOP_GRACE"), STOP_GRACE_SECONDS)
-
-
-class Mailbox(DataSteps):
+class Mailbox(Watchdog, DataSteps):
     """The MPI gateway of a run: labelled collectives, notices, the watchdog and hard stops.
 
     Notices are small pickled point-to-point messages sent with ``isend``: *abort* (a rank
@@ -81,16 +60,20 @@ class Mailbox(DataSteps):
 
     Rank 0 is the watchdog: it knows where every rank last arrived and when it last heard
     from it, so when it has waited at a collective for a rank that has been silent longer
-    than ``watchdog`` seconds (and longer than 4x the slowest block seen), it names the phase
-    and the missing ranks and ends the job.
+    than the limit (:func:`watchdog_limit`), it names the phase and the missing ranks and ends
+    the job.  Rank 0 in turn sends a *heartbeat* (where it is, blocks done) to a few watchers
+    (:func:`watchers`) whenever it waits, polls or finishes a block; a watcher that waits at a
+    collective and has not heard from rank 0 for longer than the limit names rank 0 and its
+    step and ends the job.  ``on_abort``: callables run (bounded) before any ``MPI_Abort``
+    of this rank, e.g. releasing the output's lock.
     """
 
     def __init__(self, comm, *, watchdog=None, stop=None):
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
-        self._sent = np.zeros((3, self.size), np.int64)  # [abort, progress, arrival] per destination
-        self._received = np.zeros((3, self.size), np.int64)  # per source
+        self._sent = np.zeros((len(_TAGS), self.size), np.int64)  # [abort, progress, arrival, beat] per dest
+        self._received = np.zeros((len(_TAGS), self.size), np.int64)  # per source
         self._requests = []
         self.abort_seen = None  # (rank, message) of the first abort notice received
         self.progress = {}  # rank -> (blocks done, blocks total), on rank 0
@@ -98,6 +81,11 @@ class Mailbox(DataSteps):
         self.work = {}  # rank -> (voxels done, voxels of the block in progress), on rank 0 (run-time hand-out)
         self.notified = False
         self.watchdog = watchdog_seconds(watchdog)
+        self.watchdog_given = watchdog_given(watchdog)
+        self.on_abort = []   # callables run before this rank calls MPI_Abort (bounded)
+        self.watchers = watchers(self.size)
+        self.beat_every = max(0.2, min(5.0, (self.watchdog or WATCHDOG_SECONDS) / 8))
+        self._last_beat = 0.0
         self.stop = stop  # an object with .signum/.t (see mpicellpose.runner.signals.StopFlag) or None
         self.seq = 0  # collectives entered on this rank
         self.where = "start-up"
@@ -105,6 +93,8 @@ class Mailbox(DataSteps):
         self.last_seen = {r: now for r in range(self.size)}  # rank 0: when each rank was last heard
         self.arrived = {r: (0, "start-up") for r in range(self.size)}  # rank 0: (seq, label) per rank
         self.slowest_block = 0.0
+        self.root_seen = now   # watchers: when rank 0 was last heard of, and what it said
+        self.root_said = {"where": "start-up", "done": None, "host": None}
         self._abort_lock = threading.Lock()
 
     # -- notices ---------------------------------------------------------------
@@ -132,6 +122,7 @@ class Mailbox(DataSteps):
             if work is not None:
                 self.work[self.rank] = tuple(work)
             self.slowest_block = max(self.slowest_block, float(seconds))
+            self.beat(force=True)
         else:
             self._send(PROGRESS, 0, (self.rank, done, total, float(seconds), work, self.progress_phase))
 
@@ -154,6 +145,10 @@ class Mailbox(DataSteps):
         if kind == ABORT:
             if self.abort_seen is None:
                 self.abort_seen = payload
+        elif kind == HEARTBEAT:
+            self.root_seen = self.last_seen[0]
+            self.root_said = payload
+            self.slowest_block = max(self.slowest_block, float(payload.get("slowest", 0.0)))
         elif kind == PROGRESS:
             r, done, total, seconds, work, phase = payload
             self.slowest_block = max(self.slowest_block, seconds)
@@ -169,6 +164,7 @@ class Mailbox(DataSteps):
         """Receive pending notices; True when some rank asked everyone to stop."""
         if self.size == 1:
             return self.abort_seen is not None
+        self.beat()
         MPI = _mpi()
         status = MPI.Status()
         for kind, tag in enumerate(_TAGS):
@@ -200,76 +196,12 @@ class Mailbox(DataSteps):
                 self.check_stop(label)
                 if self.rank == 0:
                     self._watch(label, t0)
+                elif self.rank in self.watchers:
+                    self._watch_root(label, t0)
             time.sleep(delay)
             delay = min(delay * 1.5, WAIT_SHORT_SLEEP if now - t0 < WAIT_SHORT_FOR else WAIT_MAX_SLEEP)
             if req.Test():
                 return
-
-    def check_stop(self, label: str, missing=None) -> None:
-        """After SIGTERM/SIGINT, tell the others; past the grace period, end the job (exit 3)."""
-        stop = self.stop
-        if stop is None or stop.signum is None:
-            return
-        if not self.notified:
-            self.notify_abort(f"stop requested by signal {_signame(stop.signum)} on rank {self.rank}")
-        if not getattr(stop, "fast", True):
-            return
-        grace = stop_grace_seconds()
-        waited = time.monotonic() - stop.t
-        if waited > grace:
-            who = self._missing_text(label) if self.rank == 0 else "some ranks"
-            self.abort(EXIT_INTERRUPTED,
-                       f"stopped by signal {_signame(stop.signum)}: {who} did not reach '{label}' within "
-                       f"{grace:.0f} s; ending the job now. The blocks finished so far are kept: re-run the "
-                       f"same command to resume")
-
-    def _missing(self):
-        return [r for r in range(self.size) if self.arrived[r][0] < self.seq]
-
-    def _missing_text(self, label):
-        missing = self._missing()
-        if not missing:
-            return "no rank"
-        now = time.monotonic()
-        parts = []
-        for r in missing[:8]:
-            seq, where = self.arrived[r]
-            done = self.progress.get(r)
-            state = f"last at '{where}'" + ("" if not done else f", {int(done[0])}/{done[1]} blocks done"
-                                            if done[1] >= 0 else f", {int(done[0])} blocks done")
-            parts.append(f"rank {r} ({state}, silent for {now - self.last_seen[r]:.0f} s)")
-        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-        return ("" if len(missing) == 1 else f"{len(missing)} ranks: ") + "; ".join(parts) + more
-
-    def _watch(self, label, t0):
-        if not self.watchdog or self.size == 1:
-            return
-        missing = self._missing()
-        if not missing:
-            return
-        now = time.monotonic()
-        limit = max(self.watchdog, 4.0 * self.slowest_block)
-        silent = min(now - t0, max(now - self.last_seen[r] for r in missing))
-        if silent > limit:
-            self.abort(EXIT_ERROR,
-                       f"watchdog: rank 0 has waited {now - t0:.0f} s at '{label}' for "
-                       f"{self._missing_text(label)}; no word from them in {limit:.0f} s (--watchdog), so the job "
-                       f"is ended. A rank is stuck (a hung file system, a GPU that stopped answering, a bug); "
-                       f"the blocks finished so far are kept: re-run the same command to resume")
-
-    def abort(self, code: int, message: str) -> None:
-        """End the whole job now (``MPI_Abort``) after printing ``message`` on this rank."""
-        with self._abort_lock:
-            try:  # one line: the CLI's handler (or logging's last resort) puts it on stderr
-                log.error("rank %d: %s", self.rank, message)
-                for h in logging.getLogger("mpicellpose").handlers + [logging.lastResort]:
-                    if h is not None and hasattr(h, "flush"):
-                        h.flush()
-                sys.stderr.flush()
-            finally:
-                if self.size == 1:
-                    os._exit(code)
-                self.comm.Abort(code)
 
     # -- labelled collectives ----------------------------------------------------
     def _enter(self, label: str, state: int = OK, progress=None, largest=None) -> int:
@@ -321,7 +253,11 @@ class Mailbox(DataSteps):
     def exchange(self, outgoing: dict, sources, on_receive, label: str) -> None:
         """Point-to-point exchange between neighbours, streamed (see :func:`.streams.exchange`)."""
         self._enter(label)
-        streams.exchange(self.comm, outgoing, sources, on_receive, idle=lambda: self.check_stop(label))
+        def idle():
+            self.beat()
+            self.check_stop(label)
+
+        streams.exchange(self.comm, outgoing, sources, on_receive, idle=idle)
 
     # -- phases ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -411,22 +347,6 @@ class Mailbox(DataSteps):
 
 def _ranks(rs) -> str:
     return ",".join(str(r) for r in rs[:16]) + (f",... ({len(rs)})" if len(rs) > 16 else "")
-
-
-def _signame(signum) -> str:
-    try:
-        return signal.Signals(signum).name
-    except (ValueError, TypeError):
-        return str(signum)
-
-
-def _describe(error: BaseException | None) -> str:
-    if error is None:
-        return ""
-    msg = str(error).strip() or type(error).__name__
-    if not isinstance(error, Exception) or type(error).__module__.startswith("mpicellpose"):
-        return msg
-    return f"{type(error).__name__}: {msg}"
 
 
 describe = _describe

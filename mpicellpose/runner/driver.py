@@ -25,7 +25,7 @@ from . import outputs
 from .blocks import gpu_rank_wants
 from .context import RunContext
 from .phases import normalize as normalization
-from .phases import faces, finish, flows, merge, relabel, segment, table
+from .phases import faces, finish, flows, merge, relabel, segment, sharedpaths, table
 from .phases.plan import Plan, make_plan, open_volume, resolve_settings, spatial_shape, validate_input  # noqa: F401
 from .phases.plan import fingerprint_of, output_format
 from .runlog import RANK, log, quiet_libraries
@@ -85,6 +85,7 @@ def run(cfg: RunConfig, comm=None) -> RunResult:
     stop = StopFlag()
     box = mpi.Mailbox(comm, watchdog=cfg.watchdog, stop=stop)
     held = {}  # rank 0: the output's lock, released whatever happens
+    box.on_abort.append(lambda: held["lock"].release() if held.get("lock") is not None else None)  # MPI_Abort
     try:
         with handling_signals(stop, box.abort, box.rank, watch_parent=box.size > 1), quiet_libraries():
             try:
@@ -123,6 +124,7 @@ def _run(cfg: RunConfig, box, stop, held) -> RunResult:
     if box.rank == 0 and plan.precision_why:
         log.info(plan.precision_why)
     ctx = RunContext.build(cfg, plan, box, stop, vol)
+    ctx = sharedpaths.plan_time_checks(ctx, cfg)  # every rank sees the paths rank 0 does, and has its device
     norm = normalization.global_normalization(ctx.options, plan.settings, plan.kept, ctx.src, box)
     ctx = ctx.with_plan(plan.with_normalization(norm))
     _log_normalization(box, ctx.plan)
@@ -199,7 +201,7 @@ def plan_phase(cfg, box, held):
     if box.rank == 0 and err is None:
         try:
             place, _ = outputs.locate_output(cfg, vol)
-            held["lock"] = outputs.lock_output(cfg, place)  # before anything is written
+            held["lock"] = outputs.lock_output(cfg, place, tick=box.beat)  # before anything is written
             plan = find_complete(cfg, vol, place, box.size) or make_plan(cfg, vol, box.size)
         except OutputExistsError as exc:
             err = _what_changed(cfg, vol, exc)
@@ -210,7 +212,7 @@ def plan_phase(cfg, box, held):
         if box.rank == 0:
             raise agreed(err)
         _raise_from_root(root_err)
-    box.agree(err, where="opening the input")  # another rank could not open the input
+    box.agree(sharedpaths.input_error(err, cfg, box), where="opening the input")  # another rank could not
     plan = box.bcast(plan, "sending the plan")
     if box.rank == 0 and not isinstance(plan, Complete):
         _log_plan(box, plan, held.get("lock"))

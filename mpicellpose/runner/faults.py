@@ -10,6 +10,10 @@ of hooking round N of the distributed union-find).  ACTION is
 * ``hang``: sleep for ever (a stuck rank: hung file system, dead GPU);
 * ``mpiblock``: enter a blocking MPI call no other rank enters (a rank whose signal
   handlers cannot run).
+
+Phases that fire in more places: ``finish`` (rank 0, after the table and the output's chunks
+are written, before the completion marker).  Faults that are checked rather than fired
+(:func:`fault_flag`): ``device:RANK:unusable`` (the rank's GPU is reported unusable at plan time).
 """
 from __future__ import annotations
 
@@ -49,3 +53,14 @@ def maybe_fault(phase: str, rank: int, count: int = 0) -> None:
                 time.sleep(3600)
         elif action == "mpiblock":
             mpi.block_inside_mpi()
+
+
+def fault_flag(phase: str, rank: int) -> str | None:
+    """The ACTION of a fault set for ``phase`` on ``rank`` that the code checks instead of firing it
+    (``device:RANK:unusable``: the rank's device is reported unusable at plan time), or None."""
+    for item in (os.environ.get(FAULT_ENV) or "").split(","):
+        parts = item.strip().split(":")
+        if len(parts) >= 3 and parts[0] == phase and parts[1].isdigit() and int(parts[1]) == rank:
+            log.warning("rank %d: injecting fault %r", rank, item.strip())
+            return parts[2]
+    return None

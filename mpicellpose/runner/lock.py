@@ -1,9 +1,18 @@
 """One run per output at a time: :class:`OutputLock`, a lock file beside the output.
 
 Created with O_EXCL (atomic on local file systems, NFSv3+, Lustre and GPFS), it holds the host,
-pid, job id and start time and is refreshed every minute by a background thread; a lock whose
-process is gone (same host) or that was not refreshed for :data:`LEASE_SECONDS` (any host) is
-stale and taken over, so a requeued job takes over its own lock.
+pid, scheduler job id, start time and lease and is refreshed by a background thread (every
+minute, or a quarter of the lease).  A lock is taken over, with a log line, when
+
+* its process is gone (same host),
+* it was left by the same scheduler job (``SLURM_JOB_ID``, ``LSB_JOBID``, ...: the job was
+  requeued, possibly on other nodes, or an earlier step of the job died), or
+* it was not refreshed for its lease (:data:`LEASE_SECONDS`, ``MPICELLPOSE_LOCK_LEASE``): any host.
+
+A live lock of another run makes this one wait (``--lock-wait``; by default, inside a scheduler
+job, a little longer than a lease: a requeued job often starts before the old job's lease has
+run out; outside one, not at all) before it fails.  The driver releases the lock on every
+error and, through the gateway's abort hooks, before an ``MPI_Abort`` of rank 0.
 """
 from __future__ import annotations
 
@@ -23,9 +32,29 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- one run per output
 LEASE_SECONDS = 600.0      # a lock not refreshed for this long belongs to a dead run
+HEARTBEAT_SECONDS = 60.0   # at most; a quarter of the lease when that is shorter
+WAIT_TICK = 0.5            # seconds between the ``tick`` calls while waiting for a lock
 
 
-HEARTBEAT_SECONDS = 60.0
+def lease_seconds() -> float:
+    """The lease this run writes into its lock: $MPICELLPOSE_LOCK_LEASE, else :data:`LEASE_SECONDS`."""
+    try:
+        v = float(os.environ.get("MPICELLPOSE_LOCK_LEASE", LEASE_SECONDS))
+    except ValueError:
+        return LEASE_SECONDS
+    return v if v > 0 else LEASE_SECONDS
+
+
+def default_wait(lease: float | None = None) -> float:
+    """How long to wait for another run's live lock when ``--lock-wait`` is not given: a lease and
+    two refreshes inside a scheduler job (a requeue waits out the old job's lease), else 0."""
+    if os.environ.get("MPICELLPOSE_LOCK_WAIT"):
+        try:
+            return max(0.0, float(os.environ["MPICELLPOSE_LOCK_WAIT"]))
+        except ValueError:
+            pass
+    lease = lease_seconds() if lease is None else lease
+    return lease + 2 * min(HEARTBEAT_SECONDS, lease / 4) if _job_id() else 0.0
 
 
 _JOB_VARS = ("SLURM_JOB_ID", "LSB_JOBID", "PBS_JOBID", "FLUX_JOB_ID", "JOB_ID")
@@ -70,18 +99,23 @@ class OutputLock:
     every minute by a background thread.  A lock whose process is gone (same host) or that
     was not refreshed for ``LEASE_SECONDS`` (any host) is stale and taken over."""
 
-    def __init__(self, path, output_name: str):
+    def __init__(self, path, output_name: str, *, wait: float | None = None, tick=None):
         self.path = str(path)
         self.output_name = output_name
         self.token = uuid.uuid4().hex
+        self.lease = lease_seconds()
+        self.wait = default_wait(self.lease) if wait is None else max(0.0, float(wait))
+        self.tick = tick   # called every WAIT_TICK seconds while waiting (rank 0's heartbeat)
         self._stop = threading.Event()
         self._thread = None
         self.took_over = None
+        self.released = False
+        self._logged = None   # when the last "waiting" line was written
 
     def _record(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
                 "job": _job_id(), "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                "token": self.token}
+                "lease": self.lease, "token": self.token}
 
     def _read(self):
         try:
@@ -97,8 +131,11 @@ class OutputLock:
             if not _alive(info["pid"], info.get("proc_start")):
                 return f"process {info['pid']} on {info['host']} is gone"
             return None
-        if age > LEASE_SECONDS:
-            return f"not refreshed for {age:.0f} s"
+        if info.get("job") and info.get("job") == _job_id():
+            return f"it was left by this same scheduler job ({info['job']}): the job was requeued or restarted"
+        lease = info.get("lease") if isinstance(info.get("lease"), (int, float)) else LEASE_SECONDS
+        if age > lease:
+            return f"not refreshed for {age:.0f} s (its lease is {lease:.0f} s)"
         return None
 
     def _describe(self, info, age) -> str:
@@ -108,8 +145,28 @@ class OutputLock:
         return (f"host {info.get('host')}, pid {info.get('pid')}{job}, started {info.get('started')} "
                 f"(lock refreshed {age:.0f} s ago)")
 
+    def _wait_or_fail(self, info, age, t0) -> None:
+        """Another run's live lock: wait a little (calling ``tick``), or fail once ``wait`` has passed."""
+        waited = time.monotonic() - t0
+        if waited >= self.wait:
+            more = f" (waited {waited:.0f} s, --lock-wait)" if self.wait else ""
+            raise OutputInUseError(
+                f"OUTPUT {self.output_name!r} is in use by another run ({self._describe(info, age)}){more}; "
+                f"wait for it to finish. If that run is dead, remove {self.path!r}")
+        if self._logged is None or time.monotonic() - self._logged >= 60:
+            self._logged = time.monotonic()
+            log.warning("OUTPUT %r is locked by another run (%s); waiting up to %.0f s more for it to end or for "
+                        "its lease to run out (--lock-wait)", self.output_name, self._describe(info, age),
+                        self.wait - waited)
+        end = time.monotonic() + min(5.0, self.wait - waited)
+        while time.monotonic() < end:
+            if self.tick is not None:
+                self.tick()
+            time.sleep(min(WAIT_TICK, max(0.0, end - time.monotonic())))
+
     def acquire(self) -> "OutputLock":
-        for _ in range(3):
+        t0, tries = None, 0
+        while tries < 3:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -120,17 +177,18 @@ class OutputLock:
                 info = self._read()
                 why = self._stale(info, age)
                 if why is None:
-                    raise OutputInUseError(
-                        f"OUTPUT {self.output_name!r} is in use by another run ({self._describe(info, age)}); "
-                        f"wait for it to finish. If that run is dead, remove {self.path!r}")
+                    t0 = time.monotonic() if t0 is None else t0
+                    self._wait_or_fail(info, age, t0)
+                    continue
                 aside = f"{self.path}.stale-{self.token[:8]}"
                 try:
                     os.rename(self.path, aside)  # atomic: one taker wins
                 except FileNotFoundError:
                     continue
                 os.unlink(aside)
+                tries += 1
                 self.took_over = f"{self._describe(info, age)}: {why}"
-                log.warning("took over the lock of an earlier run that died (%s)", self.took_over)
+                log.warning("took over the lock of an earlier run (%s)", self.took_over)
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(self._record(), f)
@@ -142,13 +200,17 @@ class OutputLock:
         raise OutputInUseError(f"could not take the lock {self.path!r} (another run keeps taking it)")
 
     def _heartbeat(self):
-        while not self._stop.wait(HEARTBEAT_SECONDS):
+        while not self._stop.wait(min(HEARTBEAT_SECONDS, self.lease / 4)):
             try:
                 os.utime(self.path)
             except OSError:
                 pass
 
     def release(self) -> None:
+        """Remove the lock file if it is still ours (idempotent; also called before an ``MPI_Abort``)."""
+        if self.released:
+            return
+        self.released = True
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=1.0)

@@ -137,9 +137,11 @@ def locate_output(cfg, vol, *, prepare: bool = True):
     return place, work
 
 
-def lock_output(cfg, place):
-    """Rank 0: the exclusive lock on the output for this run (see :class:`mpicellpose.runner.lock.OutputLock`)."""
-    return OutputLock(lock_path(place.stem), str(cfg.output or place.root)).acquire()
+def lock_output(cfg, place, tick=None):
+    """Rank 0: the exclusive lock on the output for this run (see :class:`mpicellpose.runner.lock.OutputLock`);
+    ``tick`` is called while it waits for another run's lock (``--lock-wait``)."""
+    return OutputLock(lock_path(place.stem), str(cfg.output or place.root), wait=getattr(cfg, "lock_wait", None),
+                      tick=tick).acquire()
 
 
 def check_output_path(cfg, place: OutputPlace, work_dir: str) -> None:
@@ -255,3 +257,145 @@ def written_paths(place: OutputPlace, work_dir: str, parquet: bool) -> list:
     out += [("boxes", boxes_path(place.stem)), ("lock (while running)", lock_path(place.stem)),
             ("work directory (removed at the end)", str(work_dir))]
     return out
+
+
+# --------------------------------------------------------------------------- durability and checks
+def fsync_path(path) -> None:
+    """Flush a file (or a directory's entries) to stable storage; a file system that cannot fsync a
+    directory, or a path that is not there, is passed over."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _array_meta(array_path) -> tuple:
+    """(zarr format, metadata dict) of a zarr array on disk."""
+    v3 = os.path.join(str(array_path), "zarr.json")
+    if os.path.isfile(v3):
+        return 3, storage.read_json(v3)
+    return 2, storage.read_json(os.path.join(str(array_path), ".zarray"))
+
+
+def chunk_grid(array_path) -> tuple:
+    """Chunks per axis of a zarr array on disk."""
+    fmt, meta = _array_meta(array_path)
+    chunks = meta["chunks"] if fmt == 2 else meta["chunk_grid"]["configuration"]["chunk_shape"]
+    return tuple(-(-int(s) // int(c)) for s, c in zip(meta["shape"], chunks))
+
+
+def chunk_files(array_path):
+    """A function: grid index -> the file of that chunk of a zarr array on disk (v2 or v3, unsharded);
+    the metadata is read once."""
+    fmt, meta = _array_meta(array_path)
+    if fmt == 2:
+        sep, prefix = meta.get("dimension_separator") or ".", ""
+    else:
+        enc = meta.get("chunk_key_encoding") or {"name": "default"}
+        default = enc.get("name", "default") == "default"
+        sep = (enc.get("configuration") or {}).get("separator", "/" if default else ".")
+        prefix = "c" + sep if default else ""
+    root = str(array_path)
+    return lambda index: os.path.join(root, *(prefix + sep.join(str(int(i)) for i in index)).split("/"))
+
+
+def chunk_file(array_path, index) -> str:
+    """The file of chunk ``index`` (its grid index) of a zarr array on disk."""
+    return chunk_files(array_path)(index)
+
+
+def sync_chunk_file(path) -> bool:
+    """fsync a chunk file and its folder (before its done-marker); False when the chunk is not on disk
+    (a chunk of zeros only is not written)."""
+    there = os.path.exists(path)
+    if there:
+        fsync_path(path)
+    fsync_path(os.path.dirname(path))
+    return there
+
+
+def sync_metadata(array_path) -> None:
+    """fsync a zarr array's metadata (attributes included) and the folder holding it."""
+    for name in ("zarr.json", ".zarray", ".zattrs"):
+        p = os.path.join(str(array_path), name)
+        if os.path.exists(p):
+            fsync_path(p)
+    fsync_path(str(array_path))
+
+
+def _label_array(path) -> str:
+    """The level-0 label array of OUTPUT as a user names it (a plain array, or an NGFF label image group)."""
+    path = os.path.abspath(str(path)).rstrip("/")
+    if storage.node_kind(path) == "group":
+        return os.path.join(path, "0")
+    return path
+
+
+def _table_of(array, marker) -> str | None:
+    """The object table beside a label array: the stem of a plain array, of a standalone NGFF label
+    image, or of a label image inside its image group (``image.ome.zarr/labels/NAME``)."""
+    name = (marker or {}).get("object_table")
+    group = os.path.dirname(array)
+    stems = [output_stem(array), output_stem(group)]
+    if os.path.basename(os.path.dirname(group)) == "labels":
+        stems.append(output_stem(os.path.dirname(os.path.dirname(group))) + "." + os.path.basename(group))
+    for stem in stems:
+        path = table_path(stem)
+        if os.path.isfile(path) and (name is None or os.path.basename(path) == name):
+            return path
+    return None
+
+
+def _blocks_with_labels(table) -> set:
+    """The blocks (linear indices) that hold a piece of some object, from the table's ``blocks`` column."""
+    import csv
+
+    found = set()
+    with open(table, newline="") as f:
+        rows = csv.reader(f)
+        col = next(rows).index("blocks")
+        for row in rows:
+            found.update(int(b) for b in row[col].split(";") if b)
+    return found
+
+
+def verify_output(path) -> dict:
+    """Check a finished output: every chunk that must hold labels (a block with a piece of an object,
+    from the object table) is on disk.  Returns {array, complete, table, expected, missing (grid
+    indices), problems (sentences)}; only reads."""
+    array = _label_array(path)
+    marker = output_marker(array)
+    report = {"array": array, "complete": bool(marker and marker.get("complete") is True), "table": None,
+              "expected": 0, "missing": [], "problems": [], "marker": marker or {}}
+    if marker is None:
+        report["problems"].append(f"{array} is not an mpicellpose output (no 'mpicellpose' attributes)")
+        return report
+    if not report["complete"]:
+        report["problems"].append("the run that writes it has not finished (not marked complete): re-run the "
+                                  "same command to finish it")
+        return report
+    table = report["table"] = _table_of(array, marker)
+    if table is None:
+        report["problems"].append(f"its object table ({marker.get('object_table')}) is missing beside it")
+        return report
+    grid = chunk_grid(array)
+    chunk = chunk_files(array)
+    blocks = sorted(_blocks_with_labels(table))
+    report["expected"] = len(blocks)
+    for b in blocks:
+        index = tuple(int(i) for i in np.unravel_index(b, grid))
+        p = chunk(index)
+        if not os.path.isfile(p) or os.path.getsize(p) == 0:
+            report["missing"].append(index)
+    if report["missing"]:
+        shown = ", ".join(str(i) for i in report["missing"][:10]) + (" ..." if len(report["missing"]) > 10 else "")
+        report["problems"].append(
+            f"{len(report['missing'])} of {len(blocks)} chunk(s) that must hold labels are missing (they read as "
+            f"zeros): {shown}. Re-run the command that made it with --restart to compute it again")
+    return report

@@ -103,6 +103,12 @@ DIAMETER=${MPICELLPOSE_DIAMETER-@DIAMETER@}       # expected object diameter in 
 BLOCKSIZE=${MPICELLPOSE_BLOCKSIZE-@BLOCKSIZE@}    # N or Z,Y,X
 OVERLAP=${MPICELLPOSE_OVERLAP-@OVERLAP@}           # N or Z,Y,X; empty: mpicellpose's default
 BACKEND=${MPICELLPOSE_BACKEND-@BACKEND@}     # cellpose or threshold
+# the watchdog: seconds a rank (rank 0 included) may stay silent while the others wait
+# before the job is ended (a hung file system, a GPU that stopped answering, a dead node)
+# instead of idling every GPU until the walltime; raised to 4x the slowest block seen;
+# empty: mpicellpose's default (10x the slowest block, at least 300)
+export MPICELLPOSE_WATCHDOG=${MPICELLPOSE_WATCHDOG-600}
+if [[ -z $MPICELLPOSE_WATCHDOG ]]; then unset MPICELLPOSE_WATCHDOG; fi
 # any other 'mpicellpose segment' options, e.g. (--stitch iou --overwrite);
 # MPICELLPOSE_EXTRA_ARGS='--stitch touch' replaces them (split on spaces)
 EXTRA_ARGS=(@EXTRA@)
@@ -288,7 +294,7 @@ case $MPI_FLAVOR in
         for host in "${HOSTS[@]}"; do echo "$host slots=${PER_HOST[$host]}"; done > "$HOSTFILE"
         LAUNCH=("$MPIRUN" -n "$NRANKS" --hostfile "$HOSTFILE" --bind-to none)
         # Open MPI does not pass the environment to other hosts unless told to
-        for var in PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV CONDA_PREFIX OMP_NUM_THREADS; do
+        for var in PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV CONDA_PREFIX OMP_NUM_THREADS MPICELLPOSE_WATCHDOG; do
             if [[ -n ${!var+set} ]]; then LAUNCH+=(-x "$var"); fi
         done
         ;;

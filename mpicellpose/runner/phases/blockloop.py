@@ -3,6 +3,8 @@ run time or fixed, each block's input read ahead in a thread while the one befor
 (``--read-ahead``), an error told to the other ranks at once and returned to be agreed on."""
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
 
 from ... import comm as mpi
@@ -76,17 +78,50 @@ def read_ahead(blocks, grid, load):
         for linear in blocks:
             yield grid.block(linear), None
         return
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="mpicellpose-read")
+    it = iter(blocks)
+    nxt = next(it, None)
+    fut = _Read(load, grid.block(nxt)) if nxt is not None else None
     try:
-        it = iter(blocks)
-        nxt = next(it, None)
-        fut = pool.submit(load, grid.block(nxt)) if nxt is not None else None
         while nxt is not None:
             blk, cur = grid.block(nxt), fut
             nxt = next(it, None)
-            fut = pool.submit(load, grid.block(nxt)) if nxt is not None else None
+            fut = _Read(load, grid.block(nxt), after=cur) if nxt is not None else None
             yield blk, cur.result
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if fut is not None:
+            fut.wait(READ_JOIN_SECONDS)
+
+
+READ_JOIN_SECONDS = 60.0   # at the end, how long a read still running is waited for (then left behind)
+
+
+class _Read:
+    """One block's input, read in a daemon thread (a read stuck in a hung file system never keeps the
+    process alive: it is waited for at most ``READ_JOIN_SECONDS`` at the end, and by :meth:`result`
+    in steps short enough for signals to be handled meanwhile)."""
+
+    def __init__(self, load, blk, after=None):
+        self.value, self.error = None, None   # ``after``: the read before, which this one waits for (one at a time)
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run, load, blk, after),
+                                       name="mpicellpose-read", daemon=True)
+        self.thread.start()
+
+    def _run(self, load, blk, after):
+        if after is not None:
+            after.thread.join()
+        try:
+            self.value = load(blk)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by result()
+            self.error = exc
+
+    def wait(self, seconds):
+        self.thread.join(seconds)
+        if self.thread.is_alive():
+            log.warning("a read-ahead of the next block did not end within %.0f s; left behind", seconds)
+
+    def result(self):
+        while self.thread.is_alive():
+            self.thread.join(0.5)
+        if self.error is not None:
+            raise self.error
+        return self.value

@@ -1,7 +1,10 @@
 """Phase 7: the label pyramid (NGFF outputs), provenance, the completion marker, clean-up.
 
 The output's ``mpicellpose`` attributes say ``complete: true`` only at the very end, with
-everything needed to know how it was made; readers can tell an unfinished output.
+everything needed to know how it was made (the device of every block included); readers can
+tell an unfinished output.  Before that marker, every rank puts what it wrote of the table on
+stable storage (the output's chunks were, before their relabel markers), and the work
+directory (the only other copy) is removed only after the marker is on disk.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from importlib.metadata import PackageNotFoundError, version
 from ..._version import __version__
 from ...volumes import pyramid, storage
 from .. import outputs
+from ..faults import maybe_fault
+from . import sharedpaths
 
 
 def build_label_pyramid(ctx):
@@ -108,13 +113,14 @@ def result_warnings(opts, plan, n_objects: int, size_hist) -> list:
     return []
 
 
-def mark_complete(opts, plan, summary) -> None:
-    """Rank 0: the completion marker and provenance in the output's attributes."""
+def mark_complete(opts, plan, summary, devices=None) -> None:
+    """Rank 0: the completion marker and provenance in the output's attributes (``devices``: which
+    device segmented which blocks, see :func:`.sharedpaths.block_devices`), synced to disk."""
     arr = storage.open_array(plan.output.array, mode="r+")
     meta = dict(arr.attrs.get("mpicellpose", {}))
     meta.update({
         "run_id": plan.run_id, "complete": True, "version": __version__,
-        "provenance": provenance(opts, plan, summary),
+        "provenance": provenance(opts, plan, summary) | {"block_devices": devices},
         "voxel_size": list(plan.voxel_size) if plan.voxel_size else None,
         "voxel_unit": plan.voxel_unit if plan.voxel_size else "voxel",
         "table_parquet": os.path.basename(summary["table_parquet"]) if summary.get("table_parquet") else None,
@@ -128,20 +134,45 @@ def mark_complete(opts, plan, summary) -> None:
         "pipeline": plan.pipeline, "cost": summary.get("cost"),
     })
     arr.attrs["mpicellpose"] = json.loads(json.dumps(meta, default=storage.json_default))
+    outputs.sync_metadata(plan.output.array)
+
+
+def sync_tables(plan, rank: int) -> None:
+    """Every rank: its Parquet part and its rows of the boxes on stable storage; rank 0 also the CSV,
+    the units and the folders holding them (the CSV's rows were synced as they were written)."""
+    stem = plan.output.stem
+    csv = outputs.table_path(stem)
+    parquet = outputs.parquet_path(stem)
+    outputs.fsync_path(os.path.join(parquet, f"part-{rank:05d}.parquet"))
+    outputs.fsync_path(outputs.boxes_path(stem))
+    if rank == 0:
+        for p in (csv, outputs.table_units_path(stem), parquet, os.path.dirname(csv) or "."):
+            outputs.fsync_path(p)
+        if plan.output.group is not None:   # an NGFF label image: its group metadata
+            outputs.sync_metadata(plan.output.group)
 
 
 def finish_phase(ctx, summary) -> dict:
-    """Rank 0 marks the output complete; then (unless ``keep_work``) every rank removes its own
-    blocks' files from the work directory and rank 0 what is left; every rank gets the summary."""
+    """Every rank syncs what it wrote; rank 0 marks the output complete; then (unless ``keep_work``)
+    every rank removes its own blocks' files from the work directory and rank 0 what is left; every
+    rank gets the summary."""
     plan, box = ctx.plan, ctx.box
+    with box.step("putting the table on stable storage"):
+        sync_tables(plan, box.rank)
 
     def finish():
-        mark_complete(ctx.options, plan, summary)
+        maybe_fault("finish", box.rank)   # tests: a crash with every chunk written, before the marker
+        mark_complete(ctx.options, plan, summary, sharedpaths.block_devices(plan.work_dir))
         return summary
 
     summary = box.on_root(finish, "finishing the output")
     if not ctx.options.keep_work:
         with box.step("removing the work directory's block files"):
             ctx.work.remove_blocks(plan.owners(box.size)[box.rank])
-        box.on_root(lambda: ctx.work.remove(), "removing the work directory")
+
+        def remove():
+            sharedpaths.remove_device_log(plan.work_dir)
+            ctx.work.remove()
+
+        box.on_root(remove, "removing the work directory")
     return summary

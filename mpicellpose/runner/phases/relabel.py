@@ -2,7 +2,9 @@
 
 Rank 0 creates the output (or keeps this run's own when resuming; ``--overwrite`` replaces
 only a zarr node, see :mod:`mpicellpose.runner.outputs`).  Each output chunk is one block, written
-once by the rank that owns it; a done-marker per block lets a resume skip it.
+once by the rank that owns it, fsynced (with its folder), and only then given its done-marker,
+which lets a resume skip it: a marker on disk means the chunk is on stable storage.  A resume also
+redoes a block whose marker is there but whose chunk is not (lost in a node crash).
 """
 from __future__ import annotations
 
@@ -62,9 +64,10 @@ def relabel_phase(ctx, mine, merge) -> Relabelled:
     with box.step("relabelling", interrupted=lambda: bool(stop)):
         out = storage.open_array(plan.output.array, mode="r+")
         scratch = storage.open_array(work.scratch, mode="r")
+        chunk = outputs.chunk_files(plan.output.array)
         for b in mine:
-            marker = work.relabel_done(b)
-            if marker.exists():
+            marker = work.relabel_done(b)   # a marker whose chunk is gone (a node crash lost it) is redone
+            if marker.exists() and not (merge.counts[b] and not os.path.exists(chunk(grid.index_of(b)))):
                 reused += 1
             else:
                 maybe_fault("relabel", box.rank, written)
@@ -72,7 +75,9 @@ def relabel_phase(ctx, mine, merge) -> Relabelled:
                 if merge.counts[b]:
                     blk = grid.block(b)
                     out[blk.core_slices] = merge.lut(b)[scratch[blk.core_slices]]
+                    outputs.sync_chunk_file(chunk(grid.index_of(b)))
                 marker.touch()
             if box.poll() or stop:
                 break
     return Relabelled(written, reused)
+
