@@ -228,7 +228,7 @@ OPTIONS = (
     _O("flow_box", "performance",
        "--pipeline flows: blocks per side of a flow box, the unit of the flow and mask steps; larger "
        "boxes need less --flow-halo and shell traffic per voxel but more memory (default auto: as many as "
-       "keep a box with its overlap within 2^26 voxels, e.g. 2 for 128^3 blocks with a 60-voxel overlap)",
+       "keep a box with its overlap within 2^27 voxels, e.g. 3 for 128^3 blocks with a 60-voxel overlap)",
        type=box_count, metavar="N|auto", labels=True),
     _O("masks_during_flows", "performance",
        "--pipeline flows: build masks in a CPU thread while the GPU computes the next boxes' flows "

@@ -58,9 +58,9 @@ def test_cost_interior_box_is_square_of_the_halo_growth():
     s = _settings((160, 160, 160), (80,) * 3, (32,) * 3, 16, box=2)
     assert cost.network_voxels(s, every, "flows") == 160 ** 3
     assert cost.network_cost(s, every)["flows_per_voxel"] == 1.0
-    # the automatic box keeps the mask region within 2^26 voxels: 2 blocks of 128^3 with a 60-voxel
-    # overlap (376^3), 1 of 256^3
-    assert auto_flow_box(geo.BlockGrid((4096,) * 3, (128,) * 3, (60,) * 3), 16) == 2
+    # the automatic box keeps the mask region within 2^27 voxels: 3 blocks of 128^3 with a 60-voxel
+    # overlap (504^3), 1 of 256^3
+    assert auto_flow_box(geo.BlockGrid((4096,) * 3, (128,) * 3, (60,) * 3), 16) == 3
     assert auto_flow_box(geo.BlockGrid((4096,) * 3, (256,) * 3, (60,) * 3), 16) == 1
     s = _settings((4096,) * 3, (256,) * 3, (60,) * 3, 16, box=2)
     cube = [s.grid.linear_of((4 + i, 4 + j, 4 + k)) for i in (0, 1) for j in (0, 1) for k in (0, 1)]

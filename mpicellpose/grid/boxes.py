@@ -47,8 +47,10 @@ from . import geometry as geo
 #: The automatic box keeps a box's mask region (core + overlap) within max(BOX_VOXELS, 2 x a
 #: block's read region): the flow step holds about BOX_BYTES_PER_VOXEL per voxel of its read
 #: region (the image in float32, the network's output, three orientations' flows in half
-#: precision, their sum in single), the mask step about as much of its mask region.
-BOX_VOXELS = 1 << 26
+#: precision, their sum in single), the mask step about as much of its mask region.  2^27 voxels
+#: (about 8 GB of host memory per rank) makes 128^3 blocks with a 60-voxel overlap boxes of 3
+#: blocks per side, whose shells cost about 15 bytes per voxel instead of 24 with 2 (grid/cost.py).
+BOX_VOXELS = 1 << 27
 BOX_BYTES_PER_VOXEL = 60
 #: The flow field is stored (shells) in half precision, summed over the orientations: the flow
 #: components and the cell probability, ``ndim + 1`` values per voxel.

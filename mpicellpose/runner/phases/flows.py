@@ -31,7 +31,7 @@ from ..progress import Progress
 from ..runlog import log
 from .blockloop import read_ahead_wanted, run_blocks
 from .boxmasks import NEVER_A_CELL, BoxMasks
-from .shells import ShellStore
+from .shells import ShellStore, ShellWriter
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,14 @@ def flows_phase(ctx, backend, scratch, threaded: bool) -> Flowed:
     box.start_progress("flows")
     progress, agreed = Progress(box, boxes, shares, plan.handout, label="flows", unit="box").start(), False
     try:
-        err, nv = _run(ctx, boxes, backend, shares, masks, store, set(to_mask), progress)
-        masked = masks.drain(box, stop)
+        writer = ShellWriter(store, masks.threaded)
+        err, nv = _run(ctx, boxes, backend, shares, masks, writer, set(to_mask), progress)
+        try:
+            writer.finish()
+        except Exception as exc:  # noqa: BLE001 - agreed below, on every rank
+            err = err or exc
+            box.notify_abort(f"writing a flow box's shell: {exc}")
+        masked = masks.drain(box, stop) if err is None else masks.close()
         if err is None and masks.error is not None:
             err = masks.error
             box.notify_abort(f"masks of the flow boxes: {err}")
@@ -150,7 +156,7 @@ def flows_phase(ctx, backend, scratch, threaded: bool) -> Flowed:
     return Flowed(len(todo), int(total_nv), time.perf_counter() - t0, tuple(masked_all), io)
 
 
-def _run(ctx, boxes, backend, shares, masks, store, to_mask, progress):
+def _run(ctx, boxes, backend, shares, masks, writer, to_mask, progress):
     """This rank's boxes; (the error to agree on or None, network voxels)."""
     plan, box, stop, src, steps = ctx.plan, ctx.box, ctx.stop, ctx.src, ctx.options.preprocessing_steps
 
@@ -159,7 +165,7 @@ def _run(ctx, boxes, backend, shares, masks, store, to_mask, progress):
         field, n = box_flows(plan.settings, src, steps, backend, blk, stop, get() if get else None, tick)
         _mask_out(boxes, linear, field)
         maybe_fault("flows", box.rank, done)
-        store.write(linear, field, boxes.core(linear), boxes.needed_pieces(linear))
+        writer.write(linear, field, boxes.core(linear), boxes.needed_pieces(linear))
         if linear in to_mask:
             masks.add(linear, field)
         if not masks.threaded:

@@ -116,3 +116,39 @@ class ShellStore:
                 except FileNotFoundError:
                     pass
         return total
+
+
+class ShellWriter:
+    """Writes shells in a thread of its own (a GPU rank: the network does not wait for the file
+    system), or at once (``threaded`` False).  An error is raised on the main thread at the next
+    :meth:`write` or at :meth:`finish`."""
+
+    def __init__(self, store: ShellStore, threaded: bool):
+        self.store, self._pool, self._pending = store, None, []
+        if threaded:
+            from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="mpicellpose-shells")
+
+    def write(self, box, field, core, pieces) -> None:
+        if self._pool is None:
+            self.store.write(box, field, core, pieces)
+            return
+        self._raise_done()
+        self._pending.append(self._pool.submit(self.store.write, box, field, core, pieces))
+
+    def _raise_done(self) -> None:
+        for fut in [f for f in self._pending if f.done()]:
+            self._pending.remove(fut)
+            fut.result()
+
+    def finish(self, seconds: float = 600.0) -> None:
+        """Wait for the shells still being written (at most ``seconds``), raising their error."""
+        if self._pool is None:
+            return
+        try:
+            for fut in list(self._pending):
+                fut.result(timeout=seconds)
+            self._pending.clear()
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
