@@ -150,8 +150,9 @@ def dask_cluster_options(cluster, cluster_kwargs, comm) -> None:
 
 def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, blocksize, overlap, output_zarr=None,
                   preprocessing_steps=(), worker_logs_directory=None, test_mode=False, *, backend="cellpose",
-                  backend_kwargs=None, channel_axis=None, segmenter=None, device=None, threads=None, **options):
-    """Segment one block exactly as the full run does; try parameters before a big job.
+                  backend_kwargs=None, channel_axis=None, segmenter=None, device=None, threads=None, exact=False,
+                  **options):
+    """Segment one block as the full run does; try parameters before a big job.
 
     The defaults are resolved by the same code as a run's (overlap from the diameter and the
     anisotropy, the shipped model's diameter, voxel sizes of an OME-Zarr input), the block
@@ -163,9 +164,12 @@ def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, bloc
     block_index : tuple of int
         Position of the block in the grid.
     crop : tuple of slice or None
-        The region to read and segment.  None, or a block's read region, gives exactly that
-        block's labels in the full run (``block_index`` then names the block; in test mode it
-        may be a dummy, the block is found from ``crop``).  Any other region (e.g. a crop
+        The region to read and segment.  None, or a block's read region, gives that block's
+        labels in the full run (``block_index`` then names the block; in test mode it may be a
+        dummy, the block is found from ``crop``): exactly under ``--pipeline blocks``; under
+        ``--pipeline flows`` (the run builds masks per flow box of several blocks) the block is
+        computed alone, at one block's cost, and agrees with the run but near its edges, unless
+        ``exact=True``.  Any other region (e.g. a crop
         around any point of the volume, as the reference's documentation builds it) is
         segmented on its own with the run's settings (global normalisation, diameter,
         model; under ``--pipeline flows`` with whole-region Cellpose, one block's cost), and
@@ -183,6 +187,9 @@ def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, bloc
         A backend built earlier (reuse the loaded model across calls).
     device, threads : optional
         As for :func:`distributed_eval` (torch device, CPU threads).
+    exact : bool
+        Under ``--pipeline flows``, for a grid block: compute it exactly as the run does (its flow box
+        and the neighbouring boxes its mask region reaches: the cost of those boxes, not of one block).
     **options
         Any other :class:`~mpicellpose.config.RunConfig` field that changes the labels
         (``normalize``, ``mask``, ``voxel_size``, ``stitch``, ``iou_depth``, ...).
@@ -201,7 +208,7 @@ def process_block(block_index, crop, input_zarr, model_kwargs, eval_kwargs, bloc
                     model_kwargs=dict(model_kwargs or {}), eval_kwargs=dict(eval_kwargs or {}),
                     backend_kwargs=dict(backend_kwargs or {}), channel_axis=channel_axis, device=device,
                     threads=threads, **options)
-    one = segment_one_block(cfg, block_index, crop, segmenter)
+    one = segment_one_block(cfg, block_index, crop, segmenter, exact=exact)
     if test_mode:
         return one.labels, one.boxes, one.ids
     if output_zarr is None:

@@ -283,9 +283,9 @@ def test_flows_pipeline_ranks_resume_and_cost(volume):
     assert np.array_equal(one[...], zarr.open(str(d / "two.zarr"), mode="r")[...])
     assert not (d / "two.mpicellpose-work").exists()  # the shells removed with the rest
     # killed in the mask step (rank 0, as it records its first block), then resumed
-    env = {"MPICELLPOSE_FAULT": "masks:0:kill:0"}
+    env = {"MPICELLPOSE_FAULT": "segment:0:kill:0"}
     r6 = _mpicellpose(3, "segment", d / "in.zarr", d / "three.zarr", *ARGS, env=env)
-    assert r6.returncode != 0 and "injecting fault 'masks:0:kill:0'" in r6.stderr
+    assert r6.returncode != 0 and "injecting fault 'segment:0:kill:0'" in r6.stderr
     r5 = _mpicellpose(3, "segment", d / "in.zarr", d / "three.zarr", *ARGS)
     assert r5.returncode == 0, r5.stderr[-3000:]
     assert np.array_equal(one[...], zarr.open(str(d / "three.zarr"), mode="r")[...])
@@ -316,3 +316,7 @@ def test_process_block_under_flows_costs_one_block(volume):
     run = scratch[:, :32, 32:]
     assert lab.max() > 0 and match_objects(lab, run)["f1"] > 0.9
     assert json.loads(json.dumps(len(boxes))) == len(ids) == lab.max()
+    # exact=True: the block's flow box and its neighbours as the run computes them, the run's labels
+    lab, boxes, ids = process_block((0, 0, 1), None, str(d / "in.zarr"), model, {}, (32, 32, 32), None,
+                                    test_mode=True, threads=1, device="cpu", mask=mask, exact=True)
+    assert np.array_equal(lab, run)

@@ -161,7 +161,7 @@ def test_no_gpu_estimate_for_cellpose3_models(tmp_path, capsys):
 
 def test_plan_on_a_tiff_says_what_the_run_will_do(tmp_path, capsys):
     """A 64-deep TIFF with the default 128^3 blocks: the block as it will be (clipped), no advice about the
-    TIFF's pages (the user cannot change them), the work directory with the flow field it will hold."""
+    TIFF's pages (the user cannot change them), the work directory with the flow-box shells it will hold."""
     tifffile = pytest.importorskip("tifffile")
     import numpy as np
 
@@ -171,4 +171,10 @@ def test_plan_on_a_tiff_says_what_the_run_will_do(tmp_path, capsys):
     assert "blocks (64, 128, 128) (--blocksize 128,128,128 clipped to the volume)" in out, out
     assert "not a multiple of the input chunks" not in out
     line = [ln for ln in out.splitlines() if ln.startswith("work directory up to")]
-    assert len(line) == 1 and "+ flow field" in line[0], out
+    assert len(line) == 1 and "shells" not in line[0], out  # one flow box spans the volume: no shell
+    assert cli.main(["plan", str(tmp_path / "vol.tif"), str(tmp_path / "out.zarr"), "--model", "demo",
+                     "--flow-box", "1"]) == 0
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith("work directory up to")]
+    assert len(line) == 1 and "+ flow-box shells" in line[0], out
+    assert "B per output voxel" in out and "entries in any directory" in out

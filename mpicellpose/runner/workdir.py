@@ -12,7 +12,7 @@ Layout 2 (``<output stem>.mpicellpose-work`` unless ``--work-dir`` names another
     table/                 the object table's parts, one per rank
 
     shells/                --pipeline flows: the flow boxes' shells while the sweep needs them
-                           (mpicellpose.runner.phases.shells; ``flows.zarr`` and ``flows/`` of
+                           (mpicellpose.runner.phases.boxmasks; ``flows.zarr`` and ``flows/`` of
                            earlier versions are removed with the rest)
 
 So a block has at most 3 files here (record, scratch chunk, relabel marker; a flow box adds at
@@ -79,7 +79,7 @@ class WorkDir:
         self.blocks = self.path / "blocks"
         self.relabel = self.path / "relabel"
         self.table = self.path / "table"
-        self.shells = self.path / "shells"    # --pipeline flows: the flow boxes' shells (phases/shells.py)
+        self.shells = self.path / "shells"    # --pipeline flows: the flow boxes' shells (phases/boxmasks.py)
         self._chunks = None   # (grid shape, dimension separator) of the scratch array, read once
         self.layout_mismatch = False  # set by check(): this run's directory has an older layout
 

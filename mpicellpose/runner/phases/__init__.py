@@ -4,7 +4,7 @@
 :mod:`.plan`              rank 0 checks everything and decides the grid -> ``Plan``
 :mod:`.normalize`         global intensity bounds, sampled by every rank (phase 1b)
 :mod:`.flows`             ``--pipeline flows``: the network per flow box, its shell to
-                          :mod:`.shells`, masks per box in :mod:`.boxmasks` (instead of segment)
+                          the work directory and masks per box in :mod:`.boxmasks` (instead of segment)
 :mod:`.segment`           every rank segments its blocks -> records + scratch chunks
 :mod:`.faces`             neighbours exchange face views and match labels -> ``Edges``
 :mod:`.merge`             per-block counts, offsets and the union of matched labels -> ``Merge``

@@ -4,7 +4,7 @@ The unit of work is a *flow box* (:mod:`mpicellpose.grid.boxes`): ``--flow-box``
 side.  For each box it is handed, a rank reads the image of its core grown by the in-plane halo,
 runs Cellpose's network on the planes through the core in each orientation
 (:func:`mpicellpose.cellpose.flowfield.compute_flows`), sums the orientations in memory as
-Cellpose does, writes the shell its neighbours need (:mod:`.shells`) and keeps the field for the
+Cellpose does, writes the shell its neighbours need (:class:`.boxmasks.ShellStore`) and keeps the field for the
 mask step (:mod:`.boxmasks`), which runs once every neighbour's shell is written.  Boxes are
 handed out in a sweep (by layer of boxes along the first axis, costliest first within a layer),
 so the masks follow the flows closely and the shells are deleted behind the sweep.
@@ -31,7 +31,7 @@ from ..progress import Progress
 from ..runlog import log
 from .blockloop import read_ahead_wanted, run_blocks
 from .boxmasks import NEVER_A_CELL, BoxMasks
-from .shells import ShellStore, ShellWriter
+from .boxmasks import ShellStore, ShellWriter
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def box_flows(settings, src, steps, backend, blk, stop=None, img=None, tick=None
     return ff.to_half(ff.combine(np.concatenate(halves))), nv
 
 
-def _mask_out(boxes, linear, field) -> None:
+def mask_out(boxes, linear, field) -> None:
     """The cores of the box's blocks that the mask leaves out read as 'no cell'."""
     ndim, origin = boxes.ndim, [a for a, _ in boxes.core(linear)]
     for b in boxes.blocks_of(linear, kept_only=False):
@@ -163,7 +163,7 @@ def _run(ctx, boxes, backend, shares, masks, writer, to_mask, progress):
     def one(blk, done, get, tick):
         linear = blk.linear
         field, n = box_flows(plan.settings, src, steps, backend, blk, stop, get() if get else None, tick)
-        _mask_out(boxes, linear, field)
+        mask_out(boxes, linear, field)
         maybe_fault("flows", box.rank, done)
         writer.write(linear, field, boxes.core(linear), boxes.needed_pieces(linear))
         if linear in to_mask:
