@@ -88,10 +88,12 @@ class ShellStore:
         for direction, piece in pieces.items():
             path = d / _name(direction)
             part = np.ascontiguousarray(field[(slice(None),) + geo.box_slices(piece, origin)])
-            with open(path, "wb") as fh:
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "wb") as fh:
                 np.save(fh, part)
                 fh.flush()
                 os.fsync(fh.fileno())
+            os.replace(tmp, path)  # a resume rewrites a shell another rank may be reading: never truncated
             self.bytes_written += part.nbytes
         marker = d / "done"
         marker.touch()
