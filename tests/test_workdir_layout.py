@@ -4,6 +4,7 @@ before its record, the resume scan by directory listing, and an old flat-layout 
 refused with a clear message (never a silent wrong resume)."""
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +15,10 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).parent))
 import cases  # noqa: E402
 from mpicellpose import distributed_eval  # noqa: E402
+from mpicellpose.config import RunConfig  # noqa: E402
 from mpicellpose.errors import MpiCellposeError, ResumeMismatchError  # noqa: E402
+from mpicellpose.runner.driver import run  # noqa: E402
+from mpicellpose.volumes.storage import numpy_array_to_zarr  # noqa: E402
 from mpicellpose.runner.workdir import FANOUT, LAYOUT, WorkDir  # noqa: E402
 from segmenters import FailOnMarker  # noqa: E402
 
@@ -81,3 +85,29 @@ def test_flat_layout_of_an_older_version_is_refused_then_restart_works(tmp_path)
     ref = ndimage.label(img > 100)[0]
     assert np.array_equal(labels[...] > 0, ref > 0) and labels[...].max() == ref.max()
     assert not work.path.exists()   # removed at the end (every rank its blocks' files, then rank 0)
+
+
+def test_a_clean_up_cut_short_is_finished_by_the_next_run(tmp_path):
+    """Killed while removing its work directory (after the completion marker): the same command finds
+    the output complete and removes what is left; run.json goes last, so the leftover says whose it is."""
+    assert WorkDir.OWN[-1] == "run.json"
+    img = np.zeros((32, 32, 32), np.uint16)
+    img[4:10, 4:10, 4:10] = img[20:26, 18:28, 3:9] = 500
+    numpy_array_to_zarr(tmp_path / "in.zarr", img, (16, 16, 16))
+    cfg = dict(input=str(tmp_path / "in.zarr"), output=str(tmp_path / "out.zarr"), blocksize=16,
+               backend="threshold", backend_kwargs={"threshold": 100})
+    first = run(RunConfig(keep_work=True, **cfg))
+    work = tmp_path / "out.mpicellpose-work"
+    assert (work / "run.json").is_file()
+    for name in ("scratch.zarr", "blocks"):  # the clean-up got this far
+        shutil.rmtree(work / name)
+    again = run(RunConfig(**cfg))
+    assert again.stats.get("already_complete") and not work.exists()
+    assert np.array_equal(np.asarray(first.labels[...]), np.asarray(again.labels[...]))
+    # a work directory of another run there is refused as before, and not touched
+    other = tmp_path / "out.mpicellpose-work"
+    other.mkdir()
+    (other / "run.json").write_text('{"run_id": "someone-else", "layout": 2}')
+    with pytest.raises(ResumeMismatchError):
+        run(RunConfig(**cfg))
+    assert (other / "run.json").is_file()

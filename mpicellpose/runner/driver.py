@@ -30,7 +30,7 @@ from .phases.plan import Plan, make_plan, open_volume, resolve_settings, spatial
 from .phases.plan import fingerprint_of, output_format
 from .runlog import RANK, log, quiet_libraries
 from .signals import StopFlag, handling_signals
-from .workdir import fingerprint_diff
+from .workdir import WorkDir, fingerprint_diff
 
 
 # --------------------------------------------------------------------------- results
@@ -120,6 +120,8 @@ def _run(cfg: RunConfig, box, stop, held) -> RunResult:
     vol, plan = plan_phase(cfg, box, held)
     clock.lap("plan")
     if isinstance(plan, Complete):
+        if box.rank == 0 and not cfg.keep_work:
+            _remove_leftover_work(plan)
         return _already_complete(box, plan, clock)
     if box.rank == 0 and plan.precision_why:
         log.info(plan.precision_why)
@@ -287,6 +289,16 @@ def _what_changed(cfg, vol, err):
     more = " ..." if len(diff) > 6 else ""
     return OutputExistsError(f"{err}. It differs from this command in: {'; '.join(diff[:6])}{more} (with the "
                              f"earlier settings the run finds it complete)")
+
+
+def _remove_leftover_work(done: Complete) -> None:
+    """Rank 0: the work directory of this very run, left by a clean-up that was cut short (a kill
+    after the completion marker): removed now."""
+    work = WorkDir(done.plan.work_dir)
+    old = work.read_run() if work.path.is_dir() else None
+    if old is not None and old.get("run_id") == done.marker.get("run_id"):
+        log.info("removing the work directory %s left by an interrupted clean-up of the finished run", work.path)
+        work.remove()
 
 
 def _already_complete(box, done: Complete, clock) -> RunResult:

@@ -70,7 +70,9 @@ def _shown(v) -> str:
 class WorkDir:
     """Owns one run's work directory (all ranks build one from the same path)."""
 
-    OWN = ("run.json", "scratch.zarr", "blocks", "relabel", "table", "stitch.npz", "shells", "flows.zarr", "flows")
+    # run.json last: a clean-up cut short leaves a directory that still says whose it is
+    OWN = ("shells", "flows.zarr", "flows", "scratch.zarr", "blocks", "relabel", "table", "stitch.npz", "devices",
+           "run.json")
 
     def __init__(self, path):
         self.path = Path(path)
