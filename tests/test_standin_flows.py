@@ -75,7 +75,9 @@ def test_standin_flows_labels_identical_across_ranks_and_true(tmp_path):
     out = {}
     for n in (1, 2, 3):
         r = _segment(n, tmp_path / "in.zarr", tmp_path / f"n{n}.zarr", "--blocksize", "16,32,32")
-        assert "flows: " in r.stderr  # the flow step ran (the network on slabs), then the masks
+        assert "flows: " in r.stderr  # the flow step ran (the network per flow box), then the masks
+        if n > 1:  # one flow box spans this volume: the ranks beyond the first are told they idle
+            assert f"{n} ranks for 1 flow box(es) of 3 block(s) per side: {n - 1} rank(s) will idle" in r.stderr
         arr = zarr.open(str(tmp_path / f"n{n}.zarr"), mode="r")
         assert arr.attrs["mpicellpose"]["cost"]["pipeline"] == "flows"
         out[n] = arr[...]

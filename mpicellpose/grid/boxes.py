@@ -176,10 +176,12 @@ class BoxGrid:
         return geo.Block(f"flow box #{int(box)} {b.index}", int(box), b.core, b.read)
 
     def sizes(self, boxes, region: str = "core") -> np.ndarray:
-        """Voxels of each box's core, or for ``read`` those the network evaluates (its cost; vectorised)."""
+        """Voxels of each box's core or ``read`` region (what the progress display counts; vectorised)."""
+        return geo.block_sizes(self.flow, np.asarray(boxes, np.int64).reshape(-1), region)
+
+    def network_sizes(self, boxes) -> np.ndarray:
+        """Voxels the network evaluates for each box, summed over the orientations (its cost; vectorised)."""
         boxes = np.asarray(boxes, np.int64).reshape(-1)
-        if region == "core":
-            return geo.block_sizes(self.flow, boxes, "core")
         core, read = [], []
         for i, b, s in zip(np.unravel_index(boxes, self.flow.grid_shape), self.flow.blocksize, self.grid.shape):
             lo, hi = i * b, np.minimum((i + 1) * b, s)
@@ -219,7 +221,7 @@ class BoxGrid:
     def network_voxels(self, boxes) -> int:
         """Voxels the network evaluates for ``boxes``, summed over the orientations and divided by
         their number (per output voxel: 1 when every box spans the volume)."""
-        return int(self.sizes(boxes, "read").sum()) // orientations(self.ndim)
+        return int(self.network_sizes(boxes).sum()) // orientations(self.ndim)
 
     def needed_pieces(self, box: int) -> dict:
         """The pieces of the shell of ``box`` that the mask region of a neighbour with kept blocks

@@ -360,7 +360,17 @@ def _log_plan(box, plan, lock):
     if plan.replaces:
         log.warning("--overwrite: %s will be replaced", plan.replaces)
     todo = len(plan.kept) - len(plan.done)
-    if 0 < todo < box.size:
+    s = plan.settings
+    if s.pipeline == "flows" and todo:
+        from ..grid.boxes import BoxGrid
+
+        boxes = BoxGrid(s.grid, plan.kept, s.flow_box, s.flow_halo)
+        if len(boxes) < box.size:
+            log.warning("%d ranks for %d flow box(es) of %d block(s) per side: %d rank(s) will idle in the flow "
+                        "and mask steps; --flow-box 1 makes %d boxes (the network then sees a halo where they "
+                        "meet), or use fewer ranks", box.size, len(boxes), s.flow_box, box.size - len(boxes),
+                        int(np.count_nonzero(BoxGrid(s.grid, plan.kept, 1, s.flow_halo).has_kept)))
+    elif 0 < todo < box.size:
         log.warning("%d ranks for %d block(s) to segment: %d rank(s) will idle in the segmentation (they take part "
                     "in stitching and writing); use at most %d rank(s), or a smaller --blocksize", box.size, todo,
                     box.size - todo, todo)

@@ -195,9 +195,14 @@ def _warnings(plan, report, src, inflation: float, n_ranks: int, n_todo: int, ba
                  f"their memory and GPUs are wasted); use at most {n_todo} rank(s), or a smaller --blocksize "
                  f"to give every rank work")
     net = report["network"]
+    boxes = net.get("flow_boxes", 0)
+    if plan.pipeline == "flows" and n_todo and n_ranks > boxes >= 1 and not n_ranks > n_todo:
+        w.append(f"more ranks than flow boxes: {n_ranks} ranks for {boxes} flow box(es) of {net.get('flow_box')} "
+                 f"block(s) per side, so {n_ranks - boxes} rank(s) will idle in the flow and mask steps; "
+                 f"--flow-box 1 gives more boxes (the network then sees a halo where they meet), or use fewer ranks")
     free = report["work_dir_free_bytes"]
     if plan.pipeline == "flows" and free is not None and net["flow_scratch_bytes"] > free:
-        w.append(f"the flow field needs {human_bytes(net['flow_scratch_bytes'])} in the work directory but its file "
+        w.append(f"the flow-box shells need {human_bytes(net['flow_scratch_bytes'])} in the work directory but its file "
                  f"system has {human_bytes(free)} free: segment will refuse; choose --work-dir elsewhere or --pipeline "
                  f"blocks")
     chunks = getattr(src, "chunks", None)

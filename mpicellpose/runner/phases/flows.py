@@ -74,7 +74,7 @@ def sweep_shares(boxes: BoxGrid, todo, mode: str, n_ranks: int) -> tuple:
     if not todo.size:
         return tuple(() for _ in range(n_ranks))
     layer = np.unravel_index(todo, boxes.flow.grid_shape)[0]
-    cost = boxes.sizes(todo, "read")
+    cost = boxes.network_sizes(todo)
     order = np.lexsort((todo, -cost, layer))
     return sched.round_robin_shares(todo[order].tolist(), n_ranks)
 
