@@ -12,6 +12,7 @@ from .config import RunConfig
 from .errors import ConfigError
 from .runner import driver
 from .runner.oneblock import block_for_crop, segment_one_block  # noqa: F401 - block_for_crop: public here too
+from .runner.runlog import RankFormatter
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +88,6 @@ def distributed_eval(input_zarr, blocksize, write_path, mask=None, preprocessing
     return res.labels, res.boxes
 
 
-class _RankLines(logging.Formatter):
-    """The command line's format: time, rank, level, logger, message."""
-
-    def __init__(self, rank: int):
-        super().__init__("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-        self.rank = rank
-
-    def format(self, record):
-        if not hasattr(record, "rank"):
-            record.rank = self.rank
-        return super().format(record)
 
 
 @contextlib.contextmanager
@@ -113,7 +103,7 @@ def show_progress(progress, comm):
     rank = (comm if comm is not None else mpi.world()).Get_rank()
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    handler.setFormatter(_RankLines(rank))
+    handler.setFormatter(RankFormatter(rank))
     level = lg.level
     if lg.getEffectiveLevel() > logging.INFO:
         lg.setLevel(logging.INFO)

@@ -70,3 +70,16 @@ def read_table(path) -> dict:
         except ValueError:
             out[name] = np.array(col, dtype=object)
     return out
+
+
+@pytest.fixture(scope="module")
+def nuclei2d(tmp_path_factory):
+    """A 96x96 image of synthetic nuclei as one-chunk zarr (the Cellpose fault tests' input)."""
+    pytest.importorskip("cellpose")
+    from mpicellpose.synthetic.nuclei import make_nuclei
+    from mpicellpose.volumes.storage import numpy_array_to_zarr
+
+    root = tmp_path_factory.mktemp("cp2d")
+    img, _ = make_nuclei((96, 96), seed=3)
+    numpy_array_to_zarr(root / "in.zarr", img, (96, 96))
+    return root

@@ -258,17 +258,6 @@ def test_verify_reports_a_missing_chunk_of_a_finished_output(vol, tmp_path):
 
 
 # ---------------------------------------------------------------- a rank without its GPU
-@pytest.fixture(scope="module")
-def nuclei2d(tmp_path_factory):
-    pytest.importorskip("cellpose")
-    from mpicellpose.synthetic.nuclei import make_nuclei
-
-    root = tmp_path_factory.mktemp("gpu")
-    img, _ = make_nuclei((96, 96), seed=3)
-    numpy_array_to_zarr(root / "in.zarr", img, (96, 96))
-    return root
-
-
 @pytest.mark.cellpose
 @pytest.mark.slow
 def test_a_rank_without_a_usable_gpu_stops_the_job_unless_allowed(nuclei2d, tmp_path):

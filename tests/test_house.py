@@ -51,7 +51,8 @@ PHASE_IMPORTERS = {
 }
 
 #: What api.py may import of runner/: its public calls only.
-API_RUNNER = {"mpicellpose.runner", "mpicellpose.runner.driver", "mpicellpose.runner.oneblock"}
+API_RUNNER = {"mpicellpose.runner", "mpicellpose.runner.driver", "mpicellpose.runner.oneblock",
+              "mpicellpose.runner.runlog"}  # runlog: the run's line format, shared with the command line
 
 #: What grid/ may import besides itself and errors: pure computation only.
 PURE_IMPORTS = {"__future__", "bisect", "collections", "dataclasses", "functools", "heapq", "itertools", "math",

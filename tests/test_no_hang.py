@@ -70,17 +70,6 @@ def test_labels_backend_4_ranks_3_blocks(small, tmp_path):
     assert np.array_equal(labels_of(out1), labels_of(out4))
 
 
-@pytest.fixture(scope="module")
-def nuclei2d(tmp_path_factory):
-    pytest.importorskip("cellpose")
-    from mpicellpose.synthetic.nuclei import make_nuclei
-
-    root = tmp_path_factory.mktemp("cp2d")
-    img, _ = make_nuclei((96, 96), seed=3)
-    numpy_array_to_zarr(root / "in.zarr", img, (96, 96))
-    return root
-
-
 CP = ["--model", "demo", "--threads", "1", "--device", "cpu"]
 
 

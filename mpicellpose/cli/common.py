@@ -87,7 +87,9 @@ def setup_logging(rank: int, level: str = "INFO", log_dir: str | None = None) ->
     root.propagate = False
     for h in list(root.handlers):
         root.removeHandler(h)
-    fmt = _RankFormatter(rank)
+    from ..runner.runlog import RankFormatter  # noqa: PLC0415 - light (logging only)
+
+    fmt = RankFormatter(rank)
     h = logging.StreamHandler(sys.stderr)
     h.setLevel(getattr(logging, level) if rank == 0 else logging.WARNING)
     h.setFormatter(fmt)
@@ -100,17 +102,6 @@ def setup_logging(rank: int, level: str = "INFO", log_dir: str | None = None) ->
         root.addHandler(fh)
 
 
-class _RankFormatter(logging.Formatter):
-    """Shows the record's rank (the process's world rank when the record has none)."""
-
-    def __init__(self, rank):
-        super().__init__("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-        self.rank = rank
-
-    def format(self, record):
-        if not hasattr(record, "rank"):
-            record.rank = self.rank
-        return super().format(record)
 
 
 def run_and_report(make_config, args, runner=None) -> int:

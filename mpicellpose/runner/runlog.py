@@ -52,6 +52,20 @@ FILTERS = (
 CHATTY_LOGGERS = ("cellpose",)
 
 
+class RankFormatter(logging.Formatter):
+    """The command line's line format: time, rank (the process's world rank when the record has
+    none), level, logger, message.  Used by the CLI and by the library calls' progress lines."""
+
+    def __init__(self, rank: int):
+        super().__init__("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        self.rank = rank
+
+    def format(self, record):
+        if not hasattr(record, "rank"):
+            record.rank = self.rank
+        return super().format(record)
+
+
 @contextlib.contextmanager
 def quiet_libraries():
     """Filter :data:`FILTERS` and raise :data:`CHATTY_LOGGERS` to WARNING while inside;
