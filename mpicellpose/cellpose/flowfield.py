@@ -214,18 +214,6 @@ def _rescale(seg, ek: dict) -> float:
     return diam_mean / float(diameter) if diameter else diam_mean / labels
 
 
-def along_context(seg, settings) -> int:
-    """Voxels a 3D slab reads beyond its core along its planes' normal: none, unless Cellpose
-    resizes the volume (diameter, anisotropy), whose interpolation across planes needs the
-    neighbouring planes (the flow halo's worth; the network still runs only on the planes
-    through the core)."""
-    if len(settings.shape) != 3:
-        return 0
-    _, ek = seg.prepare(np.zeros((1, 1, 1), np.float32), 3)
-    aniso = float(ek.get("anisotropy") or 1.0)
-    return int(settings.flow_halo) if (aniso != 1.0 or _rescale(seg, ek) != 1.0) else 0
-
-
 def mask_arguments(seg, ek: dict, read_voxels: int, total_voxels: int) -> dict:
     """The arguments Cellpose's ``eval`` gives ``_compute_masks``, with ``max_size_fraction``
     made a fraction of the whole volume (not of the block) so it does not depend on the block size."""
