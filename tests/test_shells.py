@@ -44,7 +44,7 @@ def test_pieces_written_and_read_back(tmp_path):
 @pytest.mark.slow
 def test_shells_stay_a_window_and_are_removed(tmp_path, monkeypatch):
     pytest.importorskip("cellpose")
-    shape = (128, 16, 16)  # 16 layers of 2 x 2 blocks of 8^3, one box each
+    shape = (128, 16, 8)  # 16 layers of 2 x 1 blocks of 8^3, one box each
     img, gt = make_nuclei(shape, seed=2, mean_diameter=6.0, touching_fraction=0.0, min_gap=2.0, intensity_jitter=0.0)
     numpy_array_to_zarr(tmp_path / "in.zarr", img, (32, 32, 32))
     peak, order = [0], []
@@ -61,13 +61,13 @@ def test_shells_stay_a_window_and_are_removed(tmp_path, monkeypatch):
                   device="cpu", keep_work=True))
     work = tmp_path / "out.mpicellpose-work"
     voxels = int(np.prod(shape))
-    assert len(order) == 64 and all(order)
+    assert len(order) == 32 and all(order)
     # one box per block of 8^3 with a 4-voxel overlap: every voxel of a box is shell (8 bytes); a
-    # sweep keeps about two layers of 4 boxes, of 16 layers
+    # sweep keeps about two layers of 2 boxes, of 16 layers
     assert peak[0] <= 4.5 * voxels, peak[0] / voxels
-    assert peak[0] >= 8 * 8 ** 3 * 4  # at least a layer was on disk at once: the test measures something
+    assert peak[0] >= 8 * 8 ** 3 * 2  # at least a layer was on disk at once: the test measures something
     left = [p for p in (work / "shells").rglob("*.npy")]
     assert not left  # every shell deleted once its readers recorded their blocks
     assert max(len(d) + len(f) for _, d, f in os.walk(work)) <= 1000
     labels = zarr.open(str(tmp_path / "out.zarr"), mode="r")[...]
-    assert match_objects(labels, gt)["f1"] >= 0.8  # objects of 4-8 voxels in blocks of 8 (0.85 measured)
+    assert match_objects(labels, gt)["f1"] >= 0.7  # objects of 4-8 voxels in a thin volume
